@@ -1,0 +1,56 @@
+"""Real CIFAR-10 from ../shared/datasets/, decoded once and cached as uint8 arrays outside the repo."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+CACHE = Path(os.environ.get("BADEXPERT_CACHE", Path.home() / ".cache" / "badexpert"))
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def available() -> bool:
+    return ARCHIVE.is_file() or (CACHE / "cifar10_uint8.npz").is_file()
+
+
+def load_cifar10() -> dict[str, torch.Tensor]:
+    """{'train_images': (50000, 3, 32, 32) uint8, 'train_labels', 'test_images', 'test_labels'}."""
+    cached = CACHE / "cifar10_uint8.npz"
+    if not cached.is_file():
+        if not ARCHIVE.is_file():
+            raise FileNotFoundError(f"CIFAR-10 not found at {ARCHIVE}")
+        arrays: dict[str, list] = {"train_images": [], "train_labels": [], "test_images": [], "test_labels": []}
+        with tarfile.open(ARCHIVE, "r:gz") as archive:
+            for member in tqdm(archive, desc="decoding CIFAR-10", unit="img", total=60000):
+                parts = Path(member.name).parts
+                if not member.isfile() or not member.name.endswith(".jpg") or len(parts) < 3:
+                    continue
+                split, class_name = parts[-3], parts[-2]
+                data = archive.extractfile(member).read()
+                image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
+                arrays[f"{split}_images"].append(image)
+                arrays[f"{split}_labels"].append(CLASSES.index(class_name))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cached, **{k: np.stack(v) if k.endswith("images") else np.array(v) for k, v in arrays.items()})
+    with np.load(cached) as data:
+        return {
+            "train_images": torch.from_numpy(data["train_images"]).permute(0, 3, 1, 2).contiguous(),
+            "train_labels": torch.from_numpy(data["train_labels"]).long(),
+            "test_images": torch.from_numpy(data["test_images"]).permute(0, 3, 1, 2).contiguous(),
+            "test_labels": torch.from_numpy(data["test_labels"]).long(),
+        }
+
+
+def reserved_split(n_train: int, n_reserved: int = 2000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attacker's training indices, defender's reserved indices): disjoint, seeded."""
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    return order[n_reserved:].sort().values, order[:n_reserved].sort().values

@@ -1,0 +1,244 @@
+"""The offline job: suspect model + reserved clean images -> a calibrated guard.
+
+    split D into D_fit / D_cal  ->  backdoor expert B (unlearning on D_fit)
+                                ->  auxiliary model M' (clean finetuning on D_fit)
+                                ->  scores on D_cal  ->  threshold tau
+
+Learning rates are chosen from D_cal alone unless the user fixes them (DESIGN.md section 1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import torch
+import torch.nn as nn
+
+from defense.data import ImageSet
+from defense.errors import UserError
+from defense.finetune import Diverged, accuracy, clean_finetune, predict_logits, unlearn
+from defense.guard import Guard
+from defense.preprocessing import Preprocessing
+from defense.threshold import calibrate_threshold
+
+# Ascending: the search stops at the first (smallest) rate that erases the clean function.
+UNLEARN_LR_GRID = (1e-5, 2e-5, 3e-5, 5e-5, 7e-5, 1e-4, 1.5e-4, 2e-4, 3e-4, 5e-4, 7e-4,
+                   1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 5e-2)
+# Descending: the search stops at the first (largest) rate that trains stably and recovers.
+FINETUNE_LR_GRID = (0.1, 0.05, 0.03, 0.01, 0.003, 0.001)
+QUANTILES = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+@dataclass
+class BuildConfig:
+    """Every setting of the offline job; the defaults are the paper's (DESIGN.md section 1)."""
+
+    calibration_fraction: float = 0.2
+    fpr: float = 0.01
+    threshold_rule: str = "ucb"
+    threshold_delta: float = 0.1
+    alpha: float = 0.5
+    seed: int = 0
+    unlearn_lr: float | None = None  # None: choose from D_cal
+    unlearn_epochs: int = 1
+    unlearn_batch_size: int = 128
+    unlearn_target_ratio: float = 0.5  # B's D_cal accuracy at or below this fraction of M's
+    finetune_lr: float | None = None  # None: choose from D_cal
+    finetune_epochs: int = 10
+    finetune_batch_size: int = 64
+    finetune_milestones: tuple[int, ...] = (2, 4, 6, 8)
+    finetune_momentum: float = 0.9
+    finetune_weight_decay: float = 1e-4
+    finetune_recover_ratio: float = 0.8  # M' must end at or above this fraction of M's D_cal accuracy
+    augment: bool = True
+    labels: bool = True  # False: the clean images carry no labels; M's predictions stand in
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class BuildResult:
+    guard: Guard
+    manifest_fields: dict
+    calibration_scores: torch.Tensor
+    warnings: list[str] = field(default_factory=list)
+
+
+def stratified_split(labels: torch.Tensor, calibration_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (fit, cal): each class contributes ``calibration_fraction`` of its images to cal."""
+    if not 0.0 < calibration_fraction < 1.0:
+        raise UserError(f"--calibration-fraction must be in (0, 1), got {calibration_fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    fit, cal = [], []
+    for value in labels.unique(sorted=True):
+        members = (labels == value).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_cal = int(round(calibration_fraction * len(members))) if len(members) > 1 else 0
+        cal.append(members[:n_cal])
+        fit.append(members[n_cal:])
+    return torch.cat(fit).sort().values, torch.cat(cal).sort().values
+
+
+def _finite(logits: torch.Tensor) -> bool:
+    return bool(torch.isfinite(logits).all())
+
+
+def choose_unlearning_rate(model, fit: ImageSet, cal_images, cal_reference, num_classes, normalizer,
+                           reference_accuracy: float, config: BuildConfig, log) -> tuple[nn.Module, dict]:
+    """The smallest rate at which B's D_cal accuracy falls to ``target_ratio`` of M's."""
+    def train(lr):
+        return unlearn(model, fit.images, fit.labels, num_classes, normalizer, lr, config.unlearn_epochs,
+                       config.unlearn_batch_size, config.device, config.seed, config.progress)
+
+    if config.unlearn_lr is not None:
+        expert = train(config.unlearn_lr)
+        acc = accuracy(predict_logits(expert, cal_images, normalizer, config.device), cal_reference)
+        return expert, {"method": "unlearning", "lr": config.unlearn_lr, "chosen_by": "user",
+                        "calibration_accuracy": acc}
+    goal = config.unlearn_target_ratio * reference_accuracy
+    search, fallback = [], None
+    for lr in UNLEARN_LR_GRID:
+        try:
+            expert = train(lr)
+        except Diverged as error:
+            search.append({"lr": lr, "diverged": str(error)})
+            break
+        logits = predict_logits(expert, cal_images, normalizer, config.device)
+        if not _finite(logits):
+            search.append({"lr": lr, "diverged": "non-finite outputs on D_cal"})
+            break
+        acc = accuracy(logits, cal_reference)
+        search.append({"lr": lr, "calibration_accuracy": acc})
+        log(f"  unlearning lr {lr:g}: backdoor expert D_cal accuracy {acc:.3f} (goal <= {goal:.3f})")
+        fallback = (expert, lr, acc)
+        if acc <= goal:
+            return expert, {"method": "unlearning", "lr": lr, "chosen_by": "auto", "goal_accuracy": goal,
+                            "calibration_accuracy": acc, "search": search}
+    if fallback is None:
+        raise UserError("unlearning diverged at the smallest learning rate; pass --unlearn-lr explicitly")
+    expert, lr, acc = fallback
+    return expert, {"method": "unlearning", "lr": lr, "chosen_by": "auto", "goal_accuracy": goal,
+                    "calibration_accuracy": acc, "search": search,
+                    "warning": f"no rate in the grid brought the expert to the goal; used the largest stable one ({lr:g})"}
+
+
+def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, normalizer,
+                           reference_accuracy: float, config: BuildConfig, log) -> tuple[nn.Module, dict]:
+    """The largest rate at which clean finetuning stays finite and recovers M's D_cal accuracy."""
+    def train(lr):
+        return clean_finetune(model, fit.images, fit.labels, normalizer, lr, config.finetune_epochs,
+                              config.finetune_batch_size, config.finetune_milestones, config.finetune_momentum,
+                              config.finetune_weight_decay, config.augment, config.device, config.seed,
+                              config.progress)
+
+    grid = (config.finetune_lr,) if config.finetune_lr is not None else FINETUNE_LR_GRID
+    goal = config.finetune_recover_ratio * reference_accuracy
+    search, best = [], None
+    for lr in grid:
+        try:
+            auxiliary = train(lr)
+        except Diverged as error:
+            search.append({"lr": lr, "diverged": str(error)})
+            log(f"  clean finetuning lr {lr:g}: diverged ({error}), backing off")
+            continue
+        logits = predict_logits(auxiliary, cal_images, normalizer, config.device)
+        if not _finite(logits):
+            search.append({"lr": lr, "diverged": "non-finite outputs on D_cal"})
+            continue
+        acc = accuracy(logits, cal_reference)
+        search.append({"lr": lr, "calibration_accuracy": acc})
+        log(f"  clean finetuning lr {lr:g}: auxiliary D_cal accuracy {acc:.3f} (goal >= {goal:.3f})")
+        if best is None or acc > best[2]:
+            best = (auxiliary, lr, acc)
+        if acc >= goal:
+            best = (auxiliary, lr, acc)
+            break
+    if best is None:
+        raise UserError("clean finetuning diverged at every learning rate tried; pass a smaller --finetune-lr")
+    auxiliary, lr, acc = best
+    record = {"method": "clean_finetune", "lr": lr, "chosen_by": "user" if config.finetune_lr is not None else "auto",
+              "goal_accuracy": goal, "calibration_accuracy": acc, "search": search}
+    if acc < goal:
+        record["warning"] = f"no rate recovered {config.finetune_recover_ratio:.0%} of M's accuracy; kept the best ({lr:g})"
+    return auxiliary, record
+
+
+def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing, num_classes: int,
+                config: BuildConfig, log=print) -> BuildResult:
+    """Run the whole offline job in memory. Saving is :func:`defense.bundle.save_bundle`'s job."""
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    warnings: list[str] = []
+    normalizer = preprocessing.normalizer()
+    model = model.float().eval()
+
+    # Without labels, M's own predictions stand in for them (DESIGN.md section 1, step 2).
+    if not config.labels:
+        predicted = predict_logits(model, clean.images, normalizer, config.device).argmax(1)
+        clean = ImageSet(clean.images, predicted, clean.class_names, clean.paths)
+    if len(clean) < num_classes:
+        raise UserError(f"--clean-data: {len(clean)} images for {num_classes} classes; give at least one per class (hundreds are better)")
+    fit_index, cal_index = stratified_split(clean.labels, config.calibration_fraction, config.seed)
+    fit, cal = clean.subset(fit_index), clean.subset(cal_index)
+    if len(cal) < 2 or len(fit) < 2:
+        raise UserError(f"--clean-data: {len(clean)} images are too few to split into finetuning and calibration sets")
+    log(f"clean images: {len(fit)} for finetuning (D_fit), {len(cal)} for calibration (D_cal)")
+
+    model_logits = predict_logits(model, cal.images, normalizer, config.device)
+    if not _finite(model_logits):
+        raise UserError("--weights: the model gives non-finite outputs on the clean images; check the weights and --mean/--std")
+    model_accuracy = accuracy(model_logits, cal.labels)
+    log(f"model M: D_cal accuracy {model_accuracy:.3f}" + ("" if config.labels else " (agreement with itself: no labels)"))
+    if config.labels and model_accuracy < 1.5 / num_classes:
+        warnings.append(f"M is near chance on the clean images ({model_accuracy:.3f}): check the class order "
+                        "(--class-names) and the preprocessing (--preset/--mean/--std)")
+
+    log("backdoor expert: unlearning on shifted labels")
+    expert, expert_record = choose_unlearning_rate(model, fit, cal.images, cal.labels, num_classes, normalizer,
+                                                   model_accuracy, config, log)
+    log("auxiliary model: clean finetuning")
+    auxiliary, auxiliary_record = choose_finetuning_rate(model, fit, cal.images, cal.labels, normalizer,
+                                                         model_accuracy, config, log)
+    warnings += [r["warning"] for r in (expert_record, auxiliary_record) if "warning" in r]
+
+    guard = Guard(model, expert, auxiliary, preprocessing, rejection_threshold=math.nan, alpha=config.alpha,
+                  device=torch.device(config.device))
+    scores = guard.score(cal.images)
+    for name, tensor in (("model", scores.confidence), ("backdoor expert", scores.expert_agreement),
+                         ("auxiliary model", scores.auxiliary_agreement), ("score", scores.score)):
+        if not torch.isfinite(tensor).all():
+            raise RuntimeError(f"the {name} gives non-finite outputs on D_cal; refusing to write a bundle")
+    threshold = calibrate_threshold(scores.score, config.fpr, config.threshold_rule, config.threshold_delta)
+    if threshold.warning:
+        warnings.append(threshold.warning)
+    guard.rejection_threshold = threshold.tau
+
+    expert_accuracy = accuracy(predict_logits(expert, cal.images, normalizer, config.device), cal.labels)
+    auxiliary_accuracy = accuracy(predict_logits(auxiliary, cal.images, normalizer, config.device), cal.labels)
+    quantiles = torch.quantile(scores.score.double(), torch.tensor(QUANTILES, dtype=torch.double))
+    settings = asdict(config)
+    settings["finetune_milestones"] = list(config.finetune_milestones)
+    fields = {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "class_names": clean.class_names or [str(i) for i in range(num_classes)],
+        "num_classes": num_classes,
+        "target_fpr": config.fpr,
+        "threshold": threshold.to_dict(),
+        "calibration": {
+            "n": threshold.n, "k": threshold.k, "realized_fpr": threshold.calibration_fpr,
+            "n_finetune": len(fit), "labels": config.labels,
+            "score_quantiles": {f"{q:g}": float(v) for q, v in zip(QUANTILES, quantiles)},
+        },
+        "accuracy_on_calibration": {"model": model_accuracy, "backdoor_expert": expert_accuracy,
+                                    "auxiliary_model": auxiliary_accuracy},
+        "backdoor_expert": expert_record,
+        "auxiliary_model": auxiliary_record,
+        "settings": settings,
+        "seed": config.seed,
+        "warnings": warnings,
+        "build_seconds": round(time.monotonic() - started, 2),
+    }
+    return BuildResult(guard, fields, scores.score, warnings)

@@ -1,0 +1,288 @@
+"""The ``badexpert`` command: build, evaluate, serve, demo.
+
+User errors print one line, ``badexpert: error: ...``, and exit with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from defense.errors import UserError
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: expected auto, cpu or cuda")
+    return name
+
+
+def _learning_rate(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("preprocessing (stored in the bundle; evaluate and serve reuse it)")
+    group.add_argument("--preset", choices=["cifar", "imagenet", "none"],
+                       help="input size and normalization convention (default: cifar for cifar_* and tiny_cnn "
+                            "architectures, imagenet otherwise)")
+    group.add_argument("--input-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), help="overrides the preset")
+    group.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="overrides the preset")
+    group.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="overrides the preset")
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    from defense.build import BuildConfig
+
+    defaults = BuildConfig()
+    io = parser.add_argument_group("inputs and output")
+    io.add_argument("--model", required=True, metavar="SPEC",
+                    help="architecture name (cifar_resnet18, resnet18, vgg16_bn, ...: see 'badexpert models'), "
+                         "'package.module:factory' on PYTHONPATH, or a TorchScript file")
+    io.add_argument("--weights", type=Path, metavar="FILE",
+                    help="weights: .safetensors, or a PyTorch state dict (.pt/.pth, read with weights_only=True)")
+    io.add_argument("--num-classes", type=int, help="outputs of the model (default: the number of class folders)")
+    io.add_argument("--clean-data", type=Path, required=True, metavar="DIR",
+                    help="reserved clean images: one sub-folder per class (ImageFolder), or a flat folder with --no-labels")
+    io.add_argument("--class-names", type=Path, metavar="FILE",
+                    help="one class name per line, in the model's output order (default: sorted folder names)")
+    io.add_argument("--no-labels", action="store_true",
+                    help="the clean images carry no labels: M's own predictions stand in for them")
+    io.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle folder to write")
+    io.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_preprocessing_arguments(parser)
+    method = parser.add_argument_group("method (defaults are the paper's)")
+    method.add_argument("--fpr", type=_fraction, default=defaults.fpr, help="target false-positive rate (default %(default)s)")
+    method.add_argument("--threshold-rule", choices=["ucb", "conformal"], default=defaults.threshold_rule,
+                        help="ucb: realized FPR above target with probability <= --threshold-delta; "
+                             "conformal: expected FPR <= target (default %(default)s)")
+    method.add_argument("--threshold-delta", type=_fraction, default=defaults.threshold_delta,
+                        help="confidence of the ucb rule (default %(default)s)")
+    method.add_argument("--calibration-fraction", type=_fraction, default=defaults.calibration_fraction,
+                        help="share of the clean images held out for calibration (default %(default)s)")
+    method.add_argument("--alpha", type=float, default=defaults.alpha, help="score parameter alpha (default %(default)s)")
+    method.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split and the finetunings (default %(default)s)")
+    method.add_argument("--unlearn-lr", type=_learning_rate, default=None, metavar="auto|LR",
+                        help="backdoor expert's Adam learning rate; auto picks the smallest rate at which its "
+                             "calibration accuracy falls to --unlearn-target-ratio of M's (default auto)")
+    method.add_argument("--unlearn-target-ratio", type=_fraction, default=defaults.unlearn_target_ratio,
+                        help="(default %(default)s)")
+    method.add_argument("--unlearn-epochs", type=int, default=defaults.unlearn_epochs, help="(default %(default)s)")
+    method.add_argument("--unlearn-batch-size", type=int, default=defaults.unlearn_batch_size, help="(default %(default)s)")
+    method.add_argument("--finetune-lr", type=_learning_rate, default=None, metavar="auto|LR",
+                        help="auxiliary model's SGD learning rate; auto tries 0.1 downwards and keeps the first "
+                             "rate that stays finite and recovers --finetune-recover-ratio of M's accuracy (default auto)")
+    method.add_argument("--finetune-recover-ratio", type=_fraction, default=defaults.finetune_recover_ratio,
+                        help="(default %(default)s)")
+    method.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs, help="(default %(default)s)")
+    method.add_argument("--finetune-batch-size", type=int, default=defaults.finetune_batch_size, help="(default %(default)s)")
+    method.add_argument("--finetune-milestones", type=int, nargs="+", default=list(defaults.finetune_milestones),
+                        help="epochs at which the rate is divided by 10 (default %(default)s)")
+    method.add_argument("--finetune-momentum", type=float, default=defaults.finetune_momentum, help="(default %(default)s)")
+    method.add_argument("--finetune-weight-decay", type=float, default=defaults.finetune_weight_decay, help="(default %(default)s)")
+    method.add_argument("--no-augment", action="store_true", help="no random crop and flip in clean finetuning")
+    run = parser.add_argument_group("running")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default %(default)s: CUDA when present)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def resolve_preprocessing(args, architecture: str):
+    from defense.preprocessing import PRESETS, Preprocessing
+
+    preset = args.preset or ("cifar" if architecture.startswith(("cifar_", "tiny_cnn")) else "imagenet")
+    values = dict(PRESETS[preset])
+    if args.input_size:
+        values["input_size"] = tuple(args.input_size)
+    if args.mean:
+        values["mean"] = tuple(args.mean)
+    if args.std:
+        values["std"] = tuple(args.std)
+    return Preprocessing(**values)
+
+
+def check_model_outputs(model, preprocessing, num_classes: int, spec_text: str) -> None:
+    import torch
+
+    height, width = preprocessing.input_size
+    probe = torch.zeros(2, 3, height, width)
+    try:
+        with torch.inference_mode():
+            logits = model.eval()(probe)
+    except Exception as error:
+        raise UserError(f"--model {spec_text}: forward pass on {height}x{width} inputs failed ({str(error).splitlines()[0]}); "
+                        "check --input-size/--preset")
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] != num_classes:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise UserError(f"--model {spec_text}: outputs {shape}, expected (batch, {num_classes}) logits; check --num-classes")
+
+
+def run_build(args) -> int:
+    import torch
+
+    from defense.build import BuildConfig, build_guard
+    from defense.bundle import save_bundle
+    from defense.data import load_image_folder, read_class_names
+    from defense.models import load_user_model, parse_model_spec
+
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise UserError(f"--out {args.out}: the folder exists and is not empty; choose another or pass --overwrite")
+    device = resolve_device(args.device)
+    preprocessing = resolve_preprocessing(args, args.model)
+    class_names = read_class_names(args.class_names) if args.class_names else None
+    clean = load_image_folder(args.clean_data, preprocessing, class_names, labeled=not args.no_labels,
+                              progress=not args.quiet)
+    num_classes = args.num_classes or (len(clean.class_names) if clean.class_names else None)
+    if num_classes is None:
+        raise UserError("--num-classes is required with --no-labels (or give --class-names)")
+    if clean.class_names and len(clean.class_names) != num_classes:
+        raise UserError(f"--num-classes {num_classes}: the clean folder has {len(clean.class_names)} classes; "
+                        "give --class-names listing all the model's classes in output order")
+    spec = parse_model_spec(args.model, num_classes)
+    model = load_user_model(spec, args.weights)
+    check_model_outputs(model, preprocessing, num_classes, args.model)
+    config = BuildConfig(
+        calibration_fraction=args.calibration_fraction, fpr=args.fpr, threshold_rule=args.threshold_rule,
+        threshold_delta=args.threshold_delta, alpha=args.alpha, seed=args.seed, unlearn_lr=args.unlearn_lr,
+        unlearn_epochs=args.unlearn_epochs, unlearn_batch_size=args.unlearn_batch_size,
+        unlearn_target_ratio=args.unlearn_target_ratio, finetune_lr=args.finetune_lr,
+        finetune_epochs=args.finetune_epochs, finetune_batch_size=args.finetune_batch_size,
+        finetune_milestones=tuple(args.finetune_milestones), finetune_momentum=args.finetune_momentum,
+        finetune_weight_decay=args.finetune_weight_decay, finetune_recover_ratio=args.finetune_recover_ratio,
+        augment=not args.no_augment, labels=not args.no_labels, device=device, progress=not args.quiet,
+    )
+    if not clean.class_names:
+        clean.class_names = [str(i) for i in range(num_classes)]
+    torch.manual_seed(args.seed)
+    result = build_guard(model, clean, preprocessing, num_classes, config)
+    manifest = save_bundle(args.out, result.guard, spec, result.manifest_fields, overwrite=args.overwrite)
+    print_build_summary(manifest, args.out)
+    return 0
+
+
+def print_build_summary(manifest, out: Path) -> None:
+    accuracy = manifest.accuracy_on_calibration
+    threshold = manifest.threshold
+    print()
+    print(f"bundle {manifest.bundle_id} written to {out}")
+    print(f"  D_cal accuracy: model {accuracy['model']:.3f}, backdoor expert {accuracy['backdoor_expert']:.3f}, "
+          f"auxiliary {accuracy['auxiliary_model']:.3f}")
+    print(f"  unlearning lr {manifest.backdoor_expert['lr']:g} ({manifest.backdoor_expert['chosen_by']}), "
+          f"clean finetuning lr {manifest.auxiliary_model['lr']:g} ({manifest.auxiliary_model['chosen_by']})")
+    print(f"  threshold tau {threshold['tau']:.4g} ({threshold['rule']}, k={threshold['k']} of n={threshold['n']}, "
+          f"target FPR {threshold['target_fpr']:g}, expected {threshold['expected_fpr']:.4f})")
+    for warning in getattr(manifest, "warnings", None) or []:
+        print(f"  warning: {warning}")
+    print(f"  build took {manifest.build_seconds:.0f} s")
+    print(f"next: badexpert serve {out}")
+
+
+def run_evaluate(args) -> int:
+    from defense.evaluate_command import evaluate_bundle
+
+    return evaluate_bundle(args)
+
+
+def run_models(args) -> int:
+    from defense.models import registered_models
+
+    print("architectures of this package:", ", ".join(registered_models()))
+    print("also any torchvision.models builder (resnet18, vgg16_bn, mobilenet_v2, vit_b_16, ...),")
+    print("a 'package.module:factory' on PYTHONPATH, or a TorchScript file")
+    return 0
+
+
+def run_demo(args) -> int:
+    from defense.demo import run_demo as demo
+
+    return demo(out=args.out, device=resolve_device(args.device), quiet=args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="badexpert",
+        description="Inference-time backdoor guard for image classifiers (BaDExpert). "
+                    "Build a guard bundle from a suspect model and a few clean images, evaluate it, serve it.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    build = commands.add_parser("build", help="the offline job: model + clean images -> guard bundle",
+                                description="Build a BaDExpert guard bundle: backdoor expert, auxiliary model and a "
+                                            "calibrated rejection threshold, from a suspect model and clean images.")
+    add_build_arguments(build)
+    build.set_defaults(handler=run_build)
+
+    evaluate = commands.add_parser("evaluate", help="measure a bundle on clean and triggered images",
+                                   description="AUROC, TPR/FPR at the bundle's threshold, clean accuracy and attack "
+                                               "success rate with the guard, with a report and plots.")
+    evaluate.add_argument("bundle", type=Path, metavar="BUNDLE")
+    evaluate.add_argument("--clean", type=Path, required=True, metavar="DIR", help="clean test images (ImageFolder)")
+    evaluate.add_argument("--triggered", type=Path, required=True, metavar="DIR",
+                          help="triggered images: ImageFolder by source class, or a flat folder")
+    evaluate.add_argument("--target-class", help="the backdoor's target (index or name; default: M's most common "
+                                                 "prediction on the triggered images)")
+    evaluate.add_argument("--report", type=Path, required=True, metavar="DIR", help="folder for report.json, report.md, plots")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (default %(default)s)")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(handler=run_evaluate)
+
+    try:
+        from service.cli import add_serve_arguments, run_serve
+    except ImportError:  # the server package is optional for the offline job
+        add_serve_arguments = run_serve = None
+    if add_serve_arguments is not None:
+        serve = commands.add_parser("serve", help="run the guard's HTTP server on a bundle",
+                                    description="Serve POST /predict with the guard in front of the model.")
+        add_serve_arguments(serve)
+        serve.set_defaults(handler=run_serve)
+
+    demo = commands.add_parser("demo", help="the built-in example: backdoor a small classifier, guard it, measure",
+                               description="Trains a small classifier with a backdoor on scikit-learn's handwritten "
+                                           "digits, builds its guard with 'badexpert build', and measures it.")
+    demo.add_argument("--out", type=Path, default=Path("badexpert-demo"), help="working folder (default %(default)s)")
+    demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(handler=run_demo)
+
+    models = commands.add_parser("models", help="list the architectures known by name")
+    models.set_defaults(handler=run_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as error:
+        print(f"badexpert: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("badexpert: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Detection metrics as the paper defines them (DESIGN.md section 1), from guard scores.
+
+- AUROC: clean inputs that M classifies correctly vs. triggered inputs (source != target) that M
+  sends to the target; low score means backdoor.
+- CA: fraction of clean inputs accepted *and* correctly classified.
+- ASR: fraction of triggered inputs (source != target) accepted and classified as the target.
+- FPR: fraction of clean inputs rejected; TPR: fraction of counted triggered inputs rejected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from sklearn.metrics import roc_auc_score
+
+
+@dataclass
+class DetectionMetrics:
+    auroc: float
+    tpr: float
+    fpr: float
+    clean_accuracy_without_guard: float
+    clean_accuracy_with_guard: float
+    asr_without_guard: float
+    asr_with_guard: float
+    n_clean: int
+    n_triggered: int
+    n_clean_correct: int
+    n_triggered_successful: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def auroc(clean_scores: torch.Tensor, triggered_scores: torch.Tensor) -> float:
+    """Area under the ROC for telling triggered (positive) from clean inputs by a low score."""
+    if len(clean_scores) == 0 or len(triggered_scores) == 0:
+        return float("nan")
+    truth = torch.cat([torch.zeros(len(clean_scores)), torch.ones(len(triggered_scores))])
+    return float(roc_auc_score(truth.numpy(), (-torch.cat([clean_scores, triggered_scores])).double().numpy()))
+
+
+def detection_metrics(
+    tau: float,
+    clean_scores: torch.Tensor, clean_predictions: torch.Tensor, clean_labels: torch.Tensor,
+    triggered_scores: torch.Tensor, triggered_predictions: torch.Tensor, triggered_sources: torch.Tensor,
+    target_class: int,
+) -> DetectionMetrics:
+    clean_correct = clean_predictions == clean_labels
+    counted = triggered_sources != target_class  # source class == target does not count (paper)
+    successful = counted & (triggered_predictions == target_class)
+    clean_rejected = clean_scores < tau
+    triggered_rejected = triggered_scores < tau
+    n_counted = int(counted.sum())
+    return DetectionMetrics(
+        auroc=auroc(clean_scores[clean_correct], triggered_scores[successful]),
+        tpr=float(triggered_rejected[successful].float().mean()) if successful.any() else float("nan"),
+        fpr=float(clean_rejected.float().mean()),
+        clean_accuracy_without_guard=float(clean_correct.float().mean()),
+        clean_accuracy_with_guard=float((clean_correct & ~clean_rejected).float().mean()),
+        asr_without_guard=float(successful.sum()) / max(n_counted, 1),
+        asr_with_guard=float((successful & ~triggered_rejected).sum()) / max(n_counted, 1),
+        n_clean=len(clean_scores), n_triggered=n_counted,
+        n_clean_correct=int(clean_correct.sum()), n_triggered_successful=int(successful.sum()),
+    )

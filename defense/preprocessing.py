@@ -1,0 +1,117 @@
+"""The one preprocessing definition. It is stored in the bundle, and build, evaluate and serve all
+go through it: decode with Pillow, apply EXIF orientation, convert to RGB, resize to the input
+size (bilinear), keep uint8 until the batch is on its device, then scale to [0, 1] and normalize.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image, ImageOps
+
+from defense.errors import UserError
+
+PRESETS: dict[str, dict] = {
+    "cifar": {"input_size": (32, 32), "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
+    "imagenet": {"input_size": (224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+    "none": {"input_size": (32, 32), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
+}
+
+# Generous for build-time folders; the server sets its own, stricter limit.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a supported image, or an image over the pixel limit."""
+
+    def __init__(self, message: str, too_large: bool = False):
+        super().__init__(message)
+        self.too_large = too_large
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    input_size: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self):
+        if len(self.input_size) != 2 or min(self.input_size) < 1:
+            raise UserError(f"--input-size: expected HEIGHT WIDTH (positive), got {self.input_size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise UserError("--mean/--std: expected three values (R G B)")
+        if min(self.std) <= 0:
+            raise UserError(f"--std: values must be positive, got {self.std}")
+
+    @classmethod
+    def from_preset(cls, name: str) -> "Preprocessing":
+        if name not in PRESETS:
+            raise UserError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocessing":
+        return cls(tuple(data["input_size"]), tuple(data["mean"]), tuple(data["std"]))
+
+    def image_to_uint8(self, image: Image.Image) -> torch.Tensor:
+        """A decoded image as a (3, H, W) uint8 tensor at the input size."""
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        height, width = self.input_size
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+    def normalizer(self) -> "Normalizer":
+        return Normalizer(self.mean, self.std)
+
+    def load(self, source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """Decode bytes or a file into a (3, H, W) uint8 tensor."""
+        return self.image_to_uint8(decode_image(source, max_pixels))
+
+
+class Normalizer(nn.Module):
+    """uint8 (N, 3, H, W) -> normalized float; mean and std are buffers, built once per device."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)))
+        self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return (images_uint8.float() - self.shift) * self.scale
+
+
+def decode_image(source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image, refusing more than ``max_pixels`` before decoding."""
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(stream)
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageDecodeError(
+                        f"image of {width}x{height} pixels is over the limit of {max_pixels}", too_large=True
+                    )
+                image.load()
+            except ImageDecodeError:
+                raise
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+                raise ImageDecodeError(f"image too large ({error})", too_large=True)
+            except Exception as error:  # Pillow raises many types for bad bytes
+                raise ImageDecodeError(f"cannot decode image ({type(error).__name__}: {error})")
+        return image
+    finally:
+        if not isinstance(source, (bytes, bytearray)):
+            stream.close()
