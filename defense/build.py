@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 import torch
 import torch.nn as nn
 
+from defense.bcu import DEFAULT_STAGE_PROBABILITIES, bcu_auxiliary
 from defense.data import ImageSet
 from defense.errors import UserError
 from defense.finetune import Diverged, accuracy, clean_finetune, predict_logits, unlearn
@@ -55,6 +56,13 @@ class BuildConfig:
     finetune_recover_ratio: float = 0.8  # M' must end at or above this fraction of M's D_cal accuracy
     augment: bool = True
     labels: bool = True  # False: the clean images carry no labels; M's predictions stand in
+    auxiliary: str = "finetune"  # "finetune" (needs labels), "bcu" (label-free), "supplied" (build_guard's auxiliary_model)
+    bcu_epochs: int = 100  # BCU's reference defaults (defense/bcu.py)
+    bcu_lr: float = 0.01
+    bcu_batch_size: int = 256
+    bcu_momentum: float = 0.9
+    bcu_weight_decay: float = 5e-4
+    bcu_reinit_probabilities: tuple[float, ...] = DEFAULT_STAGE_PROBABILITIES  # stem, stages..., classifier
     device: str = "cpu"
     progress: bool = True
 
@@ -166,9 +174,46 @@ def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, norm
     return auxiliary, record
 
 
+def check_supplied_auxiliary(auxiliary, cal_images, cal_reference, normalizer, reference_accuracy: float,
+                             config: BuildConfig) -> tuple[nn.Module, dict]:
+    """A repaired model the user brings (NAD, ANP, I-BAU, BCU, ...) serves as M' as it is."""
+    logits = predict_logits(auxiliary, cal_images, normalizer, config.device)
+    if not _finite(logits):
+        raise UserError("--auxiliary-weights: the auxiliary model gives non-finite outputs on the clean images")
+    goal = config.finetune_recover_ratio * reference_accuracy
+    record = {"method": "supplied", "goal_accuracy": goal, "calibration_accuracy": accuracy(logits, cal_reference)}
+    if record["calibration_accuracy"] < goal:
+        record["warning"] = (f"the supplied auxiliary model reaches {record['calibration_accuracy']:.1%} on D_cal, "
+                             f"below {config.finetune_recover_ratio:.0%} of M's: is it the right model and class order?")
+    return auxiliary.float().eval(), record
+
+
+def make_auxiliary(model, supplied, fit: ImageSet, cal: ImageSet, normalizer, reference_accuracy: float,
+                   config: BuildConfig, log) -> tuple[nn.Module, dict]:
+    """M' by the configured method: clean finetuning, BCU, or the user's own repaired model."""
+    if config.auxiliary == "supplied":
+        log("auxiliary model: supplied by the user")
+        return check_supplied_auxiliary(supplied, cal.images, cal.labels, normalizer, reference_accuracy, config)
+    if config.auxiliary == "bcu":
+        log("auxiliary model: BCU (layer-wise re-initialization and distillation, no labels)")
+        return bcu_auxiliary(model, fit.images, cal.images, cal.labels, normalizer, reference_accuracy, config, log)
+    log("auxiliary model: clean finetuning")
+    return choose_finetuning_rate(model, fit, cal.images, cal.labels, normalizer, reference_accuracy, config, log)
+
+
 def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing, num_classes: int,
-                config: BuildConfig, log=print) -> BuildResult:
-    """Run the whole offline job in memory. Saving is :func:`defense.bundle.save_bundle`'s job."""
+                config: BuildConfig, log=print, auxiliary_model: nn.Module | None = None) -> BuildResult:
+    """Run the whole offline job in memory. Saving is :func:`defense.bundle.save_bundle`'s job.
+
+    ``auxiliary_model`` is the user's repaired model, with ``config.auxiliary == "supplied"``.
+    """
+    if config.auxiliary not in ("finetune", "bcu", "supplied"):
+        raise UserError(f"--auxiliary {config.auxiliary}: expected finetune, bcu or a supplied model")
+    if config.auxiliary == "finetune" and not config.labels:
+        raise UserError("--auxiliary finetune needs labeled clean images; with --no-labels use --auxiliary bcu "
+                        "or bring a repaired model with --auxiliary-weights")
+    if (config.auxiliary == "supplied") != (auxiliary_model is not None):
+        raise ValueError("pass auxiliary_model exactly when config.auxiliary is 'supplied'")
     started = time.monotonic()
     torch.manual_seed(config.seed)
     warnings: list[str] = []
@@ -199,9 +244,7 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
     log("backdoor expert: unlearning on shifted labels")
     expert, expert_record = choose_unlearning_rate(model, fit, cal.images, cal.labels, num_classes, normalizer,
                                                    model_accuracy, config, log)
-    log("auxiliary model: clean finetuning")
-    auxiliary, auxiliary_record = choose_finetuning_rate(model, fit, cal.images, cal.labels, normalizer,
-                                                         model_accuracy, config, log)
+    auxiliary, auxiliary_record = make_auxiliary(model, auxiliary_model, fit, cal, normalizer, model_accuracy, config, log)
     warnings += [r["warning"] for r in (expert_record, auxiliary_record) if "warning" in r]
 
     guard = Guard(model, expert, auxiliary, preprocessing, rejection_threshold=math.nan, alpha=config.alpha,
@@ -221,6 +264,7 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
     quantiles = torch.quantile(scores.score.double(), torch.tensor(QUANTILES, dtype=torch.double))
     settings = asdict(config)
     settings["finetune_milestones"] = list(config.finetune_milestones)
+    settings["bcu_reinit_probabilities"] = list(config.bcu_reinit_probabilities)
     fields = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "class_names": clean.class_names or [str(i) for i in range(num_classes)],

@@ -36,6 +36,13 @@ def _learning_rate(text: str) -> float | None:
     return value
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:
@@ -102,7 +109,25 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="epochs at which the rate is divided by 10 (default %(default)s)")
     method.add_argument("--finetune-momentum", type=float, default=defaults.finetune_momentum, help="(default %(default)s)")
     method.add_argument("--finetune-weight-decay", type=float, default=defaults.finetune_weight_decay, help="(default %(default)s)")
-    method.add_argument("--no-augment", action="store_true", help="no random crop and flip in clean finetuning")
+    method.add_argument("--no-augment", action="store_true", help="no random crop and flip in clean finetuning and BCU")
+    auxiliary = parser.add_argument_group("auxiliary model M' (default: finetune with labels, bcu with --no-labels)")
+    auxiliary.add_argument("--auxiliary", choices=["finetune", "bcu"],
+                           help="finetune: clean finetuning on labeled images; bcu: BCU's layer-wise re-initialization "
+                                "and distillation from M, needs no labels")
+    auxiliary.add_argument("--auxiliary-model", metavar="SPEC",
+                           help="bring your own repaired model (NAD, ANP, I-BAU, ...) as M', given like --model; "
+                                "it must be the same architecture (default: --model's)")
+    auxiliary.add_argument("--auxiliary-weights", type=Path, metavar="FILE", help="the repaired model's weights, like --weights")
+    auxiliary.add_argument("--bcu-epochs", type=int, default=defaults.bcu_epochs, help="(default %(default)s)")
+    auxiliary.add_argument("--bcu-lr", type=float, default=defaults.bcu_lr,
+                           help="SGD rate, cosine schedule; divided by up to ~30 if training diverges (default %(default)s)")
+    auxiliary.add_argument("--bcu-batch-size", type=int, default=defaults.bcu_batch_size, help="(default %(default)s)")
+    auxiliary.add_argument("--bcu-momentum", type=float, default=defaults.bcu_momentum, help="(default %(default)s)")
+    auxiliary.add_argument("--bcu-weight-decay", type=float, default=defaults.bcu_weight_decay, help="(default %(default)s)")
+    auxiliary.add_argument("--bcu-reinit-probabilities", type=_probability, nargs="+", metavar="P",
+                           default=list(defaults.bcu_reinit_probabilities),
+                           help="re-initialization probability of the stem, each depth stage, and the classifier "
+                                "(conv/linear layers in order; default %(default)s)")
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default %(default)s: CUDA when present)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -122,7 +147,7 @@ def resolve_preprocessing(args, architecture: str):
     return Preprocessing(**values)
 
 
-def check_model_outputs(model, preprocessing, num_classes: int, spec_text: str) -> None:
+def check_model_outputs(model, preprocessing, num_classes: int, spec_text: str, option: str = "--model") -> None:
     import torch
 
     height, width = preprocessing.input_size
@@ -131,11 +156,60 @@ def check_model_outputs(model, preprocessing, num_classes: int, spec_text: str) 
         with torch.inference_mode():
             logits = model.eval()(probe)
     except Exception as error:
-        raise UserError(f"--model {spec_text}: forward pass on {height}x{width} inputs failed ({str(error).splitlines()[0]}); "
+        raise UserError(f"{option} {spec_text}: forward pass on {height}x{width} inputs failed ({str(error).splitlines()[0]}); "
                         "check --input-size/--preset")
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] != num_classes:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise UserError(f"--model {spec_text}: outputs {shape}, expected (batch, {num_classes}) logits; check --num-classes")
+        raise UserError(f"{option} {spec_text}: outputs {shape}, expected (batch, {num_classes}) logits; check --num-classes")
+
+
+def resolve_auxiliary_method(args) -> str:
+    """finetune, bcu or supplied, from --auxiliary, --auxiliary-model/--auxiliary-weights and --no-labels."""
+    supplied = args.auxiliary_model is not None or args.auxiliary_weights is not None
+    if supplied and args.auxiliary:
+        raise UserError(f"--auxiliary {args.auxiliary}: cannot be combined with --auxiliary-model/--auxiliary-weights "
+                        "(a supplied model is the auxiliary); give one or the other")
+    if args.no_labels and args.auxiliary == "finetune":
+        raise UserError("--auxiliary finetune needs labeled clean images; with --no-labels use --auxiliary bcu "
+                        "or bring a repaired model with --auxiliary-weights")
+    if len(args.bcu_reinit_probabilities) < 3:
+        raise UserError("--bcu-reinit-probabilities: give at least 3 values (stem, one or more stages, classifier)")
+    for option in ("bcu_epochs", "bcu_batch_size"):
+        if getattr(args, option) < 1:
+            raise UserError(f"--{option.replace('_', '-')}: must be at least 1")
+    if not args.bcu_lr > 0:
+        raise UserError(f"--bcu-lr: must be positive, got {args.bcu_lr}")
+    return "supplied" if supplied else args.auxiliary or ("bcu" if args.no_labels else "finetune")
+
+
+def load_supplied_auxiliary(args, spec, preprocessing, num_classes: int):
+    """The user's repaired model, which must share M's architecture: the bundle stores one."""
+    from defense.bundle import sha256_of
+    from defense.models import load_user_model, parse_model_spec
+
+    text = args.auxiliary_model or args.model
+
+    def renamed(error: UserError) -> UserError:  # the loaders name --model/--weights; here they mean the auxiliary's
+        return UserError(str(error).replace("--weights", "--auxiliary-weights").replace("--model", "--auxiliary-model"))
+
+    try:
+        auxiliary_spec = parse_model_spec(text, num_classes)
+    except UserError as error:
+        raise renamed(error) from None
+    same = (auxiliary_spec.kind == spec.kind == "torchscript"
+            or (auxiliary_spec.kind, auxiliary_spec.name) == (spec.kind, spec.name))
+    if not same:
+        raise UserError(f"--auxiliary-model {text}: not the architecture of --model {args.model}; the bundle stores one "
+                        "architecture, so bring a repaired copy of the same model (or use --auxiliary bcu)")
+    try:
+        auxiliary = load_user_model(auxiliary_spec if auxiliary_spec.kind == "torchscript" else spec, args.auxiliary_weights)
+    except UserError as error:
+        raise renamed(error) from None
+    check_model_outputs(auxiliary, preprocessing, num_classes, text, option="--auxiliary-model")
+    source = {"spec": auxiliary_spec.to_dict()}
+    if args.auxiliary_weights is not None:
+        source.update(weights=args.auxiliary_weights.name, weights_sha256=sha256_of(args.auxiliary_weights))
+    return auxiliary, source
 
 
 def run_build(args) -> int:
@@ -149,6 +223,7 @@ def run_build(args) -> int:
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise UserError(f"--out {args.out}: the folder exists and is not empty; choose another or pass --overwrite")
     device = resolve_device(args.device)
+    auxiliary_method = resolve_auxiliary_method(args)
     preprocessing = resolve_preprocessing(args, args.model)
     class_names = read_class_names(args.class_names) if args.class_names else None
     clean = load_image_folder(args.clean_data, preprocessing, class_names, labeled=not args.no_labels,
@@ -162,6 +237,8 @@ def run_build(args) -> int:
     spec = parse_model_spec(args.model, num_classes)
     model = load_user_model(spec, args.weights)
     check_model_outputs(model, preprocessing, num_classes, args.model)
+    supplied, supplied_source = (load_supplied_auxiliary(args, spec, preprocessing, num_classes)
+                                 if auxiliary_method == "supplied" else (None, None))
     config = BuildConfig(
         calibration_fraction=args.calibration_fraction, fpr=args.fpr, threshold_rule=args.threshold_rule,
         threshold_delta=args.threshold_delta, alpha=args.alpha, seed=args.seed, unlearn_lr=args.unlearn_lr,
@@ -171,11 +248,16 @@ def run_build(args) -> int:
         finetune_milestones=tuple(args.finetune_milestones), finetune_momentum=args.finetune_momentum,
         finetune_weight_decay=args.finetune_weight_decay, finetune_recover_ratio=args.finetune_recover_ratio,
         augment=not args.no_augment, labels=not args.no_labels, device=device, progress=not args.quiet,
+        auxiliary=auxiliary_method, bcu_epochs=args.bcu_epochs, bcu_lr=args.bcu_lr, bcu_batch_size=args.bcu_batch_size,
+        bcu_momentum=args.bcu_momentum, bcu_weight_decay=args.bcu_weight_decay,
+        bcu_reinit_probabilities=tuple(args.bcu_reinit_probabilities),
     )
     if not clean.class_names:
         clean.class_names = [str(i) for i in range(num_classes)]
     torch.manual_seed(args.seed)
-    result = build_guard(model, clean, preprocessing, num_classes, config)
+    result = build_guard(model, clean, preprocessing, num_classes, config, auxiliary_model=supplied)
+    if supplied_source:
+        result.manifest_fields["auxiliary_model"]["source"] = supplied_source
     manifest = save_bundle(args.out, result.guard, spec, result.manifest_fields, overwrite=args.overwrite)
     print_build_summary(manifest, args.out)
     return 0
@@ -188,8 +270,9 @@ def print_build_summary(manifest, out: Path) -> None:
     print(f"bundle {manifest.bundle_id} written to {out}")
     print(f"  D_cal accuracy: model {accuracy['model']:.3f}, backdoor expert {accuracy['backdoor_expert']:.3f}, "
           f"auxiliary {accuracy['auxiliary_model']:.3f}")
-    print(f"  unlearning lr {manifest.backdoor_expert['lr']:g} ({manifest.backdoor_expert['chosen_by']}), "
-          f"clean finetuning lr {manifest.auxiliary_model['lr']:g} ({manifest.auxiliary_model['chosen_by']})")
+    auxiliary = manifest.auxiliary_model
+    print(f"  unlearning lr {manifest.backdoor_expert['lr']:g} ({manifest.backdoor_expert['chosen_by']}), auxiliary: "
+          f"{auxiliary['method']}" + (f" lr {auxiliary['lr']:g} ({auxiliary['chosen_by']})" if "lr" in auxiliary else ""))
     print(f"  threshold tau {threshold['tau']:.4g} ({threshold['rule']}, k={threshold['k']} of n={threshold['n']}, "
           f"target FPR {threshold['target_fpr']:g}, expected {threshold['expected_fpr']:.4f})")
     for warning in getattr(manifest, "warnings", None) or []:

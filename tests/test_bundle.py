@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+from defense.bundle import load_bundle, read_manifest, save_bundle
+from defense.errors import BundleIntegrityError, UserError
+from defense.guard import Guard
+from defense.models import ModelSpec, create_model
+from synthetic import PREPROCESSING, make_images, manifest_fields
+
+
+def _guard() -> Guard:
+    torch.manual_seed(0)
+    models = [create_model("tiny_cnn", 4).eval() for _ in range(3)]
+    return Guard(*models, preprocessing=PREPROCESSING, rejection_threshold=0.5)
+
+
+def test_round_trip_gives_the_same_scores_and_settings(tmp_path):
+    guard = _guard()
+    manifest = save_bundle(tmp_path / "bundle", guard, ModelSpec("registry", "tiny_cnn", 4), manifest_fields())
+    loaded, loaded_manifest = load_bundle(tmp_path / "bundle")
+    images, _ = make_images(12, seed=3)
+    before, after = guard.score(images), loaded.score(images)
+    assert torch.allclose(before.score, after.score) and torch.equal(before.label, after.label)
+    assert loaded.preprocessing == PREPROCESSING and loaded.rejection_threshold == 0.5
+    assert loaded_manifest.bundle_id == manifest.bundle_id
+    files = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["files"]
+    assert {f["path"] for f in files.values()} == {"model.safetensors", "backdoor_expert.safetensors", "auxiliary.safetensors"}
+    assert all(len(f["sha256"]) == 64 for f in files.values())
+
+
+def test_a_tampered_weight_file_is_refused(tmp_path):
+    save_bundle(tmp_path / "bundle", _guard(), ModelSpec("registry", "tiny_cnn", 4), manifest_fields())
+    path = tmp_path / "bundle" / "backdoor_expert.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match="backdoor_expert.safetensors does not match its sha256"):
+        load_bundle(tmp_path / "bundle")
+
+
+def test_a_missing_weight_file_or_manifest_is_refused(tmp_path):
+    save_bundle(tmp_path / "bundle", _guard(), ModelSpec("registry", "tiny_cnn", 4), manifest_fields())
+    (tmp_path / "bundle" / "auxiliary.safetensors").unlink()
+    with pytest.raises(BundleIntegrityError, match="auxiliary.safetensors is missing"):
+        load_bundle(tmp_path / "bundle")
+    with pytest.raises(UserError, match="no manifest.json"):
+        read_manifest(tmp_path)
+
+
+def test_an_existing_folder_is_not_overwritten_by_default(tmp_path):
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "precious.txt").write_text("keep")
+    with pytest.raises(UserError, match="exists and is not empty"):
+        save_bundle(tmp_path / "bundle", _guard(), ModelSpec("registry", "tiny_cnn", 4), manifest_fields())
+    assert (tmp_path / "bundle" / "precious.txt").read_text() == "keep"
+
+
+def test_torchscript_models_are_bundled_as_torchscript(tmp_path):
+    guard = _guard()
+    scripted = [torch.jit.script(m) for m in (guard.model, guard.backdoor_expert, guard.auxiliary_model)]
+    torch.jit.save(scripted[0], str(tmp_path / "user.ts"))
+    ts_guard = Guard(*scripted, preprocessing=PREPROCESSING, rejection_threshold=0.5)
+    save_bundle(tmp_path / "bundle", ts_guard, ModelSpec("torchscript", str(tmp_path / "user.ts"), 4), manifest_fields())
+    assert (tmp_path / "bundle" / "backdoor_expert.pt").is_file()
+    loaded, manifest = load_bundle(tmp_path / "bundle")
+    assert manifest.architecture["kind"] == "torchscript"
+    images, _ = make_images(6, seed=4)
+    assert torch.allclose(loaded.score(images).score, guard.score(images).score, atol=1e-6)
