@@ -1,0 +1,11 @@
+"""The guard's HTTP server: FastAPI ``POST /predict`` in front of a bundle built by ``defense``.
+
+- :mod:`service.settings` every setting (``BADEXPERT_*`` environment variables and ``serve`` flags)
+- :mod:`service.app`      ``create_app(settings)``: the app factory and its lifespan
+- :mod:`service.inputs`   reading one request's images (multipart or JSON base64), with limits
+- :mod:`service.batcher`  the micro-batcher that coalesces concurrent requests for the device
+- :mod:`service.metrics`  Prometheus metrics on a per-app registry
+- :mod:`service.audit`    the audit log and quarantine of flagged inputs
+- :mod:`service.schemas`  request and response models (the OpenAPI page shows them)
+- :mod:`service.cli`      ``badexpert serve``
+"""

@@ -1,0 +1,230 @@
+"""Reading one request's images, multipart or JSON, within the limits; every refusal is an
+:class:`InputError` (a 4xx with a JSON body), never a 500.
+
+The body is read once, up to ``max_request_bytes`` (a larger Content-Length is refused before
+reading), and the images are kept as bytes: they are decoded by :func:`decode_images`, which is
+``Preprocessing.load`` from the bundle, the offline job's own code path.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+
+import torch
+from pydantic import ValidationError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from defense.preprocessing import ImageDecodeError, Preprocessing
+from service.schemas import PredictJSONRequest
+
+MULTIPART = "multipart/form-data"
+JSON = "application/json"
+SUPPORTED = (MULTIPART, JSON)
+PART_NAME = "file"
+_DATA_URL = re.compile(r"data:[\w.+-]*/?[\w.+-]*((?:;[\w.+-]+=[^;,]*)*);base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+_URLSAFE = str.maketrans("-_", "+/")
+_STREAM_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+class InputError(Exception):
+    """A request the server refuses: HTTP status, a machine-readable code, a sentence, the image index."""
+
+    def __init__(self, status: int, code: str, detail: str, index: int | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.index = status, code, detail, index
+
+    def body(self) -> dict:
+        body = {"error": self.code, "detail": self.detail}
+        if self.index is not None:
+            body["index"] = self.index
+        return body
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int
+    max_image_bytes: int
+    max_request_bytes: int
+    max_pixels: int
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def check_media_type(kind: str) -> None:
+    if kind not in SUPPORTED:
+        shown = kind or "none"
+        raise InputError(415, "unsupported_media_type",
+                         f"Content-Type {shown} is not supported: send multipart/form-data with one or more parts "
+                         f"named '{PART_NAME}', or application/json {{\"images\": [\"<base64>\", ...]}}")
+
+
+def check_content_length(request: Request, limits: Limits) -> None:
+    value = request.headers.get("content-length")
+    if value is None:
+        return
+    try:
+        length = int(value)
+    except ValueError:
+        raise InputError(400, "bad_content_length", f"Content-Length {value!r} is not a number")
+    if length > limits.max_request_bytes:
+        raise InputError(413, "request_too_large",
+                         f"request body of {length} bytes is over the limit of {limits.max_request_bytes}")
+
+
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The whole body, refusing it as soon as it grows past the limit (chunked uploads too)."""
+    chunks, total = [], 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limits.max_request_bytes:
+                raise InputError(413, "request_too_large",
+                                 f"request body is over the limit of {limits.max_request_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise InputError(400, "client_disconnected", "the client closed the connection before the body was sent")
+    return b"".join(chunks)
+
+
+def _too_many(count: int, limits: Limits) -> InputError:
+    return InputError(413, "too_many_images",
+                      f"{count} images in one request; the limit is {limits.max_images} (split the request)")
+
+
+def _too_big(index: int, size: int, limits: Limits) -> InputError:
+    return InputError(413, "image_too_large",
+                      f"image {index} has {size} bytes, over the limit of {limits.max_image_bytes}", index)
+
+
+def parse_multipart(content_type: str, body: bytes, limits: Limits) -> list[bytes]:
+    """The contents of the parts named 'file', in order; other parts are ignored."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InputError(422, "malformed_body", "multipart/form-data without a boundary parameter in its Content-Type")
+    images: list[bytes] = []
+    state = {"header": b"", "value": b"", "headers": {}, "data": None, "ended": False}
+
+    def on_part_begin():
+        state["headers"], state["data"] = {}, None
+
+    def on_header_field(data, start, end):
+        state["header"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        state["value"] += data[start:end]
+
+    def on_header_end():
+        state["headers"][state["header"].strip().lower()] = state["value"].strip()
+        state["header"], state["value"] = b"", b""
+
+    def on_headers_finished():
+        _, disposition = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        if disposition.get(b"name") == PART_NAME.encode():
+            if len(images) + 1 > limits.max_images:
+                raise _too_many_sentinel
+            state["data"] = bytearray()
+
+    def on_part_data(data, start, end):
+        buffer = state["data"]
+        if buffer is not None:
+            buffer += data[start:end]
+            if len(buffer) > limits.max_image_bytes:
+                raise InputError(413, "image_too_large", f"image {len(images)} is over the limit of "
+                                 f"{limits.max_image_bytes} bytes", len(images))
+
+    def on_part_end():
+        if state["data"] is not None:
+            images.append(bytes(state["data"]))
+            state["data"] = None
+
+    def on_end():
+        state["ended"] = True
+
+    _too_many_sentinel = InputError(413, "too_many_images",
+                                    f"more than {limits.max_images} images in one request (split the request)")
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+        "on_part_end": on_part_end, "on_end": on_end,
+    })
+    try:
+        parser.write(body)
+        parser.finalize()
+    except InputError:
+        raise
+    except (MultipartParseError, ValueError) as error:
+        raise InputError(422, "malformed_body", f"malformed multipart body ({error})")
+    if not state["ended"] and not images:
+        raise InputError(422, "malformed_body", "malformed multipart body (no closing boundary)")
+    if not images:
+        raise InputError(400, "no_image", f"no image: send one or more multipart parts named '{PART_NAME}'")
+    return images
+
+
+def decode_base64(text: str, index: int, limits: Limits) -> bytes:
+    if text[:5].lower() == "data:":
+        match = _DATA_URL.match(text)
+        if match is None:
+            raise InputError(422, "malformed_base64", f"image {index}: a data URL must look like "
+                             "'data:image/png;base64,<data>'", index)
+        text = text[match.end():]
+    if _WHITESPACE.search(text):  # line-wrapped base64
+        text = _WHITESPACE.sub("", text)
+    if len(text) // 4 * 3 > limits.max_image_bytes + 3:  # refuse before decoding
+        raise _too_big(index, len(text) // 4 * 3, limits)
+    if "-" in text or "_" in text:
+        text = text.translate(_URLSAFE)
+    text += "=" * (-len(text) % 4)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InputError(422, "malformed_base64", f"image {index}: not valid base64 ({error})", index)
+    if not data:
+        raise InputError(422, "undecodable_image", f"image {index}: empty", index)
+    if len(data) > limits.max_image_bytes:
+        raise _too_big(index, len(data), limits)
+    return data
+
+
+def parse_json(body: bytes, limits: Limits) -> list[bytes]:
+    try:
+        request = PredictJSONRequest.model_validate_json(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        if first["type"] == "json_invalid" or not body.strip():
+            raise InputError(422, "malformed_json", f"the body is not valid JSON ({first['msg']})")
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        index = first["loc"][1] if len(first["loc"]) > 1 and isinstance(first["loc"][1], int) else None
+        raise InputError(422, "malformed_json", f"expected {{\"images\": [\"<base64>\", ...]}}: {where}: {first['msg']}",
+                         index)
+    if not request.images:
+        raise InputError(400, "no_image", "no image: 'images' is an empty list")
+    if len(request.images) > limits.max_images:
+        raise _too_many(len(request.images), limits)
+    return [decode_base64(text, index, limits) for index, text in enumerate(request.images)]
+
+
+def decode_images(preprocessing: Preprocessing, images: list[bytes], max_pixels: int) -> torch.Tensor:
+    """(N, 3, H, W) uint8 through the bundle's preprocessing. Blocking: run it off the event loop."""
+    tensors = []
+    for index, data in enumerate(images):
+        try:
+            tensors.append(preprocessing.load(data, max_pixels))
+        except ImageDecodeError as error:
+            if error.too_large:
+                raise InputError(413, "image_too_large", f"image {index}: {error}", index)
+            message = _STREAM_REPR.sub("", str(error))
+            raise InputError(422, "undecodable_image", f"image {index}: {message}", index)
+        except Exception as error:  # EXIF or mode conversion trouble in an otherwise decodable file
+            raise InputError(422, "undecodable_image",
+                             f"image {index}: cannot process image ({type(error).__name__}: {error})", index)
+    return torch.stack(tensors)

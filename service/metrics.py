@@ -1,0 +1,93 @@
+"""Prometheus metrics of one app, on the app's own registry (no global state).
+
+The names are a contract with the deployment (Prometheus rules, Grafana dashboards):
+
+    badexpert_inputs_total{decision="accepted"|"rejected"}                counter
+    badexpert_rejected_by_class_total{predicted_class,class_name}         counter
+    badexpert_score                                                       histogram, buckets dense around tau
+    badexpert_request_duration_seconds                                    histogram (POST /predict)
+    badexpert_batch_size                                                  histogram (images per model forward)
+    badexpert_queue_depth                                                 gauge (images waiting for the model)
+    badexpert_http_requests_total{status}                                 counter
+    badexpert_overload_total                                              counter (503: queue full)
+    badexpert_bundle_info{bundle_id,tau,target_fpr,mode}                  info
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Multiples of tau: dense near 1 (the decision boundary), coarser far from it.
+TAU_FACTORS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0,
+               1.02, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0, 10.0, 100.0)
+FALLBACK_BUCKETS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
+DURATION_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+DECISIONS = ("accepted", "rejected")
+
+
+def score_buckets(tau: float) -> list[float]:
+    """Histogram bounds for the score: tau itself and multiples of it clustered around 1, plus 0."""
+    if not math.isfinite(tau) or tau <= 0:
+        return list(FALLBACK_BUCKETS)
+    return sorted({0.0, *(tau * factor for factor in TAU_FACTORS)})
+
+
+class ServiceMetrics:
+    """All metrics of one app. Series that depend on the bundle are created by :meth:`bind_bundle`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.inputs = Counter("badexpert_inputs", "Images scored, by the guard's decision (in shadow mode: "
+                              "the would-be decision)", ["decision"], registry=r)
+        self.decision = {name: self.inputs.labels(decision=name) for name in DECISIONS}
+        self.rejected_by_class = Counter("badexpert_rejected_by_class", "Flagged images by the model's predicted "
+                                         "class (the class under attack)", ["predicted_class", "class_name"], registry=r)
+        self.request_duration = Histogram("badexpert_request_duration_seconds", "Duration of POST /predict requests",
+                                          buckets=DURATION_BUCKETS, registry=r)
+        self.batch_size = Histogram("badexpert_batch_size", "Images per model forward", buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("badexpert_queue_depth", "Images waiting for the model", registry=r)
+        self.http_requests = Counter("badexpert_http_requests", "HTTP responses by status code", ["status"], registry=r)
+        self.overload = Counter("badexpert_overload", "Requests refused with 503 because the queue was full", registry=r)
+        self.bundle_info = Info("badexpert_bundle", "The bundle being served", registry=r)
+        self.score: Histogram | None = None
+        self.rejected_class_children: list = []
+        self._status_children: dict[int, object] = {}
+
+    def bind_bundle(self, bundle_id: str, tau: float, target_fpr: float, mode: str, class_names: Sequence[str]) -> None:
+        """Called once at load time: score buckets from tau, one rejected-by-class series per class, the info."""
+        self.score = Histogram("badexpert_score", "BaDExpert score of each image (low: backdoor-like; "
+                               f"flagged below tau={tau:g})", buckets=score_buckets(tau), registry=self.registry)
+        self.rejected_class_children = [self.rejected_by_class.labels(predicted_class=str(index), class_name=name)
+                                        for index, name in enumerate(class_names)]
+        self.bundle_info.info({"bundle_id": bundle_id, "tau": repr(float(tau)), "target_fpr": repr(float(target_fpr)),
+                               "mode": mode})
+
+    def count_status(self, status: int) -> None:
+        child = self._status_children.get(status)
+        if child is None:
+            child = self._status_children[status] = self.http_requests.labels(status=str(status))
+        child.inc()
+
+    def record_inputs(self, labels: Sequence[int], scores: Sequence[float], flagged: Sequence[bool]) -> None:
+        accepted = rejected = 0
+        for label, score, flag in zip(labels, scores, flagged):
+            if flag:
+                rejected += 1
+                self.rejected_class_children[label].inc()
+            else:
+                accepted += 1
+            if self.score is not None and math.isfinite(score):
+                self.score.observe(score)
+        if accepted:
+            self.decision["accepted"].inc(accepted)
+        if rejected:
+            self.decision["rejected"].inc(rejected)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,69 @@
+"""Request and response models of the HTTP API (they drive the OpenAPI page at /docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class PredictJSONRequest(BaseModel):
+    images: list[str] = Field(
+        description="images as base64 strings; a 'data:image/...;base64,' prefix is allowed",
+        examples=[["iVBORw0KGgoAAAANSUhEUgAA..."]],
+    )
+
+
+class Prediction(BaseModel):
+    index: int = Field(description="position of the image in the request")
+    label: int | None = Field(description="the model's class index; null when rejected (unless BADEXPERT_REVEAL_REJECTED)")
+    class_name: str | None = Field(description="name of that class; null when rejected")
+    confidence: float | None = Field(description="the model's softmax probability of that class; null when rejected")
+    score: float | None = Field(description="BaDExpert score; low means backdoor-like. Null only if the models gave a "
+                                            "non-finite value, and then the input is flagged")
+    rejected: bool = Field(description="the guard refused this input (always false in shadow mode)")
+    flagged: bool = Field(description="score < threshold: the guard's decision, whatever the mode "
+                                      "(in shadow mode the would-be rejection)")
+
+
+class PredictResponse(BaseModel):
+    bundle: str = Field(description="id of the bundle that answered")
+    threshold: float = Field(description="tau: inputs scoring below it are flagged")
+    mode: Literal["enforce", "shadow"]
+    predictions: list[Prediction] = Field(description="one per image, in request order")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="machine-readable code, e.g. no_image, undecodable_image, image_too_large")
+    detail: str = Field(description="what went wrong, for a person")
+    index: int | None = Field(None, description="the image at fault, where one is")
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    status: str = Field(description="loading, ready, failed or shutting_down")
+    detail: str | None = None
+
+
+class InfoResponse(BaseModel):
+    bundle_id: str
+    created_at: str
+    architecture: dict
+    class_names: list[str]
+    num_classes: int
+    input_size: list[int] = Field(description="[height, width]")
+    mean: list[float]
+    std: list[float]
+    alpha: float
+    threshold: float
+    target_fpr: float
+    calibration: dict = Field(description="rule, n, k and FPRs of the threshold")
+    mode: Literal["enforce", "shadow"]
+    device: str
+    limits: dict
+    batching: dict
+    versions: dict = Field(description="'bundle': the versions that built the bundle; 'server': the versions serving it")

@@ -1,0 +1,693 @@
+"""The guard server (service/): HTTP API, batching, metrics, audit log, bad input, shadow mode,
+overload, readiness, a real `badexpert serve` process, and no train/serve skew.
+
+Everything runs on the CPU against tiny bundles built once per session (a few seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import torch.nn.functional as F
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from defense.build import BuildConfig, build_guard
+from defense.bundle import load_bundle, save_bundle
+from defense.cli import main as badexpert_main
+from defense.data import ImageSet
+from defense.models import create_model
+from defense.models.loading import ModelSpec
+from defense.preprocessing import Preprocessing
+from service.app import create_app
+from service.batcher import MicroBatcher, Overloaded, ShuttingDown
+from service.metrics import score_buckets
+from service.schemas import PredictResponse
+from service.settings import ServiceSettings
+
+CLASS_NAMES = ["red", "green", "blue"]
+SIZE = 16
+
+
+@dataclass
+class Tiny:
+    bundle: Path  # calibrated tau (a low-FPR threshold: on these samples, likely nothing is flagged)
+    strict: Path  # the same models with tau set between the samples' scores: some are flagged
+    strict_tau: float
+    files: list[Path]  # sample image files: PNG, JPEG, odd sizes, grey, RGBA, an EXIF-rotated JPEG
+    scores: torch.Tensor  # offline scores of `files`: the bundle's guard on Preprocessing.load(file)
+    labels: torch.Tensor
+    confidences: torch.Tensor
+
+
+def synthetic_images(count_per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for label in range(len(CLASS_NAMES)):
+        # Faint colour cues under heavy noise: the tiny models stay unsure, so scores spread out and
+        # move with every pixel (a saturated model would score ~2 whatever the preprocessing).
+        base = torch.full((count_per_class, 3, SIZE, SIZE), 100.0)
+        base[:, label] = 140.0
+        noise = torch.randint(-80, 80, base.shape, generator=generator).float()
+        images.append((base + noise).clamp(0, 255).to(torch.uint8))
+        labels.append(torch.full((count_per_class,), label))
+    return torch.cat(images), torch.cat(labels)
+
+
+def write_samples(folder: Path, generator: torch.Generator) -> list[Path]:
+    folder.mkdir()
+    images, _ = synthetic_images(3, generator)
+    files = []
+    for index, image in enumerate(images):
+        array = image.permute(1, 2, 0).numpy()
+        path = folder / f"sample_{index}.png"
+        picture = Image.fromarray(array)
+        if index == 1:
+            picture = picture.resize((28, 20))  # resized by the preprocessing
+        if index == 2:
+            picture = picture.convert("L")  # grey: converted to RGB
+        if index == 3:
+            picture = picture.convert("RGBA")
+        if index in (4, 5):
+            path = path.with_suffix(".jpg")
+            exif = Image.Exif()
+            if index == 5:
+                exif[0x0112] = 6  # EXIF orientation: rotate on load
+                picture = picture.resize((SIZE, SIZE + 8))
+            picture.save(path, quality=90, exif=exif)
+        else:
+            picture.save(path)
+        files.append(path)
+    return files
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Tiny:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is as fast, and steadier on a busy machine
+    try:
+        return build_tiny(tmp_path_factory.mktemp("service"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def build_tiny(root: Path) -> Tiny:
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    preprocessing = Preprocessing(input_size=(SIZE, SIZE), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    images, labels = synthetic_images(40, generator)
+    model = create_model("tiny_cnn", num_classes=3)
+    normalizer = preprocessing.normalizer()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(2):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels), 20):
+            index = order[start:start + 20]
+            loss = F.cross_entropy(model(normalizer(images[index])), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    clean = ImageSet(images, labels, CLASS_NAMES, [Path(f"{i}.png") for i in range(len(labels))])
+    config = BuildConfig(calibration_fraction=0.5, fpr=0.1, threshold_rule="conformal", unlearn_lr=5e-3,
+                         unlearn_batch_size=32, finetune_lr=0.01, finetune_epochs=2, finetune_milestones=(1,),
+                         finetune_batch_size=32, progress=False, device="cpu")
+    result = build_guard(model.eval(), clean, preprocessing, 3, config, log=lambda *args: None)
+    spec = ModelSpec("registry", "tiny_cnn", 3)
+    save_bundle(root / "bundle", result.guard, spec, result.manifest_fields)
+
+    files = write_samples(root / "samples", generator)
+    guard, _ = load_bundle(root / "bundle", "cpu")
+    offline = guard.score(torch.stack([guard.preprocessing.load(path) for path in files]))
+    assert offline.score.max() > 1.5 * offline.score.min(), "the fixture's scores must spread out"
+    ordered = offline.score.sort().values
+    middle = len(ordered) // 2
+    assert ordered[middle - 1] < ordered[middle], "the samples need distinct scores"
+    strict_tau = float((ordered[middle - 1] + ordered[middle]) / 2)
+    guard.rejection_threshold = strict_tau
+    fields = copy.deepcopy(result.manifest_fields)
+    fields["threshold"]["tau"] = strict_tau
+    save_bundle(root / "strict", guard, spec, fields)
+    return Tiny(root / "bundle", root / "strict", strict_tau, files, offline.score, offline.label, offline.confidence)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("BADEXPERT_"):
+            monkeypatch.delenv(name)
+
+
+def settings(bundle: Path, **overrides) -> ServiceSettings:
+    values = {"bundle": bundle, "device": "cpu", "max_batch_size": 8, "max_wait_ms": 1.0, **overrides}
+    return ServiceSettings(**values)
+
+
+def wait_ready(client, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"not ready after {timeout} s: {client.get('/readyz').json()}")
+
+
+@contextmanager
+def serving(bundle: Path, **overrides):
+    app = create_app(settings(bundle, **overrides))
+    with TestClient(app) as client:
+        wait_ready(client)
+        yield client
+
+
+def multipart(paths) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("file", (path.name, path.read_bytes(), "application/octet-stream")) for path in paths]
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def metrics(client) -> dict[tuple[str, frozenset], float]:
+    text = client.get("/metrics").text
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(snapshot, name: str, **labels) -> float:
+    return snapshot.get((name, frozenset(labels.items())), 0.0)
+
+
+# ----- predictions --------------------------------------------------------------------------------
+
+
+def test_served_scores_equal_offline_scores_for_both_body_forms(tiny):
+    """No train/serve skew: the server's scores are guard.score on Preprocessing.load of the same files."""
+    with serving(tiny.bundle) as client:
+        by_multipart = client.post("/predict", files=multipart(tiny.files))
+        images = [b64(path) for path in tiny.files]
+        images[0] = "data:image/png;base64," + images[0]
+        by_json = client.post("/predict", json={"images": images})
+        one_by_one = [client.post("/predict", files=multipart([path])).json()["predictions"][0]["score"]
+                      for path in tiny.files]
+    for response in (by_multipart, by_json):
+        assert response.status_code == 200, response.text
+        body = PredictResponse.model_validate(response.json())
+        assert body.mode == "enforce" and len(body.predictions) == len(tiny.files)
+        assert [p.index for p in body.predictions] == list(range(len(tiny.files)))
+        served = torch.tensor([p.score for p in body.predictions], dtype=torch.float64)
+        assert torch.allclose(served, tiny.scores.double(), rtol=1e-5, atol=1e-5), (served, tiny.scores)
+        for prediction, label, confidence in zip(body.predictions, tiny.labels, tiny.confidences):
+            if not prediction.rejected:
+                assert prediction.label == int(label) and prediction.class_name == CLASS_NAMES[int(label)]
+                assert prediction.confidence == pytest.approx(float(confidence), abs=1e-5)
+    assert torch.allclose(torch.tensor(one_by_one, dtype=torch.float64), tiny.scores.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_rejection_semantics(tiny):
+    expected = tiny.scores < tiny.strict_tau
+    assert 0 < int(expected.sum()) < len(tiny.files)
+    with serving(tiny.strict) as client:
+        body = client.post("/predict", files=multipart(tiny.files)).json()
+    assert body["threshold"] == pytest.approx(tiny.strict_tau)
+    for prediction, flagged, label in zip(body["predictions"], expected.tolist(), tiny.labels.tolist()):
+        assert prediction["rejected"] is flagged and prediction["flagged"] is flagged
+        assert isinstance(prediction["score"], float)
+        if flagged:  # the guard does not hand out the backdoor's answer
+            assert prediction["label"] is None and prediction["class_name"] is None and prediction["confidence"] is None
+        else:
+            assert prediction["label"] == label and prediction["class_name"] == CLASS_NAMES[label]
+    with serving(tiny.strict, reveal_rejected=True) as client:
+        revealed = client.post("/predict", files=multipart(tiny.files)).json()["predictions"]
+    assert [p["rejected"] for p in revealed] == expected.tolist()
+    assert [p["label"] for p in revealed] == tiny.labels.tolist()
+
+
+def test_shadow_mode_rejects_nothing_but_flags_counts_and_audits(tiny, tmp_path):
+    expected = tiny.scores < tiny.strict_tau
+    audit = tmp_path / "audit.jsonl"
+    with serving(tiny.strict, mode="shadow", audit_log=audit) as client:
+        before = metrics(client)
+        body = client.post("/predict", files=multipart(tiny.files)).json()
+        after = metrics(client)
+    assert body["mode"] == "shadow"
+    assert [p["rejected"] for p in body["predictions"]] == [False] * len(tiny.files)
+    assert [p["flagged"] for p in body["predictions"]] == expected.tolist()
+    assert [p["label"] for p in body["predictions"]] == tiny.labels.tolist()
+    flagged = int(expected.sum())
+    assert value(after, "badexpert_inputs_total", decision="rejected") - value(before, "badexpert_inputs_total", decision="rejected") == flagged
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [line["index"] for line in lines] == expected.nonzero().flatten().tolist()
+    assert all(line["mode"] == "shadow" for line in lines)
+    assert value(after, "badexpert_bundle_info", bundle_id=body["bundle"], tau=repr(tiny.strict_tau),
+                 target_fpr="0.1", mode="shadow") == 1.0
+
+
+def test_concurrent_requests_are_coalesced_and_a_large_request_is_one_batch(tiny):
+    async def scenario():
+        app = create_app(settings(tiny.bundle, max_batch_size=4, max_wait_ms=2000))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://guard") as client:
+                while (await client.get("/readyz")).status_code != 200:
+                    await asyncio.sleep(0.01)
+                started = time.monotonic()
+                singles = await asyncio.gather(*(client.post("/predict", files=multipart([path]))
+                                                 for path in tiny.files[:4]))
+                waited = time.monotonic() - started
+                large = await client.post("/predict", files=multipart(tiny.files))  # 9 images > max_batch_size 4
+                return singles, large, waited, metrics_text(await client.get("/metrics"))
+
+    def metrics_text(response):
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for f in text_string_to_metric_families(response.text) for s in f.samples}
+
+    singles, large, waited, snapshot = asyncio.run(scenario())
+    assert all(response.status_code == 200 for response in singles) and large.status_code == 200
+    assert waited < 2.0, "a full batch must not wait for max_wait_ms"
+    assert value(snapshot, "badexpert_batch_size_count") == 2  # one forward for the four singles, one for the nine
+    assert value(snapshot, "badexpert_batch_size_sum") == 4 + len(tiny.files)
+    assert value(snapshot, "badexpert_batch_size_bucket", le="4.0") == 1
+    served = torch.tensor([r.json()["predictions"][0]["score"] for r in singles] +
+                          [p["score"] for p in large.json()["predictions"]], dtype=torch.float64)
+    offline = torch.cat([tiny.scores[:4], tiny.scores]).double()
+    assert torch.allclose(served, offline, rtol=1e-5, atol=1e-5)
+
+
+# ----- metrics ------------------------------------------------------------------------------------
+
+
+def test_metrics_exist_from_startup_and_move_by_exact_amounts(tiny):
+    expected = (tiny.scores < tiny.strict_tau).tolist()
+    with serving(tiny.strict) as client:
+        bundle_id = client.get("/v1/info").json()["bundle_id"]
+        before = metrics(client)
+        for decision in ("accepted", "rejected"):  # both series exist before any input
+            assert ("badexpert_inputs_total", frozenset({("decision", decision)})) in before
+        for name in ("badexpert_overload_total", "badexpert_queue_depth", "badexpert_score_count",
+                     "badexpert_batch_size_count", "badexpert_request_duration_seconds_count"):
+            assert (name, frozenset()) in before, name
+        assert value(before, "badexpert_bundle_info", bundle_id=bundle_id,
+                     tau=repr(tiny.strict_tau), target_fpr="0.1", mode="enforce") == 1.0
+        for label, name in enumerate(CLASS_NAMES):
+            assert ("badexpert_rejected_by_class_total",
+                    frozenset({("predicted_class", str(label)), ("class_name", name)})) in before
+        client.post("/predict", files=multipart(tiny.files))
+        client.post("/predict", content=b"nonsense", headers={"content-type": "text/plain"})
+        after = metrics(client)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    rejected = sum(expected)
+    assert delta("badexpert_inputs_total", decision="rejected") == rejected
+    assert delta("badexpert_inputs_total", decision="accepted") == len(expected) - rejected
+    for label, name in enumerate(CLASS_NAMES):
+        count = sum(1 for flag, y in zip(expected, tiny.labels.tolist()) if flag and y == label)
+        assert delta("badexpert_rejected_by_class_total", predicted_class=str(label), class_name=name) == count
+    assert delta("badexpert_score_count") == len(expected)
+    assert delta("badexpert_score_sum") == pytest.approx(float(tiny.scores.double().sum()), rel=1e-5)
+    below_tau = [bound for (name, labels), _ in after.items() if name == "badexpert_score_bucket"
+                 for key, bound in labels if key == "le" and bound != "+Inf" and float(bound) == tiny.strict_tau]
+    assert below_tau, "tau is a bucket bound"
+    assert delta("badexpert_score_bucket", le=below_tau[0]) == sum(1 for s in tiny.scores.tolist() if s <= tiny.strict_tau)
+    assert delta("badexpert_batch_size_count") == 1 and delta("badexpert_batch_size_sum") == len(expected)
+    assert delta("badexpert_request_duration_seconds_count") == 2
+    assert delta("badexpert_http_requests_total", status="415") == 1
+    assert delta("badexpert_http_requests_total", status="200") == 2  # the POST and the first scrape
+    assert delta("badexpert_overload_total") == 0
+    assert value(after, "badexpert_queue_depth") == 0
+
+
+def test_score_buckets_are_dense_around_tau():
+    tau = 0.37
+    bounds = score_buckets(tau)
+    assert tau in bounds and bounds == sorted(set(bounds)) and bounds[0] == 0.0
+    assert sum(1 for b in bounds if 0.8 * tau <= b <= 1.25 * tau) >= 10
+    assert sum(1 for b in bounds if b > 3 * tau) <= 4
+    for odd in (0.0, -1.0, math.nan, math.inf):
+        assert score_buckets(odd) == sorted(set(score_buckets(odd)))
+
+
+# ----- bad input ----------------------------------------------------------------------------------
+
+
+def noise_png(width: int, height: int) -> bytes:
+    generator = torch.Generator().manual_seed(width * 1000 + height)
+    array = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_input_gets_4xx_json_and_the_server_stays_up(tiny):
+    big_bytes = noise_png(90, 90)  # ~24 KB of incompressible pixels
+    many_pixels = noise_png(120, 100)  # 12,000 pixels, small file
+    assert len(big_bytes) > 20_000 and len(many_pixels) < 50_000
+    good = tiny.files[0].read_bytes()
+    png = lambda data: ("file", ("x.png", data, "image/png"))  # noqa: E731
+    cases = [
+        # (name, request kwargs, status, error code)
+        ("json: empty list", {"json": {"images": []}}, 400, "no_image"),
+        ("multipart: no part named file", {"files": [("other", ("x.png", good, "image/png"))]}, 400, "no_image"),
+        ("multipart: undecodable", {"files": [png(good), png(b"this is not an image")]}, 422, "undecodable_image"),
+        ("json: undecodable", {"json": {"images": [base64.b64encode(b"GIF89a broken").decode()]}}, 422, "undecodable_image"),
+        ("json: truncated png", {"json": {"images": [base64.b64encode(good[: len(good) // 2]).decode()]}}, 422, "undecodable_image"),
+        ("text/plain", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+        ("no content type", {"content": b"hello"}, 415, "unsupported_media_type"),
+        ("form-urlencoded", {"data": {"file": "x"}}, 415, "unsupported_media_type"),
+        ("multipart: too many bytes", {"files": [png(big_bytes)]}, 413, "image_too_large"),
+        ("json: too many bytes", {"json": {"images": [base64.b64encode(big_bytes).decode()]}}, 413, "image_too_large"),
+        ("multipart: too many pixels", {"files": [png(many_pixels)]}, 413, "image_too_large"),
+        ("json: too many pixels", {"json": {"images": [base64.b64encode(many_pixels).decode()]}}, 413, "image_too_large"),
+        ("multipart: too many images", {"files": [png(good)] * 4}, 413, "too_many_images"),
+        ("json: too many images", {"json": {"images": [base64.b64encode(good).decode()] * 4}}, 413, "too_many_images"),
+        ("request over the byte limit", {"content": b"{" + b" " * 70_000 + b"}",
+                                         "headers": {"content-type": "application/json"}}, 413, "request_too_large"),
+        ("chunked body over the byte limit", {"content": iter([b" " * 40_000] * 2),
+                                              "headers": {"content-type": "application/json"}}, 413, "request_too_large"),
+        ("malformed json", {"content": b'{"images": [', "headers": {"content-type": "application/json"}}, 422, "malformed_json"),
+        ("empty json body", {"content": b"", "headers": {"content-type": "application/json"}}, 422, "malformed_json"),
+        ("json: not an object", {"json": ["abc"]}, 422, "malformed_json"),
+        ("json: images not a list", {"json": {"images": "abc"}}, 422, "malformed_json"),
+        ("json: image not a string", {"json": {"images": [123]}}, 422, "malformed_json"),
+        ("json: malformed base64", {"json": {"images": ["%%%not base64%%%"]}}, 422, "malformed_base64"),
+        ("json: bad data url", {"json": {"images": ["data:image/png," + base64.b64encode(good).decode()]}}, 422, "malformed_base64"),
+        ("multipart: no boundary", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}, 422, "malformed_body"),
+    ]
+    with serving(tiny.bundle, max_image_bytes=20_000, max_request_bytes=60_000, max_pixels=10_000,
+                 max_images_per_request=3) as client:
+        for name, kwargs, status, code in cases:
+            response = client.post("/predict", **kwargs)
+            assert response.status_code == status, (name, response.status_code, response.text)
+            body = response.json()
+            assert body["error"] == code and body["detail"], (name, body)
+        assert client.post("/predict", files=[png(good), png(b"junk")]).json()["index"] == 1
+        assert client.post("/predict", files=multipart(tiny.files[:3])).status_code == 200
+        assert client.get("/nope").status_code == 404 and client.get("/predict").status_code == 405
+        after = metrics(client)
+    assert value(after, "badexpert_http_requests_total", status="500") == 0
+    assert value(after, "badexpert_inputs_total", decision="accepted") + \
+        value(after, "badexpert_inputs_total", decision="rejected") == 3  # only the good request was scored
+
+
+def test_content_length_is_checked_before_the_body_is_read(tiny):
+    async def scenario():
+        app = create_app(settings(tiny.bundle, max_request_bytes=1000, max_image_bytes=1000))
+        async with app.router.lifespan_context(app):
+            while app.state.service.state != "ready":
+                await asyncio.sleep(0.01)
+            received = []
+
+            async def receive():  # a client that announces 10 MB and would send them slowly
+                received.append(1)
+                await asyncio.sleep(0.01)
+                return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+            messages = []
+
+            async def send(message):
+                messages.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+                     "root_path": "", "server": ("guard", 80), "client": ("127.0.0.1", 1),
+                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"10000000")]}
+            await app(scope, receive, send)
+            return received, messages
+
+    received, messages = asyncio.run(scenario())
+    assert messages[0]["status"] == 413 and not received
+
+
+# ----- overload, shutdown, readiness --------------------------------------------------------------
+
+
+def test_full_queue_answers_503_with_retry_after_at_once(tiny):
+    entered, release = threading.Event(), threading.Event()
+
+    async def scenario():
+        app = create_app(settings(tiny.bundle, max_batch_size=1, max_queue=1, max_images_per_request=1,
+                                  retry_after_s=7))
+        service = app.state.service
+        armed = []
+        real_infer = service.infer
+
+        def gated_infer(images):
+            if armed:
+                entered.set()
+                release.wait(30)
+            return real_infer(images)
+
+        service.infer = gated_infer
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://guard") as client:
+                while (await client.get("/readyz")).status_code != 200:
+                    await asyncio.sleep(0.01)
+                armed.append(True)
+                try:
+                    first = asyncio.create_task(client.post("/predict", files=multipart(tiny.files[:1])))
+                    while not entered.is_set():  # the first request is in the model
+                        await asyncio.sleep(0.01)
+                    second = asyncio.create_task(client.post("/predict", files=multipart(tiny.files[1:2])))
+                    while service.batcher.queued_images < 1:  # the second waits in the queue
+                        await asyncio.sleep(0.01)
+                    during = await client.get("/metrics")
+                    started = time.monotonic()
+                    third = await client.post("/predict", files=multipart(tiny.files[2:3]))
+                    refused_in = time.monotonic() - started
+                finally:
+                    release.set()
+                answers = [await first, await second]
+                after = await client.get("/metrics")
+                return answers, third, refused_in, during.text, after.text
+
+    def parse(text):
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    answers, third, refused_in, during, after = asyncio.run(scenario())
+    assert third.status_code == 503 and third.headers["retry-after"] == "7"
+    assert third.json()["error"] == "overloaded" and refused_in < 1.0
+    assert [a.status_code for a in answers] == [200, 200]
+    during, after = parse(during), parse(after)
+    assert value(during, "badexpert_queue_depth") == 1
+    assert value(after, "badexpert_overload_total") == 1
+    assert value(after, "badexpert_http_requests_total", status="503") - \
+        value(during, "badexpert_http_requests_total", status="503") == 1  # (earlier 503s: /readyz while loading)
+    assert value(after, "badexpert_inputs_total", decision="accepted") + \
+        value(after, "badexpert_inputs_total", decision="rejected") == 2  # the refused image was never scored
+
+
+def test_batcher_close_finishes_queued_work_and_refuses_new_work():
+    calls = []
+
+    def infer(images):
+        calls.append(len(images))
+        time.sleep(0.05)
+        from defense.score import guard_scores
+        logits = images.float().flatten(1)[:, :3]
+        return guard_scores(logits, logits, logits)
+
+    async def scenario():
+        batcher = MicroBatcher(infer, max_batch_size=2, max_wait_ms=0, max_queue=10)
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(torch.full((1, 3, 2, 2), i, dtype=torch.uint8))) for i in range(5)]
+        await asyncio.sleep(0)
+        await batcher.close()
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(scenario())
+    assert len(results) == 5 and sum(calls) == 5 and max(calls) <= 2
+    assert [int(r.label.numel()) for r in results] == [1] * 5
+
+    async def overload():
+        batcher = MicroBatcher(infer, max_batch_size=1, max_wait_ms=0, max_queue=1)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(torch.zeros(1, 3, 2, 2, dtype=torch.uint8)))
+        with pytest.raises(Overloaded):
+            await batcher.submit(torch.zeros(2, 3, 2, 2, dtype=torch.uint8))
+        await first
+        await batcher.close()
+
+    asyncio.run(overload())
+
+
+def test_readiness_before_during_and_after_loading(tiny, tmp_path):
+    app = create_app(settings(tiny.bundle))
+    gate = threading.Event()
+    service = app.state.service
+    real_load = service.load
+
+    def gated_load():
+        gate.wait(30)
+        real_load()
+
+    service.load = gated_load
+    raw = TestClient(app)  # not entered: the lifespan has not run, nothing is loaded
+    assert raw.get("/healthz").status_code == 200
+    assert raw.get("/readyz").status_code == 503
+    with TestClient(app) as client:
+        try:
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["status"] == "loading"
+            assert client.get("/healthz").json() == {"status": "ok"}
+            refused = client.post("/predict", files=multipart(tiny.files[:1]))
+            assert refused.status_code == 503 and refused.json()["error"] == "not_ready" and "retry-after" in refused.headers
+            assert client.get("/v1/info").status_code == 503
+        finally:
+            gate.set()
+        wait_ready(client)
+        assert client.get("/readyz").json()["ready"] is True
+        info = client.get("/v1/info").json()
+        assert info["class_names"] == CLASS_NAMES and info["input_size"] == [SIZE, SIZE]
+        assert info["threshold"] == pytest.approx(float(load_bundle(tiny.bundle)[1].rejection_threshold))
+        assert info["target_fpr"] == 0.1 and info["mode"] == "enforce" and "torch" in info["versions"]["server"]
+        assert client.post("/predict", files=multipart(tiny.files[:1])).status_code == 200
+
+    # A bundle whose weights do not match their hashes never becomes ready.
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny.bundle, broken)
+    weights = broken / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with TestClient(create_app(settings(broken))) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "failed" and "sha256" in ready.json()["detail"]
+        assert client.get("/healthz").status_code == 503
+        assert client.post("/predict", files=multipart(tiny.files[:1])).status_code == 503
+
+
+def test_openapi_documents_both_body_forms(tiny):
+    with serving(tiny.bundle) as client:
+        assert client.get("/docs").status_code == 200
+        spec = client.get("/openapi.json").json()
+    content = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert set(content) == {"multipart/form-data", "application/json"}
+    assert "PredictResponse" in json.dumps(spec["paths"]["/predict"]["post"]["responses"]["200"])
+
+
+# ----- audit log ----------------------------------------------------------------------------------
+
+
+def test_audit_log_and_quarantine_are_on_disk_before_the_response(tiny, tmp_path, monkeypatch):
+    expected = (tiny.scores < tiny.strict_tau).tolist()
+    audit, quarantine = tmp_path / "logs" / "audit.jsonl", tmp_path / "quarantine"
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        real_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    with serving(tiny.strict, audit_log=audit, quarantine_dir=quarantine) as client:
+        response = client.post("/predict", files=multipart(tiny.files), headers={"X-Request-ID": "req-42"})
+        assert response.headers["x-request-id"] == "req-42"
+        lines = [json.loads(line) for line in audit.read_text().splitlines()]  # read before the server stops
+        assert str(audit.resolve()) in synced
+        other = client.post("/predict", files=multipart(tiny.files))
+    flagged = [i for i, flag in enumerate(expected) if flag]
+    assert [line["index"] for line in lines] == flagged
+    for line, index in zip(lines, flagged):
+        data = tiny.files[index].read_bytes()
+        assert line["request_id"] == "req-42"
+        assert line["sha256"] == hashlib.sha256(data).hexdigest()
+        assert line["predicted_class"] == int(tiny.labels[index]) and line["class_name"] == CLASS_NAMES[line["predicted_class"]]
+        assert line["score"] == pytest.approx(float(tiny.scores[index]), rel=1e-5, abs=1e-5)
+        assert line["tau"] == pytest.approx(tiny.strict_tau) and line["mode"] == "enforce"
+        assert datetime.fromisoformat(line["time"].replace("Z", "+00:00")).utcoffset().total_seconds() == 0
+        assert (quarantine / line["sha256"]).read_bytes() == data
+    assert len(audit.read_text().splitlines()) == 2 * len(flagged)  # the second request appended its own lines
+    generated = other.headers["x-request-id"]
+    assert generated != "req-42" and json.loads(audit.read_text().splitlines()[-1])["request_id"] == generated
+    assert sorted(p.name for p in quarantine.iterdir()) == sorted({line["sha256"] for line in lines})
+
+
+# ----- the command line ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def badexpert_command() -> list[str]:
+    script = Path(sys.executable).parent / "badexpert"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "defense.cli"]
+
+
+def test_real_badexpert_serve_process(tiny, tmp_path):
+    port = free_port()
+    environment = {**os.environ, "BADEXPERT_MAX_IMAGES_PER_REQUEST": "2", "BADEXPERT_MODE": "shadow"}
+    process = subprocess.Popen(
+        badexpert_command() + ["serve", str(tiny.strict), "--port", str(port), "--device", "cpu", "--mode", "enforce",
+                               "--audit-log", str(tmp_path / "audit.jsonl"), "--no-access-log"],
+        env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.2)
+        assert httpx.get(base + "/healthz").json() == {"status": "ok"}
+        response = httpx.post(base + "/predict", files=multipart(tiny.files[:2]))
+        assert response.status_code == 200
+        body = response.json()
+        assert body["mode"] == "enforce"  # the flag wins over BADEXPERT_MODE
+        served = torch.tensor([p["score"] for p in body["predictions"]], dtype=torch.float64)
+        assert torch.allclose(served, tiny.scores[:2].double(), rtol=1e-5, atol=1e-5)
+        assert [p["rejected"] for p in body["predictions"]] == (tiny.scores[:2] < tiny.strict_tau).tolist()
+        too_many = httpx.post(base + "/predict", files=multipart(tiny.files[:3]))  # BADEXPERT_MAX_IMAGES_PER_REQUEST=2
+        assert too_many.status_code == 413
+        text = httpx.get(base + "/metrics").text
+        assert 'badexpert_inputs_total{decision="accepted"}' in text and "badexpert_bundle_info{" in text
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_command_line_errors(tmp_path, capsys, monkeypatch):
+    assert badexpert_main(["serve", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert badexpert_main(["serve"]) == 2
+    assert "BADEXPERT_BUNDLE" in capsys.readouterr().err
+    monkeypatch.setenv("BADEXPERT_MAX_BATCH_SIZE", "many")
+    assert badexpert_main(["serve", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("badexpert: error: --max-batch-size / BADEXPERT_MAX_BATCH_SIZE") and "\n" not in error
