@@ -115,8 +115,10 @@ def save_bundle(out_dir: Path, guard: Guard, spec: ModelSpec, fields: dict[str, 
         )
         (staging / MANIFEST).write_text(json.dumps(manifest.model_dump(), indent=2) + "\n")
         for path in staging.iterdir():
+            path.chmod(0o644)  # readable by a server running as another user (the container's)
             with open(path, "rb") as stream:
                 os.fsync(stream.fileno())
+        staging.chmod(0o755)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
