@@ -1,9 +1,9 @@
 """``badexpert demo``: the whole product on a built-in example, with nothing from the user.
 
 1. Real images: scikit-learn's handwritten digits (1,797 scans, 8x8), upscaled to 32x32 RGB.
-2. The attacker: trains a small CNN on 1,000 of them, 10% carrying a 4x4 checkerboard patch
+2. The attacker: trains a small CNN on 900 of them, 10% carrying a 4x4 checkerboard patch
    relabeled to class 0 (BadNet).
-3. The defender: holds 500 other clean digits, written as an ImageFolder, and runs the very same
+3. The defender: holds 600 other clean digits, written as an ImageFolder, and runs the very same
    ``badexpert build`` the CLI runs.
 4. The guard is measured on the 297 held-out digits, clean and triggered.
 """
@@ -52,7 +52,7 @@ def add_trigger(images: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def train_backdoored_model(images, labels, preprocessing, device, epochs=30, seed=0):
+def train_backdoored_model(images, labels, preprocessing, device, epochs=20, seed=0):
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     poisoned = torch.zeros(len(labels), dtype=torch.bool)
@@ -92,14 +92,14 @@ def run_demo(out: Path, device: str = "cpu", quiet: bool = False) -> int:
     out.mkdir(parents=True, exist_ok=True)
     preprocessing = Preprocessing.from_preset("none")
     images, labels = digit_images()
-    train, reserved, test = slice(0, 1000), slice(1000, 1500), slice(1500, None)
+    train, reserved, test = slice(0, 900), slice(900, 1500), slice(1500, None)
 
-    print("1/4 attacker: training a backdoored CNN on 1,000 handwritten digits (10% poisoned, target class 0)")
+    print("1/4 attacker: training a backdoored CNN on 900 handwritten digits (10% poisoned, target class 0)")
     model = train_backdoored_model(images[train], labels[train], preprocessing, device)
     weights = out / "suspect_model.safetensors"
     save_model(model, str(weights))
 
-    print("2/4 defender: writing 500 reserved clean digits as an ImageFolder")
+    print("2/4 defender: writing 600 reserved clean digits as an ImageFolder")
     clean_dir = out / "reserved_clean"
     if not clean_dir.exists():
         write_image_folder(clean_dir, images[reserved], labels[reserved])
@@ -113,7 +113,7 @@ def run_demo(out: Path, device: str = "cpu", quiet: bool = False) -> int:
     bundle = out / "bundle"
     argv = ["build", "--model", "tiny_cnn", "--weights", str(weights), "--clean-data", str(clean_dir),
             "--out", str(bundle), "--overwrite", "--preset", "none", "--fpr", "0.05",
-            "--calibration-fraction", "0.4", "--device", device] + (["--quiet"] if quiet else [])
+            "--calibration-fraction", "0.25", "--device", device] + (["--quiet"] if quiet else [])
     print("    badexpert " + " ".join(argv))
     args = build_parser().parse_args(argv)
     status = args.handler(args)
