@@ -9,6 +9,7 @@ What an attack says about its evaluation:
   class; all-to-all: ``(y + 1) mod C``);
 - ``counted(labels)``: which triggered test inputs count for ASR and AUROC (all-to-one: source
   class != target; TaCT: the source classes only; all-to-all: every input);
+- ``adaptive``: one of the paper's Table 5 attacks aimed at BaDExpert's assumption;
 - ``model_attack``: for inference-time variants (low-opacity Blend), the attack whose trained
   model is reused; ``None`` means the attack trains its own model.
 
@@ -21,7 +22,7 @@ the paper's ratios between poison and cover samples; each class docstring says s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -82,6 +83,7 @@ class Attack:
     name = "attack"
     all_to_all = False
     clean_label = False
+    adaptive = False  # reported in the adaptive-attack table (paper Table 5)
     model_attack = None  # (class attribute) name of the attack whose trained model this one reuses
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
@@ -162,6 +164,7 @@ class LowOpacityBlend(Blend):
     poisoned at opacity 0.2, triggered at test time with a weaker opacity (0.15 by default)."""
 
     name = "blend_low_opacity"
+    adaptive = True
     model_attack = "blend"
     test_alpha: float = 0.15
 
@@ -351,6 +354,7 @@ class BadNetAllToAll(BadNet):
     backdoor depends on the normal function. Poison rate 5% (one tenth of it per target class)."""
 
     name = "badnet_all_to_all"
+    adaptive = True
     all_to_all = True
     poison_rate: float = 0.05
     num_classes: int = 10
@@ -380,6 +384,7 @@ class TaCT(Trojan):
     here 1% and 1%."""
 
     name = "tact"
+    adaptive = True
     source_classes: tuple[int, ...] = (1,)
     cover_classes: tuple[int, ...] = (5, 7)
     cover_rate: float = 0.01
@@ -421,6 +426,7 @@ class AdaptiveBlend(Blend):
     0.2, 0.3% poison and 0.3% cover; here 1% and 1%."""
 
     name = "adaptive_blend"
+    adaptive = True
     alpha: float = 0.15
     test_alpha: float = 0.2
     cover_rate: float = 0.01
@@ -478,6 +484,7 @@ class AdaptivePatch(Attack):
     full opacity (asymmetric trigger). Toolbox: 0.3% poison, 0.6% cover; here 1% and 2%."""
 
     name = "adaptive_patch"
+    adaptive = True
     cover_rate: float = 0.02
     train_alphas: tuple[float, ...] = (0.5, 0.2, 0.5, 0.3)
     test_triggers: tuple[int, ...] = (0, 2)
