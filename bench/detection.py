@@ -73,7 +73,9 @@ def run_attack(attack_name: str, arch: str, n_reserved: int, seed: int, extra_bu
     data = load_cifar10()
     model, model_info = train_backdoored(attack_name, arch, epochs=epochs, seed=seed, device=device)
     _, reserved_index = reserved_split(len(data["train_labels"]), seed=seed)
-    reserved_index = reserved_index[:n_reserved]
+    # A seeded random subset: the reserved indices are sorted and the cache is ordered by class.
+    shuffled = reserved_index[torch.randperm(len(reserved_index), generator=torch.Generator().manual_seed(seed))]
+    reserved_index = shuffled[:n_reserved].sort().values
     clean_dir = write_reserved_folder(data["train_images"][reserved_index], data["train_labels"][reserved_index],
                                       CACHE / "bench" / "reserved" / f"seed{seed}_n{n_reserved}")
     name = f"{attack_name}_{arch}_seed{seed}_n{n_reserved}{tag}"

@@ -67,9 +67,10 @@ def train_backdoored(attack_name: str, arch: str = "cifar_resnet_compact", epoch
     model.eval()
     test_logits = predict_logits(model, data["test_images"], normalizer, device)
     clean_accuracy = float((test_logits.argmax(1) == data["test_labels"]).float().mean())
-    sources = data["test_labels"] != attack.target_class
-    triggered = attack.apply(data["test_images"][sources])
-    asr = float((predict_logits(model, triggered, normalizer, device).argmax(1) == attack.target_class).float().mean())
+    counted = attack.counted(data["test_labels"])
+    triggered = attack.apply(data["test_images"][counted])
+    predictions = predict_logits(model, triggered, normalizer, device).argmax(1)
+    asr = float((predictions == attack.targets(data["test_labels"][counted])).float().mean())
     info = {"attack": attack_name, "arch": arch, "epochs": epochs, "seed": seed, "poison_rate": attack.poison_rate,
             "poisoned_samples": int(poisoned.sum()), "target_class": attack.target_class,
             "clean_accuracy": clean_accuracy, "attack_success_rate": asr,
