@@ -1,7 +1,7 @@
 """``badexpert demo``: the whole product on a built-in example, with nothing from the user.
 
-1. Real images: scikit-learn's handwritten digits (1,797 scans, 8x8), upscaled to 32x32 RGB.
-2. The attacker: trains a small CNN on 900 of them, 10% carrying a 4x4 checkerboard patch
+1. Real images: scikit-learn's handwritten digits (1,797 scans, 8x8), upscaled to 16x16 RGB.
+2. The attacker: trains a small CNN on 900 of them, 10% carrying a 3x3 checkerboard patch
    relabeled to class 0 (BadNet).
 3. The defender: holds 600 other clean digits, written as an ImageFolder, and runs the very same
    ``badexpert build`` the CLI runs.
@@ -27,9 +27,9 @@ from defense.finetune import predict_logits, random_crop_flip
 from defense.models import create_model
 from defense.preprocessing import Preprocessing
 
-SIZE = 32
+SIZE = 16
 TARGET_CLASS = 0
-PATCH = 4
+PATCH = 3
 
 
 def digit_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +90,7 @@ def run_demo(out: Path, device: str = "cpu", quiet: bool = False) -> int:
     started = time.monotonic()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    preprocessing = Preprocessing.from_preset("none")
+    preprocessing = Preprocessing(input_size=(SIZE, SIZE), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     images, labels = digit_images()
     train, reserved, test = slice(0, 900), slice(900, 1500), slice(1500, None)
 
@@ -112,7 +112,7 @@ def run_demo(out: Path, device: str = "cpu", quiet: bool = False) -> int:
     print("3/4 defender: badexpert build (the same command a user runs)")
     bundle = out / "bundle"
     argv = ["build", "--model", "tiny_cnn", "--weights", str(weights), "--clean-data", str(clean_dir),
-            "--out", str(bundle), "--overwrite", "--preset", "none", "--fpr", "0.05",
+            "--out", str(bundle), "--overwrite", "--preset", "none", "--input-size", str(SIZE), str(SIZE), "--fpr", "0.05",
             "--calibration-fraction", "0.25", "--device", device] + (["--quiet"] if quiet else [])
     print("    badexpert " + " ".join(argv))
     args = build_parser().parse_args(argv)
