@@ -53,6 +53,16 @@ def _mask_of(indices: torch.Tensor, n: int) -> torch.Tensor:
     return mask
 
 
+def _poison_and_cover(labels: torch.Tensor, target_class: int, n_poison: int, n_cover: int,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint random indices: poisoned ones (non-target sources) and cover ones (any class)."""
+    n = len(labels)
+    order = torch.randperm(n, generator=generator)
+    chosen = order[labels[order] != target_class][:n_poison]
+    rest = order[~_mask_of(chosen, n)[order]]
+    return chosen, rest[:n_cover]
+
+
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.round().clamp(0, 255).to(torch.uint8)
 
@@ -288,11 +298,8 @@ class WaNet(Attack):
     def poison_sets(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> PoisonedSet:
         generator = torch.Generator().manual_seed(seed)
         n = len(labels)
-        order = torch.randperm(n, generator=generator)
-        non_target = order[labels[order] != self.target_class]
-        chosen = non_target[:self.poison_count(n)]
-        rest = order[~_mask_of(chosen, n)[order]]
-        cover = rest[:int(round(self.cover_rate * n))]
+        chosen, cover = _poison_and_cover(labels, self.target_class, self.poison_count(n),
+                                          int(round(self.cover_rate * n)), generator)
         images, labels = images.clone(), labels.clone()
         images[chosen] = self.apply(images[chosen])
         labels[chosen] = self.target_class
@@ -444,11 +451,8 @@ class AdaptiveBlend(Blend):
     def poison_sets(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> PoisonedSet:
         generator = torch.Generator().manual_seed(seed)
         n = len(labels)
-        order = torch.randperm(n, generator=generator)
-        non_target = order[labels[order] != self.target_class]
-        chosen = non_target[:self.poison_count(n)]
-        rest = order[~_mask_of(chosen, n)[order]]
-        cover = rest[:int(round(self.cover_rate * n))]
+        chosen, cover = _poison_and_cover(labels, self.target_class, self.poison_count(n),
+                                          int(round(self.cover_rate * n)), generator)
         images, labels = images.clone(), labels.clone()
         images[chosen] = self.poison_trigger(images[chosen], generator)
         labels[chosen] = self.target_class
@@ -516,11 +520,8 @@ class AdaptivePatch(Attack):
     def poison_sets(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> PoisonedSet:
         generator = torch.Generator().manual_seed(seed)
         n = len(labels)
-        order = torch.randperm(n, generator=generator)
-        non_target = order[labels[order] != self.target_class]
-        chosen = non_target[:self.poison_count(n)]
-        rest = order[~_mask_of(chosen, n)[order]]
-        cover = rest[:int(round(self.cover_rate * n))]
+        chosen, cover = _poison_and_cover(labels, self.target_class, self.poison_count(n),
+                                          int(round(self.cover_rate * n)), generator)
         images, labels = images.clone(), labels.clone()
         images[chosen] = self.stamp_partitioned(images[chosen])
         labels[chosen] = self.target_class

@@ -54,11 +54,9 @@ def _digest(payload) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from defense.bundle import sha256_of
+
+    return sha256_of(path)
 
 
 def model_weights_path(attack: str, arch: str, seed: int) -> Path:
