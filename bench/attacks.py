@@ -53,14 +53,20 @@ def _mask_of(indices: torch.Tensor, n: int) -> torch.Tensor:
     return mask
 
 
-def _poison_and_cover(labels: torch.Tensor, target_class: int, n_poison: int, n_cover: int,
-                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Disjoint random indices: poisoned ones (non-target sources) and cover ones (any class)."""
+def _poison_with_cover(attack, images: torch.Tensor, labels: torch.Tensor, seed: int, poison, cover):
+    """Dirty-label poisoning plus cover samples that keep their labels (WaNet's noise mode, the
+    adaptive attacks). ``poison`` and ``cover`` map (images, generator) to transformed images."""
+    generator = torch.Generator().manual_seed(seed)
     n = len(labels)
     order = torch.randperm(n, generator=generator)
-    chosen = order[labels[order] != target_class][:n_poison]
+    chosen = order[labels[order] != attack.target_class][:attack.poison_count(n)]
     rest = order[~_mask_of(chosen, n)[order]]
-    return chosen, rest[:n_cover]
+    covered = rest[:int(round(attack.cover_rate * n))]
+    images, labels = images.clone(), labels.clone()
+    images[chosen] = poison(images[chosen], generator)
+    labels[chosen] = attack.target_class
+    images[covered] = cover(images[covered], generator)
+    return PoisonedSet(images, labels, _mask_of(chosen, n), _mask_of(covered, n))
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -296,15 +302,9 @@ class WaNet(Attack):
         return self.warp(images, (self.grid(height, width) + jitter).clamp(-1, 1))
 
     def poison_sets(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> PoisonedSet:
-        generator = torch.Generator().manual_seed(seed)
-        n = len(labels)
-        chosen, cover = _poison_and_cover(labels, self.target_class, self.poison_count(n),
-                                          int(round(self.cover_rate * n)), generator)
-        images, labels = images.clone(), labels.clone()
-        images[chosen] = self.apply(images[chosen])
-        labels[chosen] = self.target_class
-        images[cover] = self.noisy(images[cover], generator)
-        return PoisonedSet(images, labels, _mask_of(chosen, n), _mask_of(cover, n))
+        return _poison_with_cover(self, images, labels, seed,
+                                  poison=lambda batch, generator: self.apply(batch),
+                                  cover=lambda batch, generator: self.noisy(batch, generator))
 
 
 def _content_hash(images: torch.Tensor) -> torch.Tensor:
@@ -449,15 +449,8 @@ class AdaptiveBlend(Blend):
         return _paste(images, self.pattern(images.shape[1:]), self.alpha * masks)
 
     def poison_sets(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> PoisonedSet:
-        generator = torch.Generator().manual_seed(seed)
-        n = len(labels)
-        chosen, cover = _poison_and_cover(labels, self.target_class, self.poison_count(n),
-                                          int(round(self.cover_rate * n)), generator)
-        images, labels = images.clone(), labels.clone()
-        images[chosen] = self.poison_trigger(images[chosen], generator)
-        labels[chosen] = self.target_class
-        images[cover] = self.poison_trigger(images[cover], generator)
-        return PoisonedSet(images, labels, _mask_of(chosen, n), _mask_of(cover, n))
+        return _poison_with_cover(self, images, labels, seed,
+                                  poison=self.poison_trigger, cover=self.poison_trigger)
 
 
 def adaptive_patch_marks(height: int = 32, width: int = 32, seed: int = 2023):
@@ -518,12 +511,6 @@ class AdaptivePatch(Attack):
         return out
 
     def poison_sets(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> PoisonedSet:
-        generator = torch.Generator().manual_seed(seed)
-        n = len(labels)
-        chosen, cover = _poison_and_cover(labels, self.target_class, self.poison_count(n),
-                                          int(round(self.cover_rate * n)), generator)
-        images, labels = images.clone(), labels.clone()
-        images[chosen] = self.stamp_partitioned(images[chosen])
-        labels[chosen] = self.target_class
-        images[cover] = self.stamp_partitioned(images[cover])
-        return PoisonedSet(images, labels, _mask_of(chosen, n), _mask_of(cover, n))
+        return _poison_with_cover(self, images, labels, seed,
+                                  poison=lambda batch, generator: self.stamp_partitioned(batch),
+                                  cover=lambda batch, generator: self.stamp_partitioned(batch))

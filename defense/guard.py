@@ -39,8 +39,7 @@ class Guard:
     @torch.inference_mode()
     def score_batch(self, images_uint8: torch.Tensor) -> GuardScores:
         """Scores of one batch of (N, 3, H, W) uint8 images, as CPU tensors."""
-        scores = guard_scores(*self.logits(images_uint8), alpha=self.alpha)
-        return GuardScores(*(tensor.cpu() for tensor in vars(scores).values()))
+        return guard_scores(*self.logits(images_uint8), alpha=self.alpha).cpu()
 
     def score(self, images_uint8: torch.Tensor, batch_size: int = 256) -> GuardScores:
         """Scores of any number of images, in batches."""

@@ -35,6 +35,9 @@ class GuardScores:
     auxiliary_agreement: torch.Tensor  # a
     score: torch.Tensor
 
+    def cpu(self) -> "GuardScores":
+        return GuardScores(*(tensor.cpu() for tensor in vars(self).values()))
+
 
 def guard_scores(
     model_logits: torch.Tensor,

@@ -177,8 +177,7 @@ class GuardService:
         for stream, output in zip(self._streams, outputs):
             current.wait_stream(stream)
             output.record_stream(current)
-        scores = guard_scores(*outputs, alpha=guard.alpha)
-        return GuardScores(*(tensor.cpu() for tensor in vars(scores).values()))
+        return guard_scores(*outputs, alpha=guard.alpha).cpu()
 
     # ----- one request ---------------------------------------------------------------------------
 

@@ -44,11 +44,15 @@ def train_backdoored(images, labels, epochs: int = 8, seed: int = 0, poison_frac
     images[chosen] = add_trigger(images[chosen])
     labels[chosen] = TARGET
     model = create_model("tiny_cnn", NUM_CLASSES)
-    normalizer = PREPROCESSING.normalizer()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    return fit(model, images, labels, PREPROCESSING.normalizer(), optimizer, epochs, 64, generator)
+
+
+def fit(model, images, labels, normalizer, optimizer, epochs: int, batch_size: int, generator):
+    """Plain cross-entropy training of a small test model; returns it in eval mode."""
     for _ in range(epochs):
         model.train()
-        for index in torch.randperm(len(labels), generator=generator).split(64):
+        for index in torch.randperm(len(labels), generator=generator).split(batch_size):
             loss = F.cross_entropy(model(normalizer(images[index])), labels[index])
             optimizer.zero_grad()
             loss.backward()

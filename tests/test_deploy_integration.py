@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from synthetic import fit
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 INSTALL_HINT = "run scripts/install-deploy-tools.sh"
@@ -98,7 +100,7 @@ class Processes:
 
 def make_bundle_and_samples(root: Path):
     import torch
-    import torch.nn.functional as F
+
     from PIL import Image
 
     from defense.build import BuildConfig, build_guard
@@ -126,14 +128,7 @@ def make_bundle_and_samples(root: Path):
     model = create_model("tiny_cnn", num_classes=len(CLASS_NAMES))
     normalizer = preprocessing.normalizer()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(3):
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(labels), 15):
-            index = order[start:start + 15]
-            loss = F.cross_entropy(model(normalizer(images[index])), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    fit(model, images, labels, normalizer, optimizer, epochs=3, batch_size=15, generator=generator)
     clean = ImageSet(images, labels, CLASS_NAMES, [Path(f"{i}.png") for i in range(len(labels))])
     config = BuildConfig(calibration_fraction=0.5, fpr=0.1, threshold_rule="conformal", unlearn_lr=1e-3,
                          unlearn_batch_size=32, finetune_lr=0.01, finetune_epochs=1, finetune_milestones=(1,),

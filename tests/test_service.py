@@ -29,7 +29,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import torch.nn.functional as F
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -46,6 +45,7 @@ from service.batcher import MicroBatcher, Overloaded, ShuttingDown
 from service.metrics import score_buckets
 from service.schemas import PredictResponse
 from service.settings import ServiceSettings
+from synthetic import fit
 
 CLASS_NAMES = ["red", "green", "blue"]
 SIZE = 16
@@ -120,14 +120,7 @@ def build_tiny(root: Path) -> Tiny:
     model = create_model("tiny_cnn", num_classes=3)
     normalizer = preprocessing.normalizer()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    for _ in range(2):
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(labels), 20):
-            index = order[start:start + 20]
-            loss = F.cross_entropy(model(normalizer(images[index])), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    fit(model, images, labels, normalizer, optimizer, epochs=2, batch_size=20, generator=generator)
     clean = ImageSet(images, labels, CLASS_NAMES, [Path(f"{i}.png") for i in range(len(labels))])
     config = BuildConfig(calibration_fraction=0.5, fpr=0.1, threshold_rule="conformal", unlearn_lr=5e-3,
                          unlearn_batch_size=32, finetune_lr=0.01, finetune_epochs=2, finetune_milestones=(1,),
