@@ -101,6 +101,7 @@ class Attack:
     clean_label = False
     adaptive = False  # reported in the adaptive-attack table (paper Table 5)
     model_attack = None  # (class attribute) name of the attack whose trained model this one reuses
+    finetunes_clean_model = False  # (class attribute) post-development attack: poison by finetuning a clean model
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """Test-time trigger."""
@@ -154,6 +155,31 @@ class BadNet(Attack):
 
 @register_attack
 @dataclass
+class PostDevelopmentFinetune(Attack):
+    """Post-development finetuning attack ("FT", paper Table 1): the attacker takes a model that
+    was trained clean and finetunes it for ``finetune_epochs`` on a training set in which
+    ``poison_rate`` of the samples carry a 5x5 saturated random-colour patch in the top-left
+    corner and the target label. The backdoor lives in a model whose normal function was learned
+    without it."""
+
+    name = "finetune"
+    finetunes_clean_model = True
+    poison_rate: float = 0.05
+    patch_size: int = 5
+    mark_seed: int = 77
+    finetune_epochs: int = 1
+    finetune_lr: float = 0.02
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        rows, cols = _corner_mask(height, width, self.patch_size, "tl")
+        out = images.clone()
+        out[..., rows, cols] = _random_mark((3, self.patch_size, self.patch_size), self.mark_seed).to(torch.uint8)
+        return out
+
+
+@register_attack
+@dataclass
 class Blend(Attack):
     """Blend a fixed random-noise pattern over the whole image (Chen et al., 2017), opacity alpha."""
 
@@ -177,12 +203,13 @@ class Blend(Attack):
 @dataclass
 class LowOpacityBlend(Blend):
     """Inference-time adaptive attack (paper Table 5 "Low-Opacity", App. C.7.2): the Blend model,
-    poisoned at opacity 0.2, triggered at test time with a weaker opacity (0.15 by default)."""
+    poisoned at opacity 0.2, triggered at test time with a weaker opacity. The paper's 0.15 gave
+    ASR 76.5% on the bench's Blend model (under the 80% that counts); 0.17 gives 89.0%."""
 
     name = "blend_low_opacity"
     adaptive = True
     model_attack = "blend"
-    test_alpha: float = 0.15
+    test_alpha: float = 0.17
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         return self.blend(images, self.test_alpha)
@@ -265,13 +292,18 @@ class WaNet(Attack):
     """Warping-based trigger (Nguyen & Tran, 2021): a fixed smooth random warping field of
     strength ``s`` built from a k x k control grid, applied with grid_sample. Noise mode: cover
     samples are warped by the field plus per-sample random noise and keep their labels, so that
-    the model learns the exact field only. Paper App. A.3: 5% poison, 10% cover, k 4, s 0.5."""
+    the model learns the exact field only. Paper App. A.3: 5% poison, 10% cover, k 4, s 0.5. On
+    the bench's compact ResNet trained for a few epochs those settings did not take: at s 0.5
+    (pixels move by a quarter of a pixel on average, less than the cover noise) ASR 15.8% after 6
+    epochs; at s 2 with 10% poison and 10% cover, ASR 24.6% and CA 59% after 4. The bench therefore
+    uses s 2 (about one pixel), 10% poison and no noise-mode cover (``cover_rate`` 0): the warp is
+    the same kind of trigger, learned without the stealth training that needs long schedules."""
 
     name = "wanet"
-    poison_rate: float = 0.05
-    cover_rate: float = 0.10
+    poison_rate: float = 0.10
+    cover_rate: float = 0.0
     k: int = 4
-    s: float = 0.5
+    s: float = 2.0
     grid_rescale: float = 1.0
     grid_seed: int = 7
 
@@ -330,9 +362,11 @@ class InputSpecific(Attack):
     at its own position, both derived from a hash of the image's pixels (so a test image always
     gets the same trigger, and no two images share one). What is not reproduced: the generator
     and its cross-trigger (non-reusability) training, so a trigger taken from one image also
-    works on another. Paper: Dynamic at 0.3% poison; here 1% like BadNet."""
+    works on another. Paper: Dynamic at 0.3% poison. Here 10%: at 1% the bench's compact ResNet
+    trained for 4 epochs did not learn it (ASR 9.5%, CA 75.2%)."""
 
     name = "input_specific"
+    poison_rate: float = 0.10
     patch_size: int = 5
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
@@ -357,11 +391,12 @@ class InputSpecific(Attack):
 @register_attack
 @dataclass
 class BadNetAllToAll(BadNet):
-    """All-to-all BadNet (paper Table 5): the 3x3 patch sends class y to (y + 1) mod C, so the
-    backdoor depends on the normal function. Poison rate 5% (one tenth of it per target class)."""
+    """All-to-all BadNet: the 3x3 patch sends class y to (y + 1) mod C, so the backdoor depends on
+    the normal function. Poison rate 5% (one tenth of it per target class). The paper puts it with
+    the adaptive attacks (Table 5, AUROC 95.5); the benchmark issue lists it with the standard
+    ones, and the bench's tables follow the issue."""
 
     name = "badnet_all_to_all"
-    adaptive = True
     all_to_all = True
     poison_rate: float = 0.05
     num_classes: int = 10

@@ -20,7 +20,7 @@ from PIL import Image
 
 from bench.attacks import ATTACKS
 from bench.cifar10 import CACHE, CLASSES, available, load_cifar10, reserved_split
-from bench.train_attacked import train_backdoored
+from bench.train_attacked import DEFAULT_EPOCHS, model_path, train_backdoored
 from defense.bundle import load_bundle
 from defense.cli import main as badexpert
 from defense.evaluation import detection_metrics
@@ -69,9 +69,10 @@ def evaluate_guard(bundle: Path, attack, data: dict, device: str = "cpu") -> dic
 
 
 def run_attack(attack_name: str, arch: str, n_reserved: int, seed: int, extra_build_args: list[str],
-               tag: str = "", device: str = "cpu", epochs: int = 10) -> dict:
+               tag: str = "", device: str = "cpu", epochs: int = DEFAULT_EPOCHS) -> dict:
     data = load_cifar10()
-    model, model_info = train_backdoored(attack_name, arch, epochs=epochs, seed=seed, device=device)
+    model_attack = ATTACKS[attack_name].model_attack or attack_name  # low-opacity Blend reuses the Blend model
+    model, model_info = train_backdoored(model_attack, arch, epochs=epochs, seed=seed, device=device)
     _, reserved_index = reserved_split(len(data["train_labels"]), seed=seed)
     # A seeded random subset: the reserved indices are sorted and the cache is ordered by class.
     shuffled = reserved_index[torch.randperm(len(reserved_index), generator=torch.Generator().manual_seed(seed))]
@@ -79,14 +80,16 @@ def run_attack(attack_name: str, arch: str, n_reserved: int, seed: int, extra_bu
     clean_dir = write_reserved_folder(data["train_images"][reserved_index], data["train_labels"][reserved_index],
                                       CACHE / "bench" / "reserved" / f"seed{seed}_n{n_reserved}")
     name = f"{attack_name}_{arch}_seed{seed}_n{n_reserved}{tag}"
-    bundle = CACHE / "bench" / "bundles" / name
-    weights = CACHE / "bench" / "models" / f"{attack_name}_{arch}_seed{seed}.safetensors"
+    # The guard belongs to the model: an inference-time variant is measured with its base attack's bundle.
+    bundle = CACHE / "bench" / "bundles" / f"{model_attack}_{arch}_seed{seed}_n{n_reserved}{tag}"
+    weights = model_path(model_attack, arch, seed)
     started = time.monotonic()
-    status = badexpert(["build", "--model", arch, "--weights", str(weights), "--clean-data", str(clean_dir),
-                        "--out", str(bundle), "--overwrite", "--preset", "cifar", "--seed", str(seed),
-                        "--device", device, "--quiet", *extra_build_args])
-    if status != 0:
-        raise SystemExit(f"badexpert build failed for {name}")
+    if model_attack == attack_name or not (bundle / "manifest.json").is_file():
+        status = badexpert(["build", "--model", arch, "--weights", str(weights), "--clean-data", str(clean_dir),
+                            "--out", str(bundle), "--overwrite", "--preset", "cifar", "--seed", str(seed),
+                            "--device", device, "--quiet", *extra_build_args])
+        if status != 0:
+            raise SystemExit(f"badexpert build failed for {name}")
     result = {"attack": attack_name, "arch": arch, "seed": seed, "n_reserved": n_reserved, "build_args": extra_build_args,
               "model": model_info, "guard": evaluate_guard(bundle, ATTACKS[attack_name](), data, device),
               "wall_seconds": round(time.monotonic() - started, 1)}
@@ -101,7 +104,7 @@ def main() -> None:
     parser.add_argument("--arch", default="cifar_resnet_compact")
     parser.add_argument("--reserved", type=int, nargs="+", default=[2000], help="reserved clean set sizes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=10, help="attacker's training epochs")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="attacker's training epochs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default="", help="suffix of the result name, for variants")
     parser.add_argument("build_args", nargs=argparse.REMAINDER, help="extra 'badexpert build' flags after --")

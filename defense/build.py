@@ -54,6 +54,9 @@ class BuildConfig:
     finetune_momentum: float = 0.9
     finetune_weight_decay: float = 1e-4
     finetune_recover_ratio: float = 0.8  # M' must end at or above this fraction of M's D_cal accuracy
+    # Without labels: M' finetuned on M's predicted labels must agree with M on this share of D_cal.
+    # Labeled auxiliaries at their chosen rate agree with M on 77-82% of D_cal (BENCHMARKS.md).
+    pseudo_label_agreement_goal: float = 0.7
     augment: bool = True
     labels: bool = True  # False: the clean images carry no labels; M's predictions stand in
     auxiliary: str = "finetune"  # "finetune" (needs labels), "bcu" (label-free), "supplied" (build_guard's auxiliary_model)
@@ -134,8 +137,10 @@ def choose_unlearning_rate(model, fit: ImageSet, cal_images, cal_reference, num_
 
 
 def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, normalizer,
-                           reference_accuracy: float, config: BuildConfig, log) -> tuple[nn.Module, dict]:
-    """The largest rate at which clean finetuning stays finite and recovers M's D_cal accuracy."""
+                           reference_accuracy: float, config: BuildConfig, log,
+                           goal: float | None = None) -> tuple[nn.Module, dict]:
+    """The largest rate at which clean finetuning stays finite and recovers M's D_cal accuracy
+    (at least ``goal``; default: ``finetune_recover_ratio`` times M's accuracy)."""
     def train(lr):
         return clean_finetune(model, fit.images, fit.labels, normalizer, lr, config.finetune_epochs,
                               config.finetune_batch_size, config.finetune_milestones, config.finetune_momentum,
@@ -143,7 +148,7 @@ def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, norm
                               config.progress)
 
     grid = (config.finetune_lr,) if config.finetune_lr is not None else FINETUNE_LR_GRID
-    goal = config.finetune_recover_ratio * reference_accuracy
+    goal = config.finetune_recover_ratio * reference_accuracy if goal is None else goal
     search, best = [], None
     for lr in grid:
         try:
@@ -170,7 +175,7 @@ def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, norm
     record = {"method": "clean_finetune", "lr": lr, "chosen_by": "user" if config.finetune_lr is not None else "auto",
               "goal_accuracy": goal, "calibration_accuracy": acc, "search": search}
     if acc < goal:
-        record["warning"] = f"no rate recovered {config.finetune_recover_ratio:.0%} of M's accuracy; kept the best ({lr:g})"
+        record["warning"] = f"no rate reached the goal D_cal accuracy {goal:.1%}; kept the best ({lr:g})"
     return auxiliary, record
 
 
@@ -197,8 +202,17 @@ def make_auxiliary(model, supplied, fit: ImageSet, cal: ImageSet, normalizer, re
     if config.auxiliary == "bcu":
         log("auxiliary model: BCU (layer-wise re-initialization and distillation, no labels)")
         return bcu_auxiliary(model, fit.images, cal.images, cal.labels, normalizer, reference_accuracy, config, log)
-    log("auxiliary model: clean finetuning")
-    return choose_finetuning_rate(model, fit, cal.images, cal.labels, normalizer, reference_accuracy, config, log)
+    if config.labels:
+        log("auxiliary model: clean finetuning")
+        return choose_finetuning_rate(model, fit, cal.images, cal.labels, normalizer, reference_accuracy, config, log)
+    # Without labels, fit.labels are M's own predictions on clean images: clean images carry no
+    # trigger, so these labels teach M's normal function only (pseudo-label finetuning).
+    # M agrees with its own labels on 100% of D_cal, so the labeled goal (a share of M's accuracy)
+    # does not carry over; the goal is agreement with M instead (see pseudo_label_agreement_goal).
+    log("auxiliary model: finetuning on M's predicted labels (no labels given)")
+    auxiliary, record = choose_finetuning_rate(model, fit, cal.images, cal.labels, normalizer, reference_accuracy, config,
+                                               log, goal=config.pseudo_label_agreement_goal)
+    return auxiliary, {**record, "method": "pseudo_label_finetune", "labels": "predicted by the model"}
 
 
 def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing, num_classes: int,
@@ -209,9 +223,6 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
     """
     if config.auxiliary not in ("finetune", "bcu", "supplied"):
         raise UserError(f"--auxiliary {config.auxiliary}: expected finetune, bcu or a supplied model")
-    if config.auxiliary == "finetune" and not config.labels:
-        raise UserError("--auxiliary finetune needs labeled clean images; with --no-labels use --auxiliary bcu "
-                        "or bring a repaired model with --auxiliary-weights")
     if (config.auxiliary == "supplied") != (auxiliary_model is not None):
         raise ValueError("pass auxiliary_model exactly when config.auxiliary is 'supplied'")
     started = time.monotonic()

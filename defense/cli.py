@@ -102,7 +102,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auxiliary model's SGD learning rate; auto tries 0.1 downwards and keeps the first "
                              "rate that stays finite and recovers --finetune-recover-ratio of M's accuracy (default auto)")
     method.add_argument("--finetune-recover-ratio", type=_fraction, default=defaults.finetune_recover_ratio,
-                        help="(default %(default)s)")
+                        help="--finetune-lr auto: the largest rate whose M' keeps this share of M's D_cal accuracy "
+                             "(default %(default)s)")
+    method.add_argument("--pseudo-label-agreement", type=_fraction, default=defaults.pseudo_label_agreement_goal,
+                        help="--no-labels with --finetune-lr auto: the largest rate whose M' agrees with M on this "
+                             "share of D_cal (default %(default)s)")
     method.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs, help="(default %(default)s)")
     method.add_argument("--finetune-batch-size", type=int, default=defaults.finetune_batch_size, help="(default %(default)s)")
     method.add_argument("--finetune-milestones", type=int, nargs="+", default=list(defaults.finetune_milestones),
@@ -110,9 +114,10 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--finetune-momentum", type=float, default=defaults.finetune_momentum, help="(default %(default)s)")
     method.add_argument("--finetune-weight-decay", type=float, default=defaults.finetune_weight_decay, help="(default %(default)s)")
     method.add_argument("--no-augment", action="store_true", help="no random crop and flip in clean finetuning and BCU")
-    auxiliary = parser.add_argument_group("auxiliary model M' (default: finetune with labels, bcu with --no-labels)")
+    auxiliary = parser.add_argument_group("auxiliary model M' (default: finetune; with --no-labels on M's predicted labels)")
     auxiliary.add_argument("--auxiliary", choices=["finetune", "bcu"],
-                           help="finetune: clean finetuning on labeled images; bcu: BCU's layer-wise re-initialization "
+                           help="finetune: clean finetuning on the reserved images (with --no-labels: on M's own "
+                                "predicted labels, which carry no trigger); bcu: BCU's layer-wise re-initialization "
                                 "and distillation from M, needs no labels")
     auxiliary.add_argument("--auxiliary-model", metavar="SPEC",
                            help="bring your own repaired model (NAD, ANP, I-BAU, ...) as M', given like --model; "
@@ -169,9 +174,6 @@ def resolve_auxiliary_method(args) -> str:
     if supplied and args.auxiliary:
         raise UserError(f"--auxiliary {args.auxiliary}: cannot be combined with --auxiliary-model/--auxiliary-weights "
                         "(a supplied model is the auxiliary); give one or the other")
-    if args.no_labels and args.auxiliary == "finetune":
-        raise UserError("--auxiliary finetune needs labeled clean images; with --no-labels use --auxiliary bcu "
-                        "or bring a repaired model with --auxiliary-weights")
     if len(args.bcu_reinit_probabilities) < 3:
         raise UserError("--bcu-reinit-probabilities: give at least 3 values (stem, one or more stages, classifier)")
     for option in ("bcu_epochs", "bcu_batch_size"):
@@ -179,7 +181,7 @@ def resolve_auxiliary_method(args) -> str:
             raise UserError(f"--{option.replace('_', '-')}: must be at least 1")
     if not args.bcu_lr > 0:
         raise UserError(f"--bcu-lr: must be positive, got {args.bcu_lr}")
-    return "supplied" if supplied else args.auxiliary or ("bcu" if args.no_labels else "finetune")
+    return "supplied" if supplied else args.auxiliary or "finetune"
 
 
 def load_supplied_auxiliary(args, spec, preprocessing, num_classes: int):
@@ -247,6 +249,7 @@ def run_build(args) -> int:
         finetune_epochs=args.finetune_epochs, finetune_batch_size=args.finetune_batch_size,
         finetune_milestones=tuple(args.finetune_milestones), finetune_momentum=args.finetune_momentum,
         finetune_weight_decay=args.finetune_weight_decay, finetune_recover_ratio=args.finetune_recover_ratio,
+        pseudo_label_agreement_goal=args.pseudo_label_agreement,
         augment=not args.no_augment, labels=not args.no_labels, device=device, progress=not args.quiet,
         auxiliary=auxiliary_method, bcu_epochs=args.bcu_epochs, bcu_lr=args.bcu_lr, bcu_batch_size=args.bcu_batch_size,
         bcu_momentum=args.bcu_momentum, bcu_weight_decay=args.bcu_weight_decay,

@@ -39,6 +39,15 @@ def test_patch_triggers_touch_only_the_bottom_right_corner(name):
     assert rows.max() <= SIZE - 2 and cols.max() <= SIZE - 2  # a one-pixel margin
 
 
+def test_finetune_attack_stamps_the_top_left_corner_and_starts_from_a_clean_model():
+    images, _ = batch(8)
+    attack = ATTACKS["finetune"]()
+    changed = (attack.apply(images) != images).any(dim=1).any(dim=0)
+    rows, cols = changed.nonzero(as_tuple=True)
+    assert rows.min() >= 1 and cols.min() >= 1 and rows.max() <= 5 and cols.max() <= 5
+    assert attack.finetunes_clean_model and not ATTACKS["badnet"].finetunes_clean_model
+
+
 def test_adaptive_patch_test_trigger_is_two_corner_patches():
     images, _ = batch(8)
     changed = (AdaptivePatch().apply(images) != images).any(dim=1).any(dim=0)
@@ -59,12 +68,12 @@ def test_sig_is_a_column_signal_and_blend_is_global():
 
 def test_wanet_warp_is_small_and_noise_mode_differs():
     images, labels = batch()
-    attack = ATTACKS["wanet"]()
+    attack = ATTACKS["wanet"](cover_rate=0.1, s=0.5)  # the paper's noise mode (the bench's default has no cover)
     warped = attack.apply(images)
     assert (warped.float() - images.float()).abs().mean() < 60  # a geometric warp, not an overlay
     poisoned = attack.poison_sets(images, labels, seed=0)
-    assert int(poisoned.poison_mask.sum()) == round(0.05 * N)
-    assert int(poisoned.cover_mask.sum()) == round(0.10 * N)
+    assert int(poisoned.poison_mask.sum()) == round(attack.poison_rate * N)
+    assert int(poisoned.cover_mask.sum()) == round(attack.cover_rate * N)
     assert not (poisoned.poison_mask & poisoned.cover_mask).any()
     cover = poisoned.cover_mask
     assert torch.equal(poisoned.labels[cover], labels[cover])

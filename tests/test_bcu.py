@@ -249,10 +249,11 @@ def build_args(backdoored, out, *extra):
             "--unlearn-lr", "1e-3", "--device", "cpu", "--quiet", *extra]
 
 
-def test_cli_no_labels_defaults_to_bcu(backdoored, tmp_path):
+def test_cli_no_labels_with_bcu(backdoored, tmp_path):
     out = tmp_path / "bundle"
     status = badexpert(build_args(backdoored, out, "--clean-data", str(backdoored["flat"]), "--no-labels",
-                                  "--num-classes", str(CLASSES), "--bcu-epochs", "3", "--bcu-batch-size", "64",
+                                  "--num-classes", str(CLASSES), "--auxiliary", "bcu", "--bcu-epochs", "3",
+                                  "--bcu-batch-size", "64",
                                   "--bcu-lr", "0.02"))
     assert status == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -260,6 +261,20 @@ def test_cli_no_labels_defaults_to_bcu(backdoored, tmp_path):
     assert manifest["auxiliary_model"]["lr"] == 0.02
     assert manifest["settings"]["auxiliary"] == "bcu" and manifest["settings"]["labels"] is False
     assert manifest["calibration"]["labels"] is False
+
+
+def test_cli_no_labels_defaults_to_finetuning_on_the_models_predictions(backdoored, tmp_path):
+    out = tmp_path / "bundle"
+    status = badexpert(build_args(backdoored, out, "--clean-data", str(backdoored["flat"]), "--no-labels",
+                                  "--num-classes", str(CLASSES), "--finetune-lr", "0.01",
+                                  "--finetune-epochs", "2"))
+    assert status == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = manifest["auxiliary_model"]
+    assert record["method"] == "pseudo_label_finetune" and record["labels"] == "predicted by the model"
+    assert record["lr"] == 0.01 and manifest["calibration"]["labels"] is False
+    # the auxiliary learned M's function from M's labels: it agrees with M on most D_cal images
+    assert manifest["accuracy_on_calibration"]["auxiliary_model"] > 0.5
 
 
 def test_cli_supplied_auxiliary(backdoored, tmp_path):
@@ -282,7 +297,6 @@ def test_cli_supplied_auxiliary(backdoored, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--no-labels", "--auxiliary", "finetune"], "--auxiliary finetune needs labeled"),
     (["--auxiliary", "bcu", "--auxiliary-weights", "WEIGHTS"], "cannot be combined"),
     (["--auxiliary-model", "cifar_lenet", "--auxiliary-weights", "WEIGHTS"], "not the architecture"),
     (["--auxiliary-weights", "missing.safetensors"], "--auxiliary-weights missing.safetensors: no such file"),
