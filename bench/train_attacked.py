@@ -114,12 +114,12 @@ def train_backdoored(attack_name: str, arch: str = "cifar_resnet_compact", epoch
         model, clean_info = train_clean(arch, epochs, seed, device, lr, compile_model)
         model = fit(model, images, labels, attack.finetune_epochs, attack.finetune_lr, seed + 1, device, attack_name,
                     compile_model=compile_model)
-        recipe = {"finetuned_from": "clean", "clean_epochs": clean_info["epochs"], "epochs": attack.finetune_epochs,
-                  "lr": attack.finetune_lr}
+        recipe = {"finetuned_from": "clean", "clean_epochs": clean_info["epochs"],
+                  "finetune_epochs": attack.finetune_epochs, "finetune_lr": attack.finetune_lr}
     else:
         model = fit(create_model(arch, num_classes=10), images, labels, epochs, lr, seed, device, attack_name,
                     compile_model=compile_model)
-        recipe = {"epochs": epochs, "lr": lr}
+        recipe = {"lr": lr}
     normalizer = PREPROCESSING.normalizer().to(device)
     test_logits = predict_logits(model, data["test_images"], normalizer, device)
     clean_accuracy = float((test_logits.argmax(1) == data["test_labels"]).float().mean())
@@ -127,13 +127,10 @@ def train_backdoored(attack_name: str, arch: str = "cifar_resnet_compact", epoch
     triggered = attack.apply(data["test_images"][counted])
     predictions = predict_logits(model, triggered, normalizer, device).argmax(1)
     asr = float((predictions == attack.targets(data["test_labels"][counted])).float().mean())
-    info = {"attack": attack_name, "arch": arch, **recipe, "seed": seed, "poison_rate": attack.poison_rate,
+    info = {"attack": attack_name, "arch": arch, "epochs": epochs, **recipe, "seed": seed, "poison_rate": attack.poison_rate,
             "poisoned_samples": int(poisoned.sum()), "target_class": attack.target_class,
             "clean_accuracy": clean_accuracy, "attack_success_rate": asr,
             "train_seconds": round(time.monotonic() - started, 1), "attack_kwargs": attack_kwargs or {}}
-    if attack.finetunes_clean_model:
-        info["epochs"] = epochs  # the cache key's recipe: the clean model's epochs
-        info["finetune_epochs"] = attack.finetune_epochs
     _save(model, info, attack_name, arch, seed)
     return model, info
 
