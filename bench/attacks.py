@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 ATTACKS: dict[str, type] = {}
+MIN_ASR = 0.8  # an attack whose backdoor works on fewer triggered inputs does not count (issue #5)
 
 
 def register_attack(cls):
@@ -293,18 +294,18 @@ class WaNet(Attack):
     strength ``s`` built from a k x k control grid, applied with grid_sample. Noise mode: cover
     samples are warped by the field plus per-sample random noise and keep their labels, so that
     the model learns the exact field only. Paper App. A.3: 5% poison, 10% cover, k 4, s 0.5.
-    None of three settings tried took on the bench's compact ResNet in a few epochs: s 0.5 with
-    the paper's rates (pixels move by a quarter of a pixel on average, less than the cover noise),
-    6 epochs: ASR 15.8%; s 2, 10% poison, 10% cover, 4 epochs: ASR 24.6%, CA 59.0%; s 2, 10%
-    poison, no cover (the defaults below), 4 epochs: ASR 45.2%, CA 60.9%. Random crops shift
-    images by up to 4 pixels, far more than the warp, which may be why. WaNet does not count in
-    the bench until it is trained with a long schedule (a GPU)."""
+    The bench uses s 4 (pixels move by about 2 pixels on average, a visible warp), 10% poison
+    and no cover, trained for 6 epochs: ASR 94.3%, CA 70.5%. Three weaker settings did not take
+    on the compact ResNet in 4-6 epochs: s 0.5 with the paper's rates (a quarter of a pixel on
+    average, less than the cover noise), 6 epochs: ASR 15.8%; s 2, 10% poison, 10% cover, 4
+    epochs: ASR 24.6%; s 2, 10% poison, no cover, 4 epochs: ASR 45.2%. The paper's s 0.5 needs
+    its long schedule (a GPU)."""
 
     name = "wanet"
     poison_rate: float = 0.10
     cover_rate: float = 0.0
     k: int = 4
-    s: float = 2.0
+    s: float = 4.0
     grid_rescale: float = 1.0
     grid_seed: int = 7
 
@@ -393,13 +394,15 @@ class InputSpecific(Attack):
 @dataclass
 class BadNetAllToAll(BadNet):
     """All-to-all BadNet: the 3x3 patch sends class y to (y + 1) mod C, so the backdoor depends on
-    the normal function. Poison rate 5% (one tenth of it per target class). The paper puts it with
-    the adaptive attacks (Table 5, AUROC 95.5); the benchmark issue lists it with the standard
-    ones, and the bench's tables follow the issue."""
+    the normal function. The paper puts it with the adaptive attacks (Table 5, AUROC 95.5); the
+    benchmark issue lists it with the standard ones, and the bench's tables follow the issue.
+    Poison rate 20% (a tenth of it per target class), trained 12 epochs: the compact ResNet
+    learns this mapping slowly (5% poison, 4 epochs: ASR 2.7%; 15%, 6 epochs: ASR 38.5%; 20%,
+    10 epochs: ASR 79.0%, CA 80.9%)."""
 
     name = "badnet_all_to_all"
     all_to_all = True
-    poison_rate: float = 0.05
+    poison_rate: float = 0.20
     num_classes: int = 10
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
@@ -466,13 +469,18 @@ class AdaptiveBlend(Blend):
     into 16 pieces and half of them, chosen per sample, are dropped; cover samples carry such
     partial triggers and keep their labels (conservatism). At test time the full pattern is
     blended at a higher opacity (asymmetric trigger). Toolbox settings: train opacity 0.15, test
-    0.2, 0.3% poison and 0.3% cover; here 1% and 1%."""
+    0.2, 0.3% poison and 0.3% cover (for a ResNet-18 trained 200 epochs; paper Table 5: ASR 85.4%).
+    Here 10% poison and 5% cover, trained 6 epochs. Weaker settings did not take on the compact
+    ResNet: 1% and 1%, 4 epochs: ASR 2.9%; 5% and 5%, 6 epochs: ASR 45.3% (56.7% with the full
+    pattern at opacity 0.3): the cover samples, which carry the same partial triggers and keep
+    their labels, hold the backdoor back."""
 
     name = "adaptive_blend"
     adaptive = True
     alpha: float = 0.15
     test_alpha: float = 0.2
-    cover_rate: float = 0.01
+    poison_rate: float = 0.10
+    cover_rate: float = 0.05
     pieces: int = 16
     mask_rate: float = 0.5
 
@@ -514,11 +522,14 @@ class AdaptivePatch(Attack):
     """Adap-Patch (Qi et al., ICLR 2023; paper Table 5): k = 4 different patch triggers, each on a
     quarter of the poison and of the cover samples, blended at partial opacities (0.5, 0.2, 0.5,
     0.3); cover samples keep their labels. At test time two of the patches are stamped together at
-    full opacity (asymmetric trigger). Toolbox: 0.3% poison, 0.6% cover; here 1% and 2%."""
+    full opacity (asymmetric trigger). Toolbox: 0.3% poison, 0.6% cover (ResNet-18, 200 epochs).
+    Here 5% and 5%, trained 6 epochs: at 1% and 2% for 4 epochs the compact ResNet did not learn it
+    (ASR 3.5%, CA 76.5%)."""
 
     name = "adaptive_patch"
     adaptive = True
-    cover_rate: float = 0.02
+    poison_rate: float = 0.05
+    cover_rate: float = 0.05
     train_alphas: tuple[float, ...] = (0.5, 0.2, 0.5, 0.3)
     test_triggers: tuple[int, ...] = (0, 2)
     mark_seed: int = 2023

@@ -37,14 +37,13 @@ from pathlib import Path
 
 import torch
 
-from bench.attacks import ATTACKS
+from bench.attacks import ATTACKS, MIN_ASR
 from bench.cifar10 import CACHE, CLASSES, available, load_cifar10
 
 RESULTS = CACHE / "bench" / "results"
 STATE = RESULTS / "benchmark"
 METHODS = ("badexpert", "strip", "scale_up", "ibd_psc")
 METHOD_NAMES = {"badexpert": "BaDExpert", "strip": "STRIP", "scale_up": "SCALE-UP", "ibd_psc": "IBD-PSC"}
-MIN_ASR = 0.8  # an attack whose backdoor works on fewer triggered inputs does not count (issue #5)
 PAPER_TABLE5_AUROC = {"tact": 97.5, "adaptive_blend": 99.6, "adaptive_patch": 99.2, "badnet_all_to_all": 95.5,
                       "blend_low_opacity": 98.4}
 

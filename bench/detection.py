@@ -24,7 +24,7 @@ from bench.train_attacked import DEFAULT_EPOCHS, model_path, train_backdoored
 from defense.bundle import load_bundle
 from defense.cli import main as badexpert
 from defense.evaluation import detection_metrics
-from defense.finetune import predict_logits
+from defense.score import GuardScores, guard_scores
 
 RESULTS = CACHE / "bench" / "results"
 
@@ -41,25 +41,33 @@ def write_reserved_folder(images: torch.Tensor, labels: torch.Tensor, root: Path
     return root
 
 
+def _score_with_predictions(guard, images: torch.Tensor, batch_size: int = 500):
+    """One pass of the three models: the guard's scores, and the expert's and auxiliary's labels."""
+    parts = []
+    for start in range(0, len(images), batch_size):
+        model_logits, expert_logits, auxiliary_logits = guard.logits(images[start:start + batch_size])
+        parts.append((guard_scores(model_logits, expert_logits, auxiliary_logits, alpha=guard.alpha).cpu(),
+                      expert_logits.argmax(1).cpu(), auxiliary_logits.argmax(1).cpu()))
+    scores = GuardScores(*(torch.cat(column) for column in zip(*(vars(p[0]).values() for p in parts))))
+    return scores, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+
+
 def evaluate_guard(bundle: Path, attack, data: dict, device: str = "cpu") -> dict:
     guard, manifest = load_bundle(bundle, device)
-    clean = guard.score(data["test_images"])
-    triggered_images = attack.apply(data["test_images"])
-    triggered = guard.score(triggered_images)
-    metrics = detection_metrics(guard.rejection_threshold, clean.score, clean.label, data["test_labels"],
-                                triggered.score, triggered.label, data["test_labels"], attack.target_class)
-    counted = data["test_labels"] != attack.target_class
-    expert_logits = predict_logits(guard.backdoor_expert, triggered_images[counted], guard.normalizer, device)
-    expert_clean = predict_logits(guard.backdoor_expert, data["test_images"], guard.normalizer, device)
-    auxiliary_logits = predict_logits(guard.auxiliary_model, triggered_images[counted], guard.normalizer, device)
-    auxiliary_clean = predict_logits(guard.auxiliary_model, data["test_images"], guard.normalizer, device)
+    labels = data["test_labels"]
+    clean, expert_clean, auxiliary_clean = _score_with_predictions(guard, data["test_images"])
+    triggered, expert_triggered, auxiliary_triggered = _score_with_predictions(guard, attack.apply(data["test_images"]))
+    targets = attack.targets(labels)  # per input: all-to-all sends y to y + 1
+    counted = attack.counted(labels)  # TaCT: its source classes only
+    metrics = detection_metrics(guard.rejection_threshold, clean.score, clean.label, labels,
+                                triggered.score, triggered.label, labels, targets, counted=counted)
     return {
         **metrics.to_dict(),
         "tau": guard.rejection_threshold,
-        "expert_clean_accuracy": float((expert_clean.argmax(1) == data["test_labels"]).float().mean()),
-        "expert_asr": float((expert_logits.argmax(1) == attack.target_class).float().mean()),
-        "auxiliary_clean_accuracy": float((auxiliary_clean.argmax(1) == data["test_labels"]).float().mean()),
-        "auxiliary_asr": float((auxiliary_logits.argmax(1) == attack.target_class).float().mean()),
+        "expert_clean_accuracy": float((expert_clean == labels).float().mean()),
+        "expert_asr": float((expert_triggered == targets)[counted].float().mean()),
+        "auxiliary_clean_accuracy": float((auxiliary_clean == labels).float().mean()),
+        "auxiliary_asr": float((auxiliary_triggered == targets)[counted].float().mean()),
         "unlearn_lr": manifest.backdoor_expert["lr"],
         "unlearn_search": manifest.backdoor_expert.get("search"),
         "finetune_lr": manifest.auxiliary_model["lr"],
@@ -69,7 +77,7 @@ def evaluate_guard(bundle: Path, attack, data: dict, device: str = "cpu") -> dic
 
 
 def run_attack(attack_name: str, arch: str, n_reserved: int, seed: int, extra_build_args: list[str],
-               tag: str = "", device: str = "cpu", epochs: int = DEFAULT_EPOCHS) -> dict:
+               tag: str = "", device: str = "cpu", epochs: int = DEFAULT_EPOCHS, reuse_bundle: bool = False) -> dict:
     data = load_cifar10()
     model_attack = ATTACKS[attack_name].model_attack or attack_name  # low-opacity Blend reuses the Blend model
     model, model_info = train_backdoored(model_attack, arch, epochs=epochs, seed=seed, device=device)
@@ -84,7 +92,8 @@ def run_attack(attack_name: str, arch: str, n_reserved: int, seed: int, extra_bu
     bundle = CACHE / "bench" / "bundles" / f"{model_attack}_{arch}_seed{seed}_n{n_reserved}{tag}"
     weights = model_path(model_attack, arch, seed)
     started = time.monotonic()
-    if model_attack == attack_name or not (bundle / "manifest.json").is_file():
+    built = (bundle / "manifest.json").is_file()
+    if not built or (model_attack == attack_name and not reuse_bundle):
         status = badexpert(["build", "--model", arch, "--weights", str(weights), "--clean-data", str(clean_dir),
                             "--out", str(bundle), "--overwrite", "--preset", "cifar", "--seed", str(seed),
                             "--device", device, "--quiet", *extra_build_args])
@@ -107,6 +116,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="attacker's training epochs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default="", help="suffix of the result name, for variants")
+    parser.add_argument("--reuse-bundle", action="store_true",
+                        help="measure the bundle already built for this attack instead of building it again")
     parser.add_argument("build_args", nargs=argparse.REMAINDER, help="extra 'badexpert build' flags after --")
     args = parser.parse_args()
     if not available():
@@ -115,7 +126,8 @@ def main() -> None:
     extra = [a for a in args.build_args if a != "--"]
     for attack in args.attacks:
         for n in args.reserved:
-            result = run_attack(attack, args.arch, n, args.seed, extra, args.tag, args.device, args.epochs)
+            result = run_attack(attack, args.arch, n, args.seed, extra, args.tag, args.device, args.epochs,
+                                args.reuse_bundle)
             guard, model = result["guard"], result["model"]
             print(f"{attack:10s} n={n:5d}  model CA {model['clean_accuracy']:.3f} ASR {model['attack_success_rate']:.3f} | "
                   f"guard AUROC {guard['auroc']:.4f}  CA {guard['clean_accuracy_with_guard']:.3f}  "

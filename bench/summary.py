@@ -17,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-from bench.attacks import ATTACKS
+from bench.attacks import ATTACKS, MIN_ASR
 from bench.cifar10 import CACHE
 
 RESULTS = CACHE / "bench" / "results"
@@ -44,13 +44,22 @@ def _order(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (ATTACKS[r["attack"]].adaptive, names.index(r["attack"]), r["n"], r["tag"]))
 
 
+def counts(guard: dict) -> bool:
+    """An attack counts when its backdoor works: ASR without the guard at least MIN_ASR."""
+    return guard["asr_without_guard"] >= MIN_ASR
+
+
 def guard_table(rows: list[dict]) -> list[str]:
     lines = ["| attack | epochs | model CA | model ASR | AUROC | CA with guard | ASR with guard | TPR at tau | test FPR | "
              "expert CA / ASR | auxiliary CA / ASR | unlearn lr | finetune lr |",
              "|" + "---|" * 13]
+    means: dict[str, list[float]] = {"standard": [], "adaptive": []}
     for r in _order([r for r in rows if r["n"] == 2000 and not r["tag"]]):
         model, guard = r["record"]["model"], r["record"]["guard"]
-        name = r["attack"] + (" (adaptive)" if ATTACKS[r["attack"]].adaptive else "")
+        kind = "adaptive" if ATTACKS[r["attack"]].adaptive else "standard"
+        name = r["attack"] + (" (adaptive)" if kind == "adaptive" else "") + ("" if counts(guard) else " (not counted)")
+        if counts(guard):
+            means[kind].append(100 * guard["auroc"])
         lines.append(
             f"| {name} | {model.get('epochs')} | {_pct(guard['clean_accuracy_without_guard'])} | "
             f"{_pct(guard['asr_without_guard'])} | "
@@ -59,6 +68,10 @@ def guard_table(rows: list[dict]) -> list[str]:
             f"{_pct(guard['expert_clean_accuracy'])} / {_pct(guard['expert_asr'])} | "
             f"{_pct(guard['auxiliary_clean_accuracy'])} / {_pct(guard['auxiliary_asr'])} | "
             f"{guard['unlearn_lr']:g} | {guard['finetune_lr']:g} |")
+    for kind, values in means.items():
+        if values:
+            lines.append(f"| **mean AUROC, {len(values)} counted {kind}** | | | | **{sum(values) / len(values):.2f}** |"
+                         + " |" * 8)
     return lines
 
 
@@ -68,7 +81,7 @@ def label_free_table(rows: list[dict]) -> list[str]:
              "label-free auxiliary CA / ASR |", "|" + "---|" * 7]
     differences: dict[str, list[float]] = {}
     for r in _order([r for r in rows if r["n"] == 2000 and r["tag"].startswith("_label_free")]):
-        if r["attack"] not in labeled:
+        if r["attack"] not in labeled or not counts(labeled[r["attack"]]):
             continue
         free, base = r["record"]["guard"], labeled[r["attack"]]
         difference = 100 * (free["auroc"] - base["auroc"])

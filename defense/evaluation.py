@@ -45,10 +45,15 @@ def detection_metrics(
     tau: float,
     clean_scores: torch.Tensor, clean_predictions: torch.Tensor, clean_labels: torch.Tensor,
     triggered_scores: torch.Tensor, triggered_predictions: torch.Tensor, triggered_sources: torch.Tensor,
-    target_class: int,
+    target_class: int | torch.Tensor,
+    counted: torch.Tensor | None = None,
 ) -> DetectionMetrics:
+    """``target_class``: the attack's target, or one target per triggered input (all-to-all).
+    ``counted``: which triggered inputs count for ASR and AUROC; by default those whose source
+    class is not the target (the paper's rule; a source-specific attack passes its source classes)."""
     clean_correct = clean_predictions == clean_labels
-    counted = triggered_sources != target_class  # source class == target does not count (paper)
+    if counted is None:
+        counted = triggered_sources != target_class  # source class == target does not count (paper)
     successful = counted & (triggered_predictions == target_class)
     clean_rejected = clean_scores < tau
     triggered_rejected = triggered_scores < tau

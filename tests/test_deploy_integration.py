@@ -440,7 +440,9 @@ def test_dashboard_queries_return_data_from_real_prometheus_scraping_live_replic
                 if not finite_values(result):
                     empty.append(f"{target['panel']}: {expr}")
                 if target["type"] == "heatmap":
-                    assert len(result) > 5, "the score heatmap needs one series per bucket"
+                    assert len(result) > 5, (f"the score heatmap needs one series per bucket; got {len(result)} "
+                                             f"for {expr} over [{start:.1f}, {now:.1f}]: "
+                                             f"{[(s['metric'], len(s.get('values', []))) for s in result]}")
             assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
 
             # The rejection rate, in the dashboard's panels and in the recording rule the alert uses,

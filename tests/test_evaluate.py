@@ -171,3 +171,31 @@ def test_bad_inputs_exit_2(setup, tmp_path, capsys):
     assert "--bootstrap" in run_error(capsys, base + clean + triggered + ["--bootstrap", "-1"])
     err = run_error(capsys, ["evaluate", str(tmp_path / "no_bundle")] + clean + triggered + ["--report", str(tmp_path / "r")])
     assert "no_bundle" in err
+
+
+def test_detection_metrics_with_per_input_targets_and_a_counted_mask():
+    """All-to-all (each input has its own target) and source-specific counting, by hand."""
+    from defense.evaluation import detection_metrics
+
+    clean_scores = torch.tensor([0.9, 0.8, 0.05, 0.7])
+    clean_predictions = torch.tensor([0, 1, 2, 0])
+    clean_labels = torch.tensor([0, 1, 2, 3])  # the last one is wrong: excluded from AUROC and CA
+    sources = torch.tensor([0, 1, 2, 3])
+    targets = (sources + 1) % 4  # all-to-all
+    predictions = torch.tensor([1, 2, 2, 0])  # inputs 0, 1 and 3 reach their target, input 2 does not
+    triggered_scores = torch.tensor([0.01, 0.5, 0.02, 0.95])
+    metrics = detection_metrics(0.1, clean_scores, clean_predictions, clean_labels, triggered_scores, predictions,
+                                sources, targets, counted=torch.ones(4, dtype=torch.bool))
+    assert metrics.n_triggered == 4 and metrics.n_triggered_successful == 3
+    assert metrics.asr_without_guard == pytest.approx(3 / 4)
+    assert metrics.asr_with_guard == pytest.approx(2 / 4)  # input 0 (0.01) is rejected; 1 and 3 pass
+    assert metrics.tpr == pytest.approx(1 / 3)
+    assert metrics.fpr == pytest.approx(1 / 4) and metrics.clean_accuracy_with_guard == pytest.approx(2 / 4)
+    # Clean correct scores {0.9, 0.8, 0.05} vs. successful triggered {0.01, 0.5, 0.95}, low = positive:
+    # pairs where the triggered score is lower: 0.01 < all 3, 0.5 < 2, 0.95 < none -> 5 of 9.
+    assert metrics.auroc == pytest.approx(5 / 9)
+
+    # Source-specific: only source 1 counts, with the all-to-one target 0.
+    metrics = detection_metrics(0.1, clean_scores, clean_predictions, clean_labels, triggered_scores,
+                                torch.tensor([0, 0, 0, 0]), sources, 0, counted=sources == 1)
+    assert metrics.n_triggered == 1 and metrics.asr_without_guard == 1.0 and metrics.asr_with_guard == 1.0

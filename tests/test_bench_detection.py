@@ -1,0 +1,26 @@
+"""bench.detection scores each image set in one pass of the three models; it must agree with the
+guard's own scoring and with each model run alone (tiny untrained models, no data needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.detection import _score_with_predictions
+from defense.finetune import predict_logits
+from defense.guard import Guard
+from defense.models import create_model
+from synthetic import NUM_CLASSES, PREPROCESSING, make_images
+
+
+def test_one_pass_scores_equal_the_guards_scores_and_each_models_labels():
+    torch.manual_seed(0)
+    models = [create_model("tiny_cnn", num_classes=NUM_CLASSES).eval() for _ in range(3)]
+    guard = Guard(*models, preprocessing=PREPROCESSING, rejection_threshold=0.5)
+    images, _ = make_images(23, seed=1)
+    scores, expert_labels, auxiliary_labels = _score_with_predictions(guard, images, batch_size=5)
+    expected = guard.score(images, batch_size=7)
+    for name, value in vars(expected).items():
+        torch.testing.assert_close(getattr(scores, name), value, msg=name)
+    normalizer = PREPROCESSING.normalizer()
+    assert torch.equal(expert_labels, predict_logits(models[1], images, normalizer, "cpu").argmax(1))
+    assert torch.equal(auxiliary_labels, predict_logits(models[2], images, normalizer, "cpu").argmax(1))
