@@ -130,3 +130,5 @@ def test_end_to_end_build_detects_the_backdoor(tmp_path):
     assert saved["backdoor_expert"]["chosen_by"] == "auto" and saved["backdoor_expert"]["search"]
     assert saved["calibration"]["n"] == 120 and saved["threshold"]["k"] >= 1
     assert saved["accuracy_on_calibration"]["backdoor_expert"] <= 0.5 * saved["accuracy_on_calibration"]["model"]
+    # 240 clean images: fewer than the build recommends, and the manifest says so
+    assert any(w.startswith("240 clean images: with fewer than about 1000") for w in saved["warnings"])
