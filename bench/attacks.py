@@ -469,11 +469,11 @@ class AdaptiveBlend(Blend):
     into 16 pieces and half of them, chosen per sample, are dropped; cover samples carry such
     partial triggers and keep their labels (conservatism). At test time the full pattern is
     blended at a higher opacity (asymmetric trigger). Toolbox settings: train opacity 0.15, test
-    0.2, 0.3% poison and 0.3% cover (for a ResNet-18 trained 200 epochs; paper Table 5: ASR 85.4%).
-    Here 10% poison and 5% cover, trained 6 epochs: ASR 100%, CA 70.2%. Weaker settings did not take on the compact
-    ResNet: 1% and 1%, 4 epochs: ASR 2.9%; 5% and 5%, 6 epochs: ASR 45.3% (56.7% with the full
-    pattern at opacity 0.3): the cover samples, which carry the same partial triggers and keep
-    their labels, hold the backdoor back."""
+    0.2, 0.3% poison and 0.3% cover (for a ResNet-18 trained 200 epochs; paper Table 5: ASR
+    85.4%). Here 10% poison and 5% cover, trained 6 epochs: ASR 100%, CA 70.2%. Weaker settings
+    did not take on the compact ResNet: 1% and 1%, 4 epochs: ASR 2.9%; 5% and 5%, 6 epochs: ASR
+    45.3% (56.7% with the full pattern at opacity 0.3): the cover samples, which carry the same
+    partial triggers and keep their labels, hold the backdoor back."""
 
     name = "adaptive_blend"
     adaptive = True

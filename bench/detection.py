@@ -48,8 +48,8 @@ def _score_with_predictions(guard, images: torch.Tensor, batch_size: int = 500):
         model_logits, expert_logits, auxiliary_logits = guard.logits(images[start:start + batch_size])
         parts.append((guard_scores(model_logits, expert_logits, auxiliary_logits, alpha=guard.alpha).cpu(),
                       expert_logits.argmax(1).cpu(), auxiliary_logits.argmax(1).cpu()))
-    scores = GuardScores(*(torch.cat(column) for column in zip(*(vars(p[0]).values() for p in parts))))
-    return scores, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    return (GuardScores.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            torch.cat([p[2] for p in parts]))
 
 
 def evaluate_guard(bundle: Path, attack, data: dict, device: str = "cpu") -> dict:

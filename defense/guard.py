@@ -44,7 +44,7 @@ class Guard:
     def score(self, images_uint8: torch.Tensor, batch_size: int = 256) -> GuardScores:
         """Scores of any number of images, in batches."""
         parts = [self.score_batch(images_uint8[i:i + batch_size]) for i in range(0, len(images_uint8), batch_size)]
-        return GuardScores(*(torch.cat(column) for column in zip(*(vars(p).values() for p in parts))))
+        return GuardScores.cat(parts)
 
     def rejects(self, scores: torch.Tensor) -> torch.Tensor:
         return scores < self.rejection_threshold

@@ -38,6 +38,11 @@ class GuardScores:
     def cpu(self) -> "GuardScores":
         return GuardScores(*(tensor.cpu() for tensor in vars(self).values()))
 
+    @staticmethod
+    def cat(parts: list["GuardScores"]) -> "GuardScores":
+        """The scores of consecutive batches, as one."""
+        return GuardScores(*(torch.cat(column) for column in zip(*(vars(p).values() for p in parts))))
+
 
 def guard_scores(
     model_logits: torch.Tensor,
