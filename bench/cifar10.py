@@ -29,11 +29,12 @@ def load_cifar10() -> dict[str, torch.Tensor]:
         if not ARCHIVE.is_file():
             raise FileNotFoundError(f"CIFAR-10 not found at {ARCHIVE}")
         arrays: dict[str, list] = {"train_images": [], "train_labels": [], "test_images": [], "test_labels": []}
-        with tarfile.open(ARCHIVE, "r:gz") as archive:
-            for member in tqdm(archive, desc="decoding CIFAR-10", unit="img", total=60000):
+        with tarfile.open(ARCHIVE, "r:gz") as archive, tqdm(desc="decoding CIFAR-10", unit="img", total=60000) as bar:
+            for member in archive:  # directories and other entries are skipped, not counted
                 parts = Path(member.name).parts
                 if not member.isfile() or not member.name.endswith(".jpg") or len(parts) < 3:
                     continue
+                bar.update()
                 split, class_name = parts[-3], parts[-2]
                 data = archive.extractfile(member).read()
                 image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from bench.attacks import ATTACKS
 from bench.cifar10 import CACHE, CLASSES, available, load_cifar10, reserved_split
-from bench.train_attacked import DEFAULT_EPOCHS, model_path, train_backdoored
+from bench.train_attacked import model_path, train_backdoored
 from defense.bundle import load_bundle
 from defense.cli import main as badexpert
 from defense.evaluation import detection_metrics
@@ -77,7 +77,7 @@ def evaluate_guard(bundle: Path, attack, data: dict, device: str = "cpu") -> dic
 
 
 def run_attack(attack_name: str, arch: str, n_reserved: int, seed: int, extra_build_args: list[str],
-               tag: str = "", device: str = "cpu", epochs: int = DEFAULT_EPOCHS, reuse_bundle: bool = False) -> dict:
+               tag: str = "", device: str = "cpu", epochs: int | None = None, reuse_bundle: bool = False) -> dict:
     data = load_cifar10()
     model_attack = ATTACKS[attack_name].model_attack or attack_name  # low-opacity Blend reuses the Blend model
     model, model_info = train_backdoored(model_attack, arch, epochs=epochs, seed=seed, device=device)
@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--arch", default="cifar_resnet_compact")
     parser.add_argument("--reserved", type=int, nargs="+", default=[2000], help="reserved clean set sizes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="attacker's training epochs")
+    parser.add_argument("--epochs", type=int,
+                        help="attacker's training epochs (default: each attack's train_epochs in bench/attacks.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default="", help="suffix of the result name, for variants")
     parser.add_argument("--reuse-bundle", action="store_true",

@@ -96,12 +96,15 @@ def train_clean(arch: str = "cifar_resnet_compact", epochs: int = DEFAULT_EPOCHS
     return model, info
 
 
-def train_backdoored(attack_name: str, arch: str = "cifar_resnet_compact", epochs: int = DEFAULT_EPOCHS, seed: int = 0,
+def train_backdoored(attack_name: str, arch: str = "cifar_resnet_compact", epochs: int | None = None, seed: int = 0,
                      lr: float = 0.2, device: str = "cpu", attack_kwargs: dict | None = None, compile_model: bool = True):
     """Train once; later calls load the cached weights. Returns (model, info dict).
 
     Post-development attacks (``finetunes_clean_model``) start from ``train_clean``'s model and
-    finetune it on the poisoned set instead of training from scratch."""
+    finetune it on the poisoned set instead of training from scratch. ``epochs`` defaults to the
+    attack's ``train_epochs`` (for those, the clean model's epochs)."""
+    if epochs is None:
+        epochs = ATTACKS[attack_name].train_epochs
     cached = _cached(attack_name, arch, seed, epochs)
     if cached:
         return cached
@@ -140,13 +143,15 @@ def main() -> None:
     parser.add_argument("--attack", default="badnet", choices=["clean", *sorted(ATTACKS)],
                         help="'clean': no poison (the start of post-development attacks)")
     parser.add_argument("--arch", default="cifar_resnet_compact")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--epochs", type=int,
+                        help=f"training epochs (default: the attack's train_epochs in bench/attacks.py, the ones "
+                             f"BENCHMARKS.md reports; {DEFAULT_EPOCHS} for 'clean')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it saves about 40%% per step on CPU)")
     args = parser.parse_args()
     if args.attack == "clean":
-        _, info = train_clean(args.arch, args.epochs, args.seed, device=args.device, compile_model=not args.no_compile)
+        _, info = train_clean(args.arch, args.epochs or DEFAULT_EPOCHS, args.seed, device=args.device, compile_model=not args.no_compile)
     else:
         _, info = train_backdoored(args.attack, args.arch, args.epochs, args.seed, device=args.device,
                                    compile_model=not args.no_compile)

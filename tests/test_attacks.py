@@ -141,3 +141,32 @@ def test_adaptive_attacks_use_weaker_partial_triggers_in_training():
         trained = poisoned.images[poisoned.poison_mask].float() - images[poisoned.poison_mask].float()
         tested = attack.apply(images[poisoned.poison_mask]).float() - images[poisoned.poison_mask].float()
         assert trained.abs().sum() < tested.abs().sum()  # asymmetric: the test trigger is stronger
+
+
+def test_dithered_quantization_lands_on_the_grid_and_keeps_the_mean():
+    from bench.attacks import quantize_with_dithering
+
+    flat = torch.full((2, 3, 16, 16), 128, dtype=torch.uint8)
+    out = quantize_with_dithering(flat, levels=8)
+    grid = torch.tensor([round(k * 255 / 7) for k in range(8)], dtype=torch.uint8)
+    assert torch.isin(out, grid).all()
+    # plain rounding would put every pixel at 146 (128 / 36.43 = 3.51 -> level 4); dithering mixes
+    # levels 3 (109) and 4 (146) so the mean stays near 128
+    assert set(out.unique().tolist()) == {109, 146}
+    assert abs(out.float().mean().item() - 128) < 2
+    # a 2 x 2 example by hand (step 255 / 7 = 36.43): top-left 100 -> 109.29, error -9.29; top-right
+    # 100 - 4.06 = 95.94 -> 109.29, error -13.35; bottom-left 100 - 2.90 - 2.50 = 94.60 -> 109.29,
+    # error -14.69; bottom-right 100 - 0.58 - 4.17 - 6.43 = 88.82 -> 2 steps = 72.86
+    tiny = torch.full((1, 1, 2, 2), 100, dtype=torch.uint8)
+    assert quantize_with_dithering(tiny, levels=8).flatten().tolist() == [109, 109, 109, 73]
+
+
+def test_bpp_negatives_carry_another_images_residual_and_keep_labels():
+    images, labels = batch()
+    attack = ATTACKS["bpp"](cover_rate=0.2)  # BppAttack's negative training, off by default here
+    poisoned = attack.poison_sets(images, labels, seed=0)
+    cover = poisoned.cover_mask
+    assert int(cover.sum()) == round(attack.cover_rate * N)
+    assert torch.equal(poisoned.labels[cover], labels[cover])
+    assert not torch.equal(poisoned.images[cover], attack.apply(images[cover]))
+    assert (poisoned.images[cover] != images[cover]).float().mean() > 0.5

@@ -24,3 +24,21 @@ def test_one_pass_scores_equal_the_guards_scores_and_each_models_labels():
     normalizer = PREPROCESSING.normalizer()
     assert torch.equal(expert_labels, predict_logits(models[1], images, normalizer, "cpu").argmax(1))
     assert torch.equal(auxiliary_labels, predict_logits(models[2], images, normalizer, "cpu").argmax(1))
+
+
+def test_bench_trains_each_attack_for_its_own_epochs_unless_told(monkeypatch):
+    """The tables' models are reproduced by the bench commands without an --epochs flag."""
+    import bench.train_attacked as train_attacked
+
+    asked = []
+
+    def cached_model(name, arch, seed, epochs):
+        asked.append((name, epochs))
+        return "model", {"epochs": epochs}
+
+    monkeypatch.setattr(train_attacked, "_cached", cached_model)
+    train_attacked.train_backdoored("badnet_all_to_all")
+    train_attacked.train_backdoored("adaptive_patch")
+    train_attacked.train_backdoored("tact")
+    train_attacked.train_backdoored("badnet", epochs=3)
+    assert asked == [("badnet_all_to_all", 20), ("adaptive_patch", 12), ("tact", 4), ("badnet", 3)]
