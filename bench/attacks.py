@@ -163,14 +163,15 @@ class PostDevelopmentFinetune(Attack):
     was trained clean and finetunes it for ``finetune_epochs`` on a training set in which
     ``poison_rate`` of the samples carry a 5x5 saturated random-colour patch in the top-left
     corner and the target label. The backdoor lives in a model whose normal function was learned
-    without it."""
+    without it. Two epochs of finetuning at lr 0.02: one epoch left the ASR at the 80% bar (82.8%
+    in a first run, 73.7% in a second run from scratch with the same seeds)."""
 
     name = "finetune"
     finetunes_clean_model = True
     poison_rate: float = 0.05
     patch_size: int = 5
     mark_seed: int = 77
-    finetune_epochs: int = 1
+    finetune_epochs: int = 2
     finetune_lr: float = 0.02
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ The defender's 2,000 reserved images (bench.cifar10.reserved_split) are never tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -57,7 +58,8 @@ def fit(model, images, labels, epochs: int, lr: float, seed: int, device: str, d
     return model.eval().to(memory_format=torch.contiguous_format)
 
 
-def _cached(name: str, arch: str, seed: int, epochs: int):
+def _cached(name: str, arch: str, seed: int, epochs: int, settings: dict | None = None):
+    """The cached model and its info, or None; a note when it was trained otherwise than asked."""
     path = model_path(name, arch, seed)
     if not (path.is_file() and path.with_suffix(".json").is_file()):
         return None
@@ -66,6 +68,9 @@ def _cached(name: str, arch: str, seed: int, epochs: int):
     info = json.loads(path.with_suffix(".json").read_text())
     if info.get("epochs") != epochs:
         print(f"note: using the cached {name} model, trained for {info.get('epochs')} epochs (asked: {epochs}); "
+              f"delete {path} to retrain")
+    if settings is not None and info.get("attack_settings", settings) != settings:
+        print(f"note: using the cached {name} model, trained with {info['attack_settings']} (asked: {settings}); "
               f"delete {path} to retrain")
     return model.eval(), info
 
@@ -103,14 +108,15 @@ def train_backdoored(attack_name: str, arch: str = "cifar_resnet_compact", epoch
     Post-development attacks (``finetunes_clean_model``) start from ``train_clean``'s model and
     finetune it on the poisoned set instead of training from scratch. ``epochs`` defaults to the
     attack's ``train_epochs`` (for those, the clean model's epochs)."""
+    attack = ATTACKS[attack_name](**(attack_kwargs or {}))
     if epochs is None:
-        epochs = ATTACKS[attack_name].train_epochs
-    cached = _cached(attack_name, arch, seed, epochs)
+        epochs = attack.train_epochs
+    settings = json.loads(json.dumps(dataclasses.asdict(attack)))  # as stored: tuples become lists
+    cached = _cached(attack_name, arch, seed, epochs, settings)
     if cached:
         return cached
     data = load_cifar10()
     train_index, _ = reserved_split(len(data["train_labels"]), seed=seed)
-    attack = ATTACKS[attack_name](**(attack_kwargs or {}))
     images, labels, poisoned = attack.poison(data["train_images"][train_index], data["train_labels"][train_index], seed)
     started = time.monotonic()
     if attack.finetunes_clean_model:
@@ -133,7 +139,8 @@ def train_backdoored(attack_name: str, arch: str = "cifar_resnet_compact", epoch
     info = {"attack": attack_name, "arch": arch, "epochs": epochs, **recipe, "seed": seed, "poison_rate": attack.poison_rate,
             "poisoned_samples": int(poisoned.sum()), "target_class": attack.target_class,
             "clean_accuracy": clean_accuracy, "attack_success_rate": asr,
-            "train_seconds": round(time.monotonic() - started, 1), "attack_kwargs": attack_kwargs or {}}
+            "train_seconds": round(time.monotonic() - started, 1), "attack_kwargs": attack_kwargs or {},
+            "attack_settings": settings}
     _save(model, info, attack_name, arch, seed)
     return model, info
 
