@@ -440,8 +440,6 @@ class BPP(Attack):
     levels: int = 8
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
-        if len(images) == 0:
-            return images.clone()
         return quantize_with_dithering(images, self.levels)
 
     def negative(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -450,9 +448,7 @@ class BPP(Attack):
         return _to_uint8(images.float() + residual)
 
     def poison_sets(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> PoisonedSet:
-        return _poison_with_cover(self, images, labels, seed,
-                                  poison=lambda batch, generator: self.apply(batch),
-                                  cover=self.negative)
+        return _poison_with_cover(self, images, labels, seed, poison=self.poison_trigger, cover=self.negative)
 
 
 @register_attack

@@ -66,12 +66,11 @@ def _cached(name: str, arch: str, seed: int, epochs: int, settings: dict | None 
     model = create_model(arch, num_classes=10)
     load_model(model, str(path), device="cpu")
     info = json.loads(path.with_suffix(".json").read_text())
-    if info.get("epochs") != epochs:
-        print(f"note: using the cached {name} model, trained for {info.get('epochs')} epochs (asked: {epochs}); "
-              f"delete {path} to retrain")
-    if settings is not None and info.get("attack_settings", settings) != settings:
-        print(f"note: using the cached {name} model, trained with {info['attack_settings']} (asked: {settings}); "
-              f"delete {path} to retrain")
+    asked = {"epochs": epochs} if settings is None else {"epochs": epochs, "attack_settings": settings}
+    for key, value in asked.items():
+        if info.get(key, value) != value:  # models cached before a key was recorded pass
+            print(f"note: using the cached {name} model, trained with {key} {info[key]} (asked: {value}); "
+                  f"delete {path} to retrain")
     return model.eval(), info
 
 
