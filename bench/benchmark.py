@@ -39,6 +39,7 @@ import torch
 
 from bench.attacks import ATTACKS, MIN_ASR
 from bench.cifar10 import CACHE, CLASSES, available, load_cifar10
+from defense.score import rejects
 
 RESULTS = CACHE / "bench" / "results"
 STATE = RESULTS / "benchmark"
@@ -288,8 +289,8 @@ def evaluate_attack(name: str, args, data: dict, log=print) -> dict | None:
         summary["cached"] = was_cached
         if method == "badexpert":
             tau = guard.rejection_threshold
-            summary["at_tau"] = _operating_point(-scores["clean"] < tau, clean_correct, -scores["triggered"] < tau,
-                                                 triggered_successful)
+            summary["at_tau"] = _operating_point(rejects(-scores["clean"], tau), clean_correct,
+                                                 rejects(-scores["triggered"], tau), triggered_successful)
         if method == "ibd_psc":
             summary["settings"] = {**settings, "start_k": int(scores["start_k"]), "models": int(scores["models"])}
         methods[method] = summary

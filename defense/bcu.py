@@ -180,7 +180,7 @@ def bcu_distill(
 
 def bcu_auxiliary(model: nn.Module, fit_images: torch.Tensor, cal_images: torch.Tensor, cal_reference: torch.Tensor,
                   normalizer: nn.Module, reference_accuracy: float, config, log) -> tuple[nn.Module, dict]:
-    """The build's BCU step: distil on D_fit, back off the rate on divergence, check on D_cal.
+    """The build's BCU step: distil on D_fit, back off the rate on divergence, check on D_select.
 
     ``config`` is a :class:`defense.build.BuildConfig`; the record goes to the manifest.
     """
@@ -200,7 +200,7 @@ def bcu_auxiliary(model: nn.Module, fit_images: torch.Tensor, cal_images: torch.
             continue
         logits = predict_logits(candidate, cal_images, normalizer, config.device)
         if not torch.isfinite(logits).all():
-            search.append({"lr": lr, "diverged": "non-finite outputs on D_cal"})
+            search.append({"lr": lr, "diverged": "non-finite outputs on D_select"})
             continue
         student = candidate
         break
@@ -208,7 +208,7 @@ def bcu_auxiliary(model: nn.Module, fit_images: torch.Tensor, cal_images: torch.
         raise UserError(f"BCU distillation diverged at every rate tried from --bcu-lr {config.bcu_lr:g}; pass a smaller --bcu-lr")
     acc = accuracy(logits, cal_reference)
     search.append({"lr": lr, "calibration_accuracy": acc})
-    log(f"  BCU lr {lr:g}: auxiliary D_cal accuracy {acc:.3f} (goal >= {goal:.3f})")
+    log(f"  BCU lr {lr:g}: auxiliary D_select accuracy {acc:.3f} (goal >= {goal:.3f})")
     record = {
         "method": "bcu", "lr": lr, "chosen_by": "setting" if lr == config.bcu_lr else "backoff",
         "epochs": config.bcu_epochs, "batch_size": config.bcu_batch_size, "momentum": config.bcu_momentum,
@@ -219,6 +219,6 @@ def bcu_auxiliary(model: nn.Module, fit_images: torch.Tensor, cal_images: torch.
         "distilled_on": len(fit_images), "goal_accuracy": goal, "calibration_accuracy": acc, "search": search,
     }
     if acc < goal:
-        record["warning"] = (f"the BCU student agrees with M's labels on {acc:.1%} of D_cal, below the goal {goal:.1%}; "
+        record["warning"] = (f"the BCU student agrees with M's labels on {acc:.1%} of D_select, below the goal {goal:.1%}; "
                              "more --bcu-epochs or more clean images may help")
     return student, record

@@ -1,10 +1,12 @@
 """The offline job: suspect model + reserved clean images -> a calibrated guard.
 
-    split D into D_fit / D_cal  ->  backdoor expert B (unlearning on D_fit)
-                                ->  auxiliary model M' (clean finetuning on D_fit)
-                                ->  scores on D_cal  ->  threshold tau
+    split D into D_fit / D_select / D_cal
+        D_fit     ->  backdoor expert B (unlearning)  and  auxiliary model M' (clean finetuning)
+        D_select  ->  their learning rates (unless the user fixes them)
+        D_cal     ->  scores  ->  threshold tau   (or --calibration-data: clean images, no labels)
 
-Learning rates are chosen from D_cal alone unless the user fixes them (DESIGN.md section 1).
+Each set is used by one step only, so the threshold rule's assumption (calibration scores
+exchangeable with fresh clean scores) holds. docs/method.md explains the choices.
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from defense.bcu import DEFAULT_STAGE_PROBABILITIES, bcu_auxiliary
-from defense.data import ImageSet
+from defense.data import ImageSet, iter_image_batches
 from defense.errors import UserError
 from defense.finetune import Diverged, accuracy, clean_finetune, predict_logits, unlearn
 from defense.guard import Guard
 from defense.preprocessing import Preprocessing
+from defense.calibrate import calibration_record, image_record, require_finite, score_batches
 from defense.threshold import calibrate_threshold
 
 # Ascending: the search stops at the first (smallest) rate that erases the clean function.
@@ -30,7 +34,6 @@ UNLEARN_LR_GRID = (1e-5, 2e-5, 3e-5, 5e-5, 7e-5, 1e-4, 1.5e-4, 2e-4, 3e-4, 5e-4,
                    1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 5e-2)
 # Descending: the search stops at the first (largest) rate that trains stably and recovers.
 FINETUNE_LR_GRID = (0.1, 0.05, 0.03, 0.01, 0.003, 0.001)
-QUANTILES = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 # Fewer clean images than this earn a warning (BENCHMARKS.md, reserved-set size).
 RECOMMENDED_CLEAN_IMAGES = 1000
 
@@ -39,25 +42,28 @@ RECOMMENDED_CLEAN_IMAGES = 1000
 class BuildConfig:
     """Every setting of the offline job; the defaults are the paper's (DESIGN.md section 1)."""
 
-    calibration_fraction: float = 0.2
+    # Shares of the labeled clean images held out from finetuning: for the threshold (unless
+    # calibration images come separately) and for the learning-rate choices. The rest is D_fit.
+    calibration_fraction: float = 0.4
+    selection_fraction: float = 0.1
     fpr: float = 0.01
-    threshold_rule: str = "ucb"
+    threshold_rule: str = "conformal"
     threshold_delta: float = 0.1
     alpha: float = 0.5
     seed: int = 0
-    unlearn_lr: float | None = None  # None: choose from D_cal
+    unlearn_lr: float | None = None  # None: choose from D_select
     unlearn_epochs: int = 1
     unlearn_batch_size: int = 128
-    unlearn_target_ratio: float = 0.5  # B's D_cal accuracy at or below this fraction of M's
-    finetune_lr: float | None = None  # None: choose from D_cal
+    unlearn_target_ratio: float = 0.5  # B's D_select accuracy at or below this fraction of M's
+    finetune_lr: float | None = None  # None: choose from D_select
     finetune_epochs: int = 10
     finetune_batch_size: int = 64
     finetune_milestones: tuple[int, ...] = (2, 4, 6, 8)
     finetune_momentum: float = 0.9
     finetune_weight_decay: float = 1e-4
-    finetune_recover_ratio: float = 0.8  # M' must end at or above this fraction of M's D_cal accuracy
-    # Without labels: M' finetuned on M's predicted labels must agree with M on this share of D_cal.
-    # Labeled auxiliaries at their chosen rate agree with M on 77-82% of D_cal (BENCHMARKS.md).
+    finetune_recover_ratio: float = 0.8  # M' must end at or above this fraction of M's D_select accuracy
+    # Without labels: M' finetuned on M's predicted labels must agree with M on this share of D_select.
+    # Labeled auxiliaries at their chosen rate agree with M on 77-82% of D_select (BENCHMARKS.md).
     pseudo_label_agreement_goal: float = 0.7
     augment: bool = True
     labels: bool = True  # False: the clean images carry no labels; M's predictions stand in
@@ -80,19 +86,24 @@ class BuildResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def stratified_split(labels: torch.Tensor, calibration_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (fit, cal): each class contributes ``calibration_fraction`` of its images to cal."""
-    if not 0.0 < calibration_fraction < 1.0:
-        raise UserError(f"--calibration-fraction must be in (0, 1), got {calibration_fraction}")
+def stratified_split(labels: torch.Tensor, fractions: tuple[float, ...], seed: int) -> list[torch.Tensor]:
+    """Sorted index tensors [rest, part 1, part 2, ...]: each class gives ``fractions[i]`` of its
+    images to part i + 1 (rounded), and the rest to the first. Seeded and stratified."""
+    if any(not 0.0 <= f < 1.0 for f in fractions) or sum(fractions) >= 1.0:
+        raise UserError(f"the held-out shares of the clean images ({', '.join(f'{f:g}' for f in fractions)}) "
+                        "must each be in [0, 1) and sum to less than 1")
     generator = torch.Generator().manual_seed(seed)
-    fit, cal = [], []
+    parts: list[list[torch.Tensor]] = [[] for _ in range(len(fractions) + 1)]
     for value in labels.unique(sorted=True):
         members = (labels == value).nonzero().flatten()
         members = members[torch.randperm(len(members), generator=generator)]
-        n_cal = int(round(calibration_fraction * len(members))) if len(members) > 1 else 0
-        cal.append(members[:n_cal])
-        fit.append(members[n_cal:])
-    return torch.cat(fit).sort().values, torch.cat(cal).sort().values
+        start = 0
+        for i, fraction in enumerate(fractions):
+            size = int(round(fraction * len(members))) if len(members) > 1 else 0
+            parts[i + 1].append(members[start:start + size])
+            start += size
+        parts[0].append(members[start:])
+    return [torch.cat(part).sort().values for part in parts]
 
 
 def _finite(logits: torch.Tensor) -> bool:
@@ -101,7 +112,7 @@ def _finite(logits: torch.Tensor) -> bool:
 
 def choose_unlearning_rate(model, fit: ImageSet, cal_images, cal_reference, num_classes, normalizer,
                            reference_accuracy: float, config: BuildConfig, log) -> tuple[nn.Module, dict]:
-    """The smallest rate at which B's D_cal accuracy falls to ``target_ratio`` of M's."""
+    """The smallest rate at which B's D_select accuracy falls to ``target_ratio`` of M's."""
     def train(lr):
         return unlearn(model, fit.images, fit.labels, num_classes, normalizer, lr, config.unlearn_epochs,
                        config.unlearn_batch_size, config.device, config.seed, config.progress)
@@ -121,11 +132,11 @@ def choose_unlearning_rate(model, fit: ImageSet, cal_images, cal_reference, num_
             break
         logits = predict_logits(expert, cal_images, normalizer, config.device)
         if not _finite(logits):
-            search.append({"lr": lr, "diverged": "non-finite outputs on D_cal"})
+            search.append({"lr": lr, "diverged": "non-finite outputs on D_select"})
             break
         acc = accuracy(logits, cal_reference)
         search.append({"lr": lr, "calibration_accuracy": acc})
-        log(f"  unlearning lr {lr:g}: backdoor expert D_cal accuracy {acc:.3f} (goal <= {goal:.3f})")
+        log(f"  unlearning lr {lr:g}: backdoor expert D_select accuracy {acc:.3f} (goal <= {goal:.3f})")
         fallback = (expert, lr, acc)
         if acc <= goal:
             return expert, {"method": "unlearning", "lr": lr, "chosen_by": "auto", "goal_accuracy": goal,
@@ -141,7 +152,7 @@ def choose_unlearning_rate(model, fit: ImageSet, cal_images, cal_reference, num_
 def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, normalizer,
                            reference_accuracy: float, config: BuildConfig, log,
                            goal: float | None = None) -> tuple[nn.Module, dict]:
-    """The largest rate at which clean finetuning stays finite and recovers M's D_cal accuracy
+    """The largest rate at which clean finetuning stays finite and recovers M's D_select accuracy
     (at least ``goal``; default: ``finetune_recover_ratio`` times M's accuracy)."""
     def train(lr):
         return clean_finetune(model, fit.images, fit.labels, normalizer, lr, config.finetune_epochs,
@@ -161,11 +172,11 @@ def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, norm
             continue
         logits = predict_logits(auxiliary, cal_images, normalizer, config.device)
         if not _finite(logits):
-            search.append({"lr": lr, "diverged": "non-finite outputs on D_cal"})
+            search.append({"lr": lr, "diverged": "non-finite outputs on D_select"})
             continue
         acc = accuracy(logits, cal_reference)
         search.append({"lr": lr, "calibration_accuracy": acc})
-        log(f"  clean finetuning lr {lr:g}: auxiliary D_cal accuracy {acc:.3f} (goal >= {goal:.3f})")
+        log(f"  clean finetuning lr {lr:g}: auxiliary D_select accuracy {acc:.3f} (goal >= {goal:.3f})")
         if best is None or acc > best[2]:
             best = (auxiliary, lr, acc)
         if acc >= goal:
@@ -177,7 +188,7 @@ def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, norm
     record = {"method": "clean_finetune", "lr": lr, "chosen_by": "user" if config.finetune_lr is not None else "auto",
               "goal_accuracy": goal, "calibration_accuracy": acc, "search": search}
     if acc < goal:
-        record["warning"] = f"no rate reached the goal D_cal accuracy {goal:.1%}; kept the best ({lr:g})"
+        record["warning"] = f"no rate reached the goal D_select accuracy {goal:.1%}; kept the best ({lr:g})"
     return auxiliary, record
 
 
@@ -190,7 +201,7 @@ def check_supplied_auxiliary(auxiliary, cal_images, cal_reference, normalizer, r
     goal = config.finetune_recover_ratio * reference_accuracy
     record = {"method": "supplied", "goal_accuracy": goal, "calibration_accuracy": accuracy(logits, cal_reference)}
     if record["calibration_accuracy"] < goal:
-        record["warning"] = (f"the supplied auxiliary model reaches {record['calibration_accuracy']:.1%} on D_cal, "
+        record["warning"] = (f"the supplied auxiliary model reaches {record['calibration_accuracy']:.1%} on D_select, "
                              f"below {config.finetune_recover_ratio:.0%} of M's: is it the right model and class order?")
     return auxiliary.float().eval(), record
 
@@ -209,7 +220,7 @@ def make_auxiliary(model, supplied, fit: ImageSet, cal: ImageSet, normalizer, re
         return choose_finetuning_rate(model, fit, cal.images, cal.labels, normalizer, reference_accuracy, config, log)
     # Without labels, fit.labels are M's own predictions on clean images: clean images carry no
     # trigger, so these labels teach M's normal function only (pseudo-label finetuning).
-    # M agrees with its own labels on 100% of D_cal, so the labeled goal (a share of M's accuracy)
+    # M agrees with its own labels on 100% of D_select, so the labeled goal (a share of M's accuracy)
     # does not carry over; the goal is agreement with M instead (see pseudo_label_agreement_goal).
     log("auxiliary model: finetuning on M's predicted labels (no labels given)")
     auxiliary, record = choose_finetuning_rate(model, fit, cal.images, cal.labels, normalizer, reference_accuracy, config,
@@ -218,10 +229,15 @@ def make_auxiliary(model, supplied, fit: ImageSet, cal: ImageSet, normalizer, re
 
 
 def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing, num_classes: int,
-                config: BuildConfig, log=print, auxiliary_model: nn.Module | None = None) -> BuildResult:
+                config: BuildConfig, log=print, auxiliary_model: nn.Module | None = None,
+                calibration_paths: list[Path] | None = None) -> BuildResult:
     """Run the whole offline job in memory. Saving is :func:`defense.bundle.save_bundle`'s job.
 
-    ``auxiliary_model`` is the user's repaired model, with ``config.auxiliary == "supplied"``.
+    The clean images are split three ways, so that each choice is made on images that no earlier
+    step saw: D_fit finetunes the two models, D_select chooses their learning rates, and D_cal
+    (``calibration_paths`` when given: clean images, labels ignored; else a share of ``clean``)
+    sets the threshold alone. ``auxiliary_model`` is the user's repaired model, with
+    ``config.auxiliary == "supplied"``.
     """
     if config.auxiliary not in ("finetune", "bcu", "supplied"):
         raise UserError(f"--auxiliary {config.auxiliary}: expected finetune, bcu or a supplied model")
@@ -233,68 +249,81 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
     normalizer = preprocessing.normalizer()
     model = model.float().eval()
 
-    # Without labels, M's own predictions stand in for them (DESIGN.md section 1, step 2).
+    # Without labels, M's own predictions stand in for them (DESIGN: unlearning, step 2).
     if not config.labels:
         predicted = predict_logits(model, clean.images, normalizer, config.device).argmax(1)
         clean = ImageSet(clean.images, predicted, clean.class_names, clean.paths)
     if len(clean) < num_classes:
         raise UserError(f"--clean-data: {len(clean)} images for {num_classes} classes; give at least one per class (hundreds are better)")
-    fit_index, cal_index = stratified_split(clean.labels, config.calibration_fraction, config.seed)
-    fit, cal = clean.subset(fit_index), clean.subset(cal_index)
-    if len(cal) < 2 or len(fit) < 2:
-        raise UserError(f"--clean-data: {len(clean)} images are too few to split into finetuning and calibration sets")
-    log(f"clean images: {len(fit)} for finetuning (D_fit), {len(cal)} for calibration (D_cal)")
+    separate_calibration = calibration_paths is not None
+    held_out = (config.selection_fraction,) + (() if separate_calibration else (config.calibration_fraction,))
+    fit_index, select_index, *cal_index = stratified_split(clean.labels, held_out, config.seed)
+    fit, select = clean.subset(fit_index), clean.subset(select_index)
+    cal = clean.subset(cal_index[0]) if cal_index else None
+    if len(fit) < 2 or len(select) < 2 or (cal is not None and len(cal) < 2):
+        raise UserError(f"--clean-data: {len(clean)} images are too few to split into finetuning, rate-selection "
+                        "and calibration sets")
+    n_cal = len(calibration_paths) if separate_calibration else len(cal)
+    log(f"clean images: {len(fit)} for finetuning (D_fit), {len(select)} for learning-rate choices (D_select), "
+        f"{n_cal} for the threshold (D_cal{', from --calibration-data' if separate_calibration else ''})")
     if len(clean) < RECOMMENDED_CLEAN_IMAGES:
         warnings.append(f"{len(clean)} clean images: with fewer than about {RECOMMENDED_CLEAN_IMAGES} the finetuned "
                         "auxiliary model can keep the backdoor (on CIFAR-10, 200 and 400 images left it at 85-100% "
                         "attack success and the guard at AUROC 0.75-0.93; 1,000 matched 2,000: BENCHMARKS.md)")
 
-    model_logits = predict_logits(model, cal.images, normalizer, config.device)
+    model_logits = predict_logits(model, select.images, normalizer, config.device)
     if not _finite(model_logits):
         raise UserError("--weights: the model gives non-finite outputs on the clean images; check the weights and --mean/--std")
-    model_accuracy = accuracy(model_logits, cal.labels)
-    log(f"model M: D_cal accuracy {model_accuracy:.3f}" + ("" if config.labels else " (agreement with itself: no labels)"))
+    model_accuracy = accuracy(model_logits, select.labels)
+    log(f"model M: D_select accuracy {model_accuracy:.3f}" + ("" if config.labels else " (agreement with itself: no labels)"))
     if config.labels and model_accuracy < 1.5 / num_classes:
         warnings.append(f"M is near chance on the clean images ({model_accuracy:.3f}): check the class order "
                         "(--class-names) and the preprocessing (--preset/--mean/--std)")
 
     log("backdoor expert: unlearning on shifted labels")
-    expert, expert_record = choose_unlearning_rate(model, fit, cal.images, cal.labels, num_classes, normalizer,
+    expert, expert_record = choose_unlearning_rate(model, fit, select.images, select.labels, num_classes, normalizer,
                                                    model_accuracy, config, log)
-    auxiliary, auxiliary_record = make_auxiliary(model, auxiliary_model, fit, cal, normalizer, model_accuracy, config, log)
+    auxiliary, auxiliary_record = make_auxiliary(model, auxiliary_model, fit, select, normalizer, model_accuracy,
+                                                 config, log)
     warnings += [r["warning"] for r in (expert_record, auxiliary_record) if "warning" in r]
 
     guard = Guard(model, expert, auxiliary, preprocessing, rejection_threshold=math.nan, alpha=config.alpha,
                   device=torch.device(config.device))
-    scores = guard.score(cal.images)
-    for name, tensor in (("model", scores.confidence), ("backdoor expert", scores.expert_agreement),
-                         ("auxiliary model", scores.auxiliary_agreement), ("score", scores.score)):
-        if not torch.isfinite(tensor).all():
-            raise RuntimeError(f"the {name} gives non-finite outputs on D_cal; refusing to write a bundle")
+    if separate_calibration:
+        batches = iter_image_batches(calibration_paths, preprocessing, option="--calibration-data",
+                                     progress=config.progress, desc="scoring calibration images")
+    else:
+        batches = [cal.images]
+    scores = score_batches(guard, batches)
+    require_finite(scores, "the calibration images")
     threshold = calibrate_threshold(scores.score, config.fpr, config.threshold_rule, config.threshold_delta)
-    if threshold.warning:
-        warnings.append(threshold.warning)
+    warnings += ([threshold.warning] if threshold.warning else []) + threshold.advice
     guard.rejection_threshold = threshold.tau
 
-    expert_accuracy = accuracy(predict_logits(expert, cal.images, normalizer, config.device), cal.labels)
-    auxiliary_accuracy = accuracy(predict_logits(auxiliary, cal.images, normalizer, config.device), cal.labels)
-    quantiles = torch.quantile(scores.score.double(), torch.tensor(QUANTILES, dtype=torch.double))
+    expert_accuracy = accuracy(predict_logits(expert, select.images, normalizer, config.device), select.labels)
+    auxiliary_accuracy = accuracy(predict_logits(auxiliary, select.images, normalizer, config.device), select.labels)
     settings = asdict(config)
     settings["finetune_milestones"] = list(config.finetune_milestones)
     settings["bcu_reinit_probabilities"] = list(config.bcu_reinit_probabilities)
+    labels = "given" if config.labels else "predicted by the model"
+    data = {
+        "finetuning": image_record(fit.paths, "--clean-data", labels),
+        "rate_selection": image_record(select.paths, "--clean-data", labels),
+        "calibration": (image_record(calibration_paths, "--calibration-data", "not used") if separate_calibration
+                        else image_record(cal.paths, "--clean-data", "not used")),
+        "split_seed": config.seed,
+    }
     fields = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "class_names": clean.class_names or [str(i) for i in range(num_classes)],
         "num_classes": num_classes,
         "target_fpr": config.fpr,
         "threshold": threshold.to_dict(),
-        "calibration": {
-            "n": threshold.n, "k": threshold.k, "realized_fpr": threshold.calibration_fpr,
-            "n_finetune": len(fit), "labels": config.labels,
-            "score_quantiles": {f"{q:g}": float(v) for q, v in zip(QUANTILES, quantiles)},
-        },
-        "accuracy_on_calibration": {"model": model_accuracy, "backdoor_expert": expert_accuracy,
-                                    "auxiliary_model": auxiliary_accuracy},
+        "calibration": calibration_record(threshold, scores.score, data["calibration"], n_finetune=len(fit),
+                                          labels=config.labels),
+        "data": data,
+        "accuracy_on_selection": {"model": model_accuracy, "backdoor_expert": expert_accuracy,
+                                  "auxiliary_model": auxiliary_accuracy},
         "backdoor_expert": expert_record,
         "auxiliary_model": auxiliary_record,
         "settings": settings,

@@ -27,7 +27,7 @@ from defense.models.loading import ModelSpec, instantiate
 from defense.preprocessing import Preprocessing
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: three-way split (accuracy_on_selection), float64 log-space scores
 ROLES = ("model", "backdoor_expert", "auxiliary_model")
 FILE_STEMS = {"model": "model", "backdoor_expert": "backdoor_expert", "auxiliary_model": "auxiliary"}
 
@@ -54,7 +54,7 @@ class Manifest(BaseModel):
     target_fpr: float
     threshold: dict
     calibration: dict
-    accuracy_on_calibration: dict
+    accuracy_on_selection: dict  # on D_select, the images that chose the learning rates
     backdoor_expert: dict
     auxiliary_model: dict
     settings: dict
@@ -104,15 +104,17 @@ def save_bundle(out_dir: Path, guard: Guard, spec: ModelSpec, fields: dict[str, 
             name = FILE_STEMS[role] + (".pt" if torchscript else ".safetensors")
             _write_weights(getattr(guard, role), staging / name, torchscript)
             files[role] = WeightFile(path=name, sha256=sha256_of(staging / name))
-        bundle_id = hashlib.sha256("".join(f.sha256 for f in files.values()).encode()).hexdigest()[:16]
         architecture = spec.to_dict()
         if torchscript:
             architecture["name"] = Path(spec.name).name
         manifest = Manifest(
-            format_version=FORMAT_VERSION, bundle_id=bundle_id, architecture=architecture,
+            format_version=FORMAT_VERSION, bundle_id="", architecture=architecture,
             preprocessing=guard.preprocessing.to_dict(), alpha=guard.alpha,
             rejection_threshold=guard.rejection_threshold, versions=package_versions(), files=files, **fields,
         )
+        # The id names this exact guard: the weights and everything else the manifest says (a
+        # recalibrated bundle, with the same weights and a new threshold, gets a new id).
+        manifest.bundle_id = hashlib.sha256(json.dumps(manifest.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
         (staging / MANIFEST).write_text(json.dumps(manifest.model_dump(), indent=2) + "\n")
         for path in staging.iterdir():
             path.chmod(0o644)  # readable by a server running as another user (the container's)
@@ -139,7 +141,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     except ValidationError as error:
         raise UserError(f"bundle {bundle_dir}: {MANIFEST} is invalid ({error.errors()[0]['loc']}: {error.errors()[0]['msg']})")
     if manifest.format_version != FORMAT_VERSION:
-        raise UserError(f"bundle {bundle_dir}: format version {manifest.format_version}; this release reads {FORMAT_VERSION}")
+        raise UserError(f"bundle {bundle_dir}: format version {manifest.format_version}; this release reads {FORMAT_VERSION}: "
+                        "rebuild it with 'badexpert build'")
     return manifest
 
 

@@ -50,6 +50,24 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _alpha(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def add_threshold_arguments(group, defaults) -> None:
+    group.add_argument("--fpr", type=_fraction, default=defaults.fpr,
+                       help="target false-positive rate: share of clean inputs rejected (default %(default)s)")
+    group.add_argument("--threshold-rule", choices=["conformal", "ucb"], default=defaults.threshold_rule,
+                       help="conformal: expected FPR = target (at most); ucb: realized FPR above the target with "
+                            "probability <= --threshold-delta, paid for by rejecting fewer clean AND triggered "
+                            "inputs when calibration images are few (default %(default)s)")
+    group.add_argument("--threshold-delta", type=_fraction, default=defaults.threshold_delta,
+                       help="--threshold-rule ucb: the allowed probability of exceeding the target (default %(default)s)")
+
+
 def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("preprocessing (stored in the bundle; evaluate and serve reuse it)")
     group.add_argument("--preset", choices=["cifar", "imagenet", "none"],
@@ -73,6 +91,10 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--num-classes", type=int, help="outputs of the model (default: the number of class folders)")
     io.add_argument("--clean-data", type=Path, required=True, metavar="DIR",
                     help="reserved clean images: one sub-folder per class (ImageFolder), or a flat folder with --no-labels")
+    io.add_argument("--calibration-data", type=Path, metavar="DIR",
+                    help="a separate folder of clean images (flat or one sub-folder per class; labels ignored) that "
+                         "sets the threshold alone: then every --clean-data image goes to finetuning and rate "
+                         "choices. 2,000+ images make the realized FPR close to the target (see 'calibrate')")
     io.add_argument("--class-names", type=Path, metavar="FILE",
                     help="one class name per line, in the model's output order (default: sorted folder names)")
     io.add_argument("--no-labels", action="store_true",
@@ -81,19 +103,19 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_preprocessing_arguments(parser)
     method = parser.add_argument_group("method (defaults are the paper's)")
-    method.add_argument("--fpr", type=_fraction, default=defaults.fpr, help="target false-positive rate (default %(default)s)")
-    method.add_argument("--threshold-rule", choices=["ucb", "conformal"], default=defaults.threshold_rule,
-                        help="ucb: realized FPR above target with probability <= --threshold-delta; "
-                             "conformal: expected FPR <= target (default %(default)s)")
-    method.add_argument("--threshold-delta", type=_fraction, default=defaults.threshold_delta,
-                        help="confidence of the ucb rule (default %(default)s)")
+    add_threshold_arguments(method, defaults)
     method.add_argument("--calibration-fraction", type=_fraction, default=defaults.calibration_fraction,
-                        help="share of the clean images held out for calibration (default %(default)s)")
-    method.add_argument("--alpha", type=float, default=defaults.alpha, help="score parameter alpha (default %(default)s)")
+                        help="share of the --clean-data images held out to set the threshold, when no "
+                             "--calibration-data is given (default %(default)s)")
+    method.add_argument("--selection-fraction", type=_fraction, default=defaults.selection_fraction,
+                        help="share of the --clean-data images held out to choose the learning rates "
+                             "(default %(default)s)")
+    method.add_argument("--alpha", type=_alpha, default=defaults.alpha,
+                        help="score parameter alpha, in (0, 1] (default %(default)s)")
     method.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split and the finetunings (default %(default)s)")
     method.add_argument("--unlearn-lr", type=_learning_rate, default=None, metavar="auto|LR",
                         help="backdoor expert's Adam learning rate; auto picks the smallest rate at which its "
-                             "calibration accuracy falls to --unlearn-target-ratio of M's (default auto)")
+                             "D_select accuracy falls to --unlearn-target-ratio of M's (default auto)")
     method.add_argument("--unlearn-target-ratio", type=_fraction, default=defaults.unlearn_target_ratio,
                         help="(default %(default)s)")
     method.add_argument("--unlearn-epochs", type=int, default=defaults.unlearn_epochs, help="(default %(default)s)")
@@ -102,11 +124,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auxiliary model's SGD learning rate; auto tries 0.1 downwards and keeps the first "
                              "rate that stays finite and recovers --finetune-recover-ratio of M's accuracy (default auto)")
     method.add_argument("--finetune-recover-ratio", type=_fraction, default=defaults.finetune_recover_ratio,
-                        help="--finetune-lr auto: the largest rate whose M' keeps this share of M's D_cal accuracy "
+                        help="--finetune-lr auto: the largest rate whose M' keeps this share of M's D_select accuracy "
                              "(default %(default)s)")
     method.add_argument("--pseudo-label-agreement", type=_fraction, default=defaults.pseudo_label_agreement_goal,
                         help="--no-labels with --finetune-lr auto: the largest rate whose M' agrees with M on this "
-                             "share of D_cal (default %(default)s)")
+                             "share of D_select (default %(default)s)")
     method.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs, help="(default %(default)s)")
     method.add_argument("--finetune-batch-size", type=int, default=defaults.finetune_batch_size, help="(default %(default)s)")
     method.add_argument("--finetune-milestones", type=int, nargs="+", default=list(defaults.finetune_milestones),
@@ -219,7 +241,7 @@ def run_build(args) -> int:
 
     from defense.build import BuildConfig, build_guard
     from defense.bundle import save_bundle
-    from defense.data import load_image_folder, read_class_names
+    from defense.data import load_image_folder, read_class_names, scan_flat_folder
     from defense.models import load_user_model, parse_model_spec
 
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
@@ -242,7 +264,7 @@ def run_build(args) -> int:
     supplied, supplied_source = (load_supplied_auxiliary(args, spec, preprocessing, num_classes)
                                  if auxiliary_method == "supplied" else (None, None))
     config = BuildConfig(
-        calibration_fraction=args.calibration_fraction, fpr=args.fpr, threshold_rule=args.threshold_rule,
+        calibration_fraction=args.calibration_fraction, selection_fraction=args.selection_fraction, fpr=args.fpr, threshold_rule=args.threshold_rule,
         threshold_delta=args.threshold_delta, alpha=args.alpha, seed=args.seed, unlearn_lr=args.unlearn_lr,
         unlearn_epochs=args.unlearn_epochs, unlearn_batch_size=args.unlearn_batch_size,
         unlearn_target_ratio=args.unlearn_target_ratio, finetune_lr=args.finetune_lr,
@@ -257,8 +279,11 @@ def run_build(args) -> int:
     )
     if not clean.class_names:
         clean.class_names = [str(i) for i in range(num_classes)]
+    calibration_paths = (scan_flat_folder(args.calibration_data, option="--calibration-data")
+                         if args.calibration_data is not None else None)
     torch.manual_seed(args.seed)
-    result = build_guard(model, clean, preprocessing, num_classes, config, auxiliary_model=supplied)
+    result = build_guard(model, clean, preprocessing, num_classes, config, auxiliary_model=supplied,
+                         calibration_paths=calibration_paths)
     if supplied_source:
         result.manifest_fields["auxiliary_model"]["source"] = supplied_source
     manifest = save_bundle(args.out, result.guard, spec, result.manifest_fields, overwrite=args.overwrite)
@@ -267,21 +292,40 @@ def run_build(args) -> int:
 
 
 def print_build_summary(manifest, out: Path) -> None:
-    accuracy = manifest.accuracy_on_calibration
-    threshold = manifest.threshold
+    accuracy = manifest.accuracy_on_selection
     print()
     print(f"bundle {manifest.bundle_id} written to {out}")
-    print(f"  D_cal accuracy: model {accuracy['model']:.3f}, backdoor expert {accuracy['backdoor_expert']:.3f}, "
+    print(f"  D_select accuracy: model {accuracy['model']:.3f}, backdoor expert {accuracy['backdoor_expert']:.3f}, "
           f"auxiliary {accuracy['auxiliary_model']:.3f}")
     auxiliary = manifest.auxiliary_model
     print(f"  unlearning lr {manifest.backdoor_expert['lr']:g} ({manifest.backdoor_expert['chosen_by']}), auxiliary: "
           f"{auxiliary['method']}" + (f" lr {auxiliary['lr']:g} ({auxiliary['chosen_by']})" if "lr" in auxiliary else ""))
-    print(f"  threshold tau {threshold['tau']:.4g} ({threshold['rule']}, k={threshold['k']} of n={threshold['n']}, "
-          f"target FPR {threshold['target_fpr']:g}, expected {threshold['expected_fpr']:.4f})")
-    for warning in getattr(manifest, "warnings", None) or []:
-        print(f"  warning: {warning}")
+    print_threshold(manifest)
     print(f"  build took {manifest.build_seconds:.0f} s")
     print(f"next: badexpert serve {out}")
+
+
+def print_threshold(manifest) -> None:
+    """The threshold, what to expect of the realized FPR, and every warning and piece of advice."""
+    from defense.threshold import Threshold
+
+    threshold = Threshold(**{**manifest.threshold, "fpr_range": tuple(manifest.threshold["fpr_range"])})
+    print(f"  threshold {threshold.describe()}")
+    for warning in getattr(manifest, "warnings", None) or []:
+        print(f"  warning: {warning}")
+
+
+def run_calibrate(args) -> int:
+    from defense.calibrate import recalibrate
+
+    manifest, _ = recalibrate(args.bundle, args.clean, args.out, args.fpr, args.threshold_rule, args.threshold_delta,
+                              device=resolve_device(args.device), progress=not args.quiet, overwrite=args.overwrite)
+    print()
+    print(f"bundle {manifest.bundle_id} written to {args.out} (recalibrated from {manifest.recalibrated_from}; "
+          "same models, new threshold)")
+    print_threshold(manifest)
+    print(f"next: badexpert serve {args.out}")
+    return 0
 
 
 def run_evaluate(args) -> int:
@@ -318,6 +362,24 @@ def build_parser() -> argparse.ArgumentParser:
                                             "calibrated rejection threshold, from a suspect model and clean images.")
     add_build_arguments(build)
     build.set_defaults(handler=run_build)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="re-set a bundle's threshold from more clean images (no labels, no retraining)",
+        description="Score a folder of clean images with a bundle's three models and write a new bundle whose "
+                    "threshold rejects the target share of them: same models, new tau, a new bundle id, and the "
+                    "calibration record in its manifest. The images need no labels (a flat folder, or one "
+                    "sub-folder per class) but must be clean and unseen by the build: 2,000+ bring the realized "
+                    "false-positive rate close to the target.")
+    calibrate.add_argument("bundle", type=Path, metavar="BUNDLE", help="the bundle to recalibrate (left unchanged)")
+    calibrate.add_argument("--clean", type=Path, required=True, metavar="DIR", help="clean images, labels ignored")
+    calibrate.add_argument("--out", type=Path, required=True, metavar="DIR", help="the new bundle's folder")
+    calibrate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    from defense.build import BuildConfig
+
+    add_threshold_arguments(calibrate.add_argument_group("threshold"), BuildConfig())
+    calibrate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
+    calibrate.set_defaults(handler=run_calibrate)
 
     evaluate = commands.add_parser("evaluate", help="measure a bundle on clean and triggered images",
                                    description="AUROC, TPR/FPR at the bundle's threshold, clean accuracy and attack "

@@ -83,6 +83,28 @@ def scan_flat_folder(root: Path, option: str = "--clean-data") -> list[Path]:
     return paths
 
 
+def decode_paths(paths: list[Path], preprocessing: Preprocessing, option: str) -> torch.Tensor:
+    """(len(paths), 3, H, W) uint8 at the preprocessing's input size; a bad file is the user's error."""
+    height, width = preprocessing.input_size
+    images = torch.empty((len(paths), 3, height, width), dtype=torch.uint8)
+    for index, path in enumerate(paths):
+        try:
+            images[index] = preprocessing.load(path)
+        except ImageDecodeError as error:
+            raise UserError(f"{option}: {path}: {error}; remove or replace this file")
+    return images
+
+
+def iter_image_batches(paths: list[Path], preprocessing: Preprocessing, batch_size: int = 256,
+                       option: str = "--calibration-data", progress: bool = True, desc: str = "scoring"):
+    """Decoded images in batches, so that a large folder is never held in memory at once."""
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            yield decode_paths(chunk, preprocessing, option)
+            bar.update(len(chunk))
+
+
 def load_image_folder(
     root: Path,
     preprocessing: Preprocessing,
@@ -99,12 +121,8 @@ def load_image_folder(
         class_names = class_names or []
     if not items:
         raise UserError(f"{option} {root}: no images")
-    height, width = preprocessing.input_size
-    images = torch.empty((len(items), 3, height, width), dtype=torch.uint8)
-    for index, (path, _) in enumerate(tqdm(items, desc=f"reading {root.name}", unit="img", disable=not progress)):
-        try:
-            images[index] = preprocessing.load(path)
-        except ImageDecodeError as error:
-            raise UserError(f"{option}: {path}: {error}; remove or replace this file")
+    paths = [path for path, _ in items]
+    images = torch.cat(list(iter_image_batches(paths, preprocessing, option=option, progress=progress,
+                                               desc=f"reading {root.name}")))
     labels = torch.tensor([label for _, label in items], dtype=torch.long)
     return ImageSet(images, labels, class_names, [path for path, _ in items])

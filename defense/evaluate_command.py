@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from defense.errors import UserError
+from defense.evaluation import backdoor_likeness
+from defense.score import rejects
 
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
@@ -122,6 +124,8 @@ def weighted_auroc(clean_scores: torch.Tensor, triggered_scores: torch.Tensor,
     For every clean score, the weighted number of triggered scores below it comes from one sort
     and a cumulative sum, so all B resamples cost O(B (n_c + n_t)) after O(n log n) sorting.
     """
+    # A NaN score is rejected: rank it as the lowest (most backdoor-like) score.
+    clean_scores, triggered_scores = (s.double().nan_to_num(nan=-math.inf) for s in (clean_scores, triggered_scores))
     order = triggered_scores.argsort()
     sorted_scores = triggered_scores[order].double()
     cumulative = torch.nn.functional.pad(triggered_weights[:, order].double().cumsum(1), (1, 0))
@@ -140,8 +144,8 @@ def bootstrap_metrics(tau: float, clean_scores, clean_correct, triggered_scores,
                       chunk: int = 100) -> dict[str, torch.Tensor]:
     """Each metric on ``resamples`` bootstrap resamples: {name: (resamples,) tensor}."""
     generator = torch.Generator().manual_seed(seed)
-    clean_rejected = (clean_scores < tau).double()
-    triggered_rejected = (triggered_scores < tau).double()
+    clean_rejected = rejects(clean_scores, tau).double()
+    triggered_rejected = rejects(triggered_scores, tau).double()
     correct = clean_correct.double()
     counted = triggered_counted.double()
     successful = triggered_successful.double()
@@ -194,15 +198,15 @@ def roc_points(clean_scores: torch.Tensor, triggered_scores: torch.Tensor):
     from sklearn.metrics import roc_curve
 
     truth = torch.cat([torch.zeros(len(clean_scores)), torch.ones(len(triggered_scores))]).numpy()
-    fpr, tpr, _ = roc_curve(truth, (-torch.cat([clean_scores, triggered_scores])).double().numpy())
+    fpr, tpr, _ = roc_curve(truth, backdoor_likeness(torch.cat([clean_scores, triggered_scores])).numpy())
     return fpr, tpr
 
 
 def plot_roc(path: Path, clean_scores, triggered_scores, tau: float, target_fpr: float, auroc: float) -> None:
     plt = _pyplot()
     fpr, tpr = roc_points(clean_scores, triggered_scores)
-    point_fpr = float((clean_scores < tau).float().mean())
-    point_tpr = float((triggered_scores < tau).float().mean())
+    point_fpr = float(rejects(clean_scores, tau).float().mean())
+    point_tpr = float(rejects(triggered_scores, tau).float().mean())
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     floor = 0.5 / max(len(clean_scores), 1)
     for ax, log in zip(axes, (False, True)):
@@ -262,8 +266,8 @@ def plot_histograms(path: Path, clean_scores, triggered_scores, tau: float) -> N
         ax.set_yscale("log")
     ax.set_xlabel("BaDExpert score" + (" (log scale)" if log_axis else "") + "; low = backdoor-like")
     ax.set_ylabel("inputs" + (" (log scale)" if log_counts else ""))
-    ax.set_title(f"Score distributions; {float((clean_scores < tau).float().mean()):.2%} of these clean and "
-                 f"{float((triggered_scores < tau).float().mean()) if len(triggered) else float('nan'):.2%} "
+    ax.set_title(f"Score distributions; {float(rejects(clean_scores, tau).float().mean()):.2%} of these clean and "
+                 f"{float(rejects(triggered_scores, tau).float().mean()) if len(triggered) else float('nan'):.2%} "
                  "of these triggered rejected", fontsize=10)
     ax.legend(fontsize=8.5, loc="best")
     ax.grid(alpha=0.3)
@@ -309,7 +313,7 @@ def plot_confidence_plane(path: Path, clean_b, clean_a, triggered_b, triggered_a
     grid = torch.linspace(0, 1, 801, dtype=torch.float64)
     b, a = torch.meshgrid(grid, grid, indexing="xy")
     score = triangle_score(b, a, alpha).numpy()
-    full.contourf(b.numpy(), a.numpy(), (score < tau).astype(float), levels=[0.5, 1.5], colors=[REJECTED_COLOUR], alpha=0.9)
+    full.contourf(b.numpy(), a.numpy(), rejects(score, tau).astype(float), levels=[0.5, 1.5], colors=[REJECTED_COLOUR], alpha=0.9)
     for x, y, colour in populations:
         _density(full, x.double().numpy(), y.double().numpy(), np.linspace(0, 1, 51), colour)
     full.contour(b.numpy(), a.numpy(), score, levels=[tau], colors="black", linewidths=1.4, linestyles="--")
@@ -325,7 +329,7 @@ def plot_confidence_plane(path: Path, clean_b, clean_a, triggered_b, triggered_a
     u = torch.logspace(np.log10(PLANE_FLOOR) - 0.25, 0, 600, dtype=torch.float64)
     uu, vv = torch.meshgrid(u, u, indexing="xy")
     corner_score = triangle_score(1 - uu, vv, alpha).numpy()
-    corner.contourf(uu.numpy(), vv.numpy(), (corner_score < tau).astype(float), levels=[0.5, 1.5],
+    corner.contourf(uu.numpy(), vv.numpy(), rejects(corner_score, tau).astype(float), levels=[0.5, 1.5],
                     colors=[REJECTED_COLOUR], alpha=0.9)
     for x, y, colour in populations:
         gap = (1 - x.double()).clamp(PLANE_FLOOR, 1).numpy()
@@ -340,8 +344,8 @@ def plot_confidence_plane(path: Path, clean_b, clean_a, triggered_b, triggered_a
     corner.set_ylabel("a (log scale): 0 = the auxiliary fully disagrees")
     corner.set_title(f"Backdoor corner magnified (values below {PLANE_FLOOR:g} drawn at the edge)", fontsize=10)
 
-    rejected_clean = float((triangle_score(clean_b, clean_a, alpha) < tau).float().mean()) if len(clean_b) else float("nan")
-    rejected_triggered = (float((triangle_score(triggered_b, triggered_a, alpha) < tau).float().mean())
+    rejected_clean = float(rejects(triangle_score(clean_b, clean_a, alpha), tau).float().mean()) if len(clean_b) else float("nan")
+    rejected_triggered = (float(rejects(triangle_score(triggered_b, triggered_a, alpha), tau).float().mean())
                           if len(triggered_b) else float("nan"))
     handles = [
         Patch(color=CLEAN_COLOUR, label=f"clean, correctly classified (n={len(clean_b)}; {rejected_clean:.1%} rejected)"),
@@ -507,10 +511,10 @@ def evaluate_bundle(args) -> int:
                  "preprocessing": guard.preprocessing.to_dict()},
         "metrics": metric_report,
         "counts": {"n_clean": metrics.n_clean, "n_clean_correct": metrics.n_clean_correct,
-                   "n_clean_rejected": int((clean_out.score < tau).sum()),
+                   "n_clean_rejected": int(rejects(clean_out.score, tau).sum()),
                    "n_triggered": len(triggered), "n_triggered_counted": metrics.n_triggered,
                    "n_triggered_successful": metrics.n_triggered_successful,
-                   "n_triggered_rejected": int((triggered_out.score[counted] < tau).sum())},
+                   "n_triggered_rejected": int(rejects(triggered_out.score[counted], tau).sum())},
         "bootstrap": {"resamples": resamples, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE,
                       "method": "percentile; clean and triggered images resampled independently"},
         "score_quantiles": {

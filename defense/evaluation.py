@@ -9,10 +9,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from sklearn.metrics import roc_auc_score
+
+from defense.score import rejects
 
 
 @dataclass
@@ -33,12 +36,17 @@ class DetectionMetrics:
         return asdict(self)
 
 
+def backdoor_likeness(scores: torch.Tensor) -> torch.Tensor:
+    """-score in float64, a NaN score (rejected) ranked as the most backdoor-like: what ROC curves rank."""
+    return (-scores.double()).nan_to_num(nan=math.inf)
+
+
 def auroc(clean_scores: torch.Tensor, triggered_scores: torch.Tensor) -> float:
     """Area under the ROC for telling triggered (positive) from clean inputs by a low score."""
     if len(clean_scores) == 0 or len(triggered_scores) == 0:
         return float("nan")
     truth = torch.cat([torch.zeros(len(clean_scores)), torch.ones(len(triggered_scores))])
-    return float(roc_auc_score(truth.numpy(), (-torch.cat([clean_scores, triggered_scores])).double().numpy()))
+    return float(roc_auc_score(truth.numpy(), backdoor_likeness(torch.cat([clean_scores, triggered_scores])).numpy()))
 
 
 def detection_metrics(
@@ -55,8 +63,8 @@ def detection_metrics(
     if counted is None:
         counted = triggered_sources != target_class  # source class == target does not count (paper)
     successful = counted & (triggered_predictions == target_class)
-    clean_rejected = clean_scores < tau
-    triggered_rejected = triggered_scores < tau
+    clean_rejected = rejects(clean_scores, tau)
+    triggered_rejected = rejects(triggered_scores, tau)
     n_counted = int(counted.sum())
     return DetectionMetrics(
         auroc=auroc(clean_scores[clean_correct], triggered_scores[successful]),

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from defense.preprocessing import Preprocessing
-from defense.score import DEFAULT_ALPHA, GuardScores, guard_scores
+from defense.score import DEFAULT_ALPHA, GuardScores, guard_scores, rejects
 
 
 @dataclass
@@ -47,4 +47,5 @@ class Guard:
         return GuardScores.cat(parts)
 
     def rejects(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores < self.rejection_threshold
+        """Which scores this guard rejects (:func:`defense.score.rejects` at its threshold)."""
+        return rejects(scores, self.rejection_threshold)

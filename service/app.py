@@ -26,7 +26,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defense.bundle import load_bundle, package_versions
-from defense.score import GuardScores, guard_scores
+from defense.score import GuardScores, guard_scores, rejects
 from service.audit import AuditTrail
 from service.batcher import MicroBatcher, Overloaded, ShuttingDown
 from service.inputs import (MULTIPART, InputError, Limits, check_content_length, check_media_type, decode_images,
@@ -219,7 +219,7 @@ class GuardService:
             return self.unavailable()
         labels, confidences, values = scores.label.tolist(), scores.confidence.tolist(), scores.score.tolist()
         tau, names = self.tau, self.class_names
-        flagged = [not value >= tau for value in values]  # a NaN score is flagged: fail closed
+        flagged = rejects(scores.score, tau).tolist()  # the guard's one rule: a NaN score is flagged
         hide = self.enforce and not self.settings.reveal_rejected
         predictions = []
         for index, (label, confidence, value, flag) in enumerate(zip(labels, confidences, values, flagged)):

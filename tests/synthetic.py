@@ -75,6 +75,6 @@ def manifest_fields(num_classes: int = NUM_CLASSES) -> dict:
     return {
         "created_at": "2026-01-01T00:00:00+00:00", "class_names": [f"class_{i}" for i in range(num_classes)],
         "num_classes": num_classes, "target_fpr": 0.01, "threshold": {"tau": 0.5}, "calibration": {"n": 0, "k": 0},
-        "accuracy_on_calibration": {}, "backdoor_expert": {"lr": 1e-4}, "auxiliary_model": {"lr": 0.1},
+        "accuracy_on_selection": {}, "backdoor_expert": {"lr": 1e-4}, "auxiliary_model": {"lr": 0.1},
         "settings": {}, "build_seconds": 0.0,
     }

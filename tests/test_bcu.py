@@ -235,7 +235,9 @@ def test_build_guard_label_free_in_memory(backdoored):
     assert list(record["reinit_probabilities"].values()) == list(DEFAULT_STAGE_PROBABILITIES)
     assert result.manifest_fields["calibration"]["labels"] is False
     calibration = result.manifest_fields["calibration"]
-    assert calibration["n"] + calibration["n_finetune"] == 160  # every D_cal image counts: none is filtered out
+    data = result.manifest_fields["data"]
+    # every held-out image counts: none is filtered out
+    assert calibration["n"] + calibration["n_finetune"] + data["rate_selection"]["n"] == 160
     guard = result.guard
     source = backdoored["test_labels"] != TARGET
     clean_scores = guard.score(backdoored["test"]).score
@@ -274,7 +276,7 @@ def test_cli_no_labels_defaults_to_finetuning_on_the_models_predictions(backdoor
     assert record["method"] == "pseudo_label_finetune" and record["labels"] == "predicted by the model"
     assert record["lr"] == 0.01 and manifest["calibration"]["labels"] is False
     # the auxiliary learned M's function from M's labels: it agrees with M on most D_cal images
-    assert manifest["accuracy_on_calibration"]["auxiliary_model"] > 0.5
+    assert manifest["accuracy_on_selection"]["auxiliary_model"] > 0.5
 
 
 def test_cli_supplied_auxiliary(backdoored, tmp_path):

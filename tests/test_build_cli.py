@@ -129,6 +129,6 @@ def test_end_to_end_build_detects_the_backdoor(tmp_path):
     saved = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert saved["backdoor_expert"]["chosen_by"] == "auto" and saved["backdoor_expert"]["search"]
     assert saved["calibration"]["n"] == 120 and saved["threshold"]["k"] >= 1
-    assert saved["accuracy_on_calibration"]["backdoor_expert"] <= 0.5 * saved["accuracy_on_calibration"]["model"]
+    assert saved["accuracy_on_selection"]["backdoor_expert"] <= 0.5 * saved["accuracy_on_selection"]["model"]
     # 240 clean images: fewer than the build recommends, and the manifest says so
     assert any(w.startswith("240 clean images: with fewer than about 1000") for w in saved["warnings"])
