@@ -1,0 +1,258 @@
+"""The guard as deployed: realized FPR and ASR at the bundle's own tau, per attack, per calibration.
+
+    python -m bench.operating_point --attacks blend trojan      # builds, then one JSON per attack
+    python -m bench.operating_point --table                     # Markdown tables from those JSONs
+
+The CIFAR-10 test set is split once (seeded) into a *calibration pool* of 5,000 images, which only
+ever sets thresholds (no labels used), and 5,000 *evaluation* images, on which every figure below
+is measured (clean, and triggered for the counted non-target ones). For each attack's cached model
+(bench.train_attacked), the 2,000 reserved training images are the user's labeled clean set, and:
+
+- ``default``: ``badexpert build`` with its defaults on the 2,000 labeled images alone (D_fit 1,000,
+  D_select 200 for the learning rates, D_cal 800 for the threshold, conformal rule);
+- ``split_80_20``: ``--calibration-fraction 0.2`` (D_fit 1,400, D_cal 400), the split before this
+  one, to see what the larger calibration share buys;
+- ``calibration_data``: ``build --calibration-data`` with the 5,000-image pool (D_fit 1,800,
+  D_select 200, D_cal 5,000);
+- ``recalibrated``: ``badexpert calibrate`` of the ``default`` bundle on the same pool (scoring only).
+
+For the two builds without extra data the threshold is also recomputed with the ``ucb`` rule from
+the bundle's own D_cal scores (same models, scoring only), so both rules are compared on the same
+guards. Also counted: exactly tied scores among the evaluation clean images, with the score of
+this release and with the float32 formula of the previous one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from bench.attacks import ATTACKS, MIN_ASR
+from bench.cifar10 import CACHE, available, load_cifar10, reserved_split
+from bench.detection import write_reserved_folder
+from bench.train_attacked import model_path, train_backdoored
+from defense.build import stratified_split
+from defense.bundle import load_bundle
+from defense.cli import main as badexpert
+from defense.data import load_image_folder
+from defense.evaluation import detection_metrics
+from defense.score import GuardScores, guard_scores
+from defense.threshold import calibrate_threshold, realized_fpr_range
+
+ROOT = CACHE / "bench" / "operating_point"
+POOL_SIZE = 5000
+FPR = 0.01
+VARIANTS = {
+    "default": [],
+    "split_80_20": ["--calibration-fraction", "0.2"],
+    "calibration_data": None,  # --calibration-data POOL, added below
+}
+
+
+def test_split(n_test: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration pool, evaluation) indices of the test set: disjoint, seeded, 5,000 each."""
+    order = torch.randperm(n_test, generator=torch.Generator().manual_seed(1000 + seed))
+    return order[:POOL_SIZE].sort().values, order[POOL_SIZE:].sort().values
+
+
+def write_pool(images: torch.Tensor, root: Path) -> Path:
+    """The calibration pool as a flat folder of PNG files (no labels: calibration needs none)."""
+    if (root / ".complete").is_file():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / f"{index:05d}.png")
+    (root / ".complete").touch()
+    return root
+
+
+def float32_scores(model_logits, expert_logits, auxiliary_logits, alpha: float) -> torch.Tensor:
+    """The previous release's score (float32 softmax), only to count the ties it made."""
+    label = model_logits.argmax(1, keepdim=True)
+    b = expert_logits.float().softmax(1).gather(1, label).squeeze(1)
+    a = auxiliary_logits.float().softmax(1).gather(1, label).squeeze(1)
+    return torch.minimum(a / (alpha * b.clamp_min(1e-8)), (1 - b) / (alpha - a).clamp_min(1e-8))
+
+
+def score_with_logits(guard, images: torch.Tensor, batch_size: int = 1000):
+    scores, old = [], []
+    for start in range(0, len(images), batch_size):
+        logits = guard.logits(images[start:start + batch_size])
+        scores.append(guard_scores(*logits, alpha=guard.alpha).cpu())
+        old.append(float32_scores(*(x.cpu() for x in logits), guard.alpha))
+    return GuardScores.cat(scores), torch.cat(old)
+
+
+def ties(values: torch.Tensor) -> int:
+    """Inputs whose score equals another input's score exactly."""
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    return int((counts[inverse] > 1).sum())
+
+
+def operating_point(tau: float, clean, triggered, labels, attack) -> dict:
+    metrics = detection_metrics(tau, clean.score, clean.label, labels, triggered.score, triggered.label, labels,
+                                attack.targets(labels), counted=attack.counted(labels))
+    return {"tau": tau, "fpr": metrics.fpr, "asr_with_guard": metrics.asr_with_guard, "auroc": metrics.auroc,
+            "clean_accuracy_with_guard": metrics.clean_accuracy_with_guard,
+            "asr_without_guard": metrics.asr_without_guard,
+            "clean_accuracy_without_guard": metrics.clean_accuracy_without_guard}
+
+
+def bundle_threshold(manifest) -> dict:
+    threshold = manifest.threshold
+    return {key: threshold.get(key) for key in ("rule", "n", "k", "expected_fpr", "fpr_range", "advice")}
+
+
+def build(bundle: Path, argv: list[str]) -> None:
+    if (bundle / "manifest.json").is_file():
+        return  # resume: built in an earlier run
+    started = time.monotonic()
+    if badexpert([*argv, "--out", str(bundle), "--overwrite", "--quiet"]) != 0:
+        raise SystemExit(f"badexpert failed for {bundle}")
+    print(f"  {bundle.name}: {time.monotonic() - started:.0f} s")
+
+
+def run_attack(name: str, arch: str, seed: int, data: dict, device: str) -> dict:
+    attack = ATTACKS[name]()
+    model_attack = attack.model_attack or name
+    _, model_info = train_backdoored(model_attack, arch, seed=seed, device=device)
+    _, reserved_index = reserved_split(len(data["train_labels"]), seed=seed)
+    reserved = write_reserved_folder(data["train_images"][reserved_index], data["train_labels"][reserved_index],
+                                     CACHE / "bench" / "reserved" / f"seed{seed}_n2000")
+    pool_index, eval_index = test_split(len(data["test_labels"]), seed)
+    pool = write_pool(data["test_images"][pool_index], ROOT / f"pool_seed{seed}")
+    common = ["build", "--model", arch, "--weights", str(model_path(model_attack, arch, seed)), "--clean-data",
+              str(reserved), "--preset", "cifar", "--seed", str(seed), "--device", device]
+    folder = ROOT / "bundles" / f"{model_attack}_{arch}_seed{seed}"
+    for variant, extra in VARIANTS.items():
+        extra = ["--calibration-data", str(pool)] if extra is None else extra
+        build(folder / variant, common + extra)
+    if not (folder / "recalibrated" / "manifest.json").is_file():
+        badexpert(["calibrate", str(folder / "default"), "--clean", str(pool), "--out", str(folder / "recalibrated"),
+                   "--overwrite", "--quiet", "--device", device])
+
+    images, labels = data["test_images"][eval_index], data["test_labels"][eval_index]
+    triggered_images = attack.apply(images)
+    reserved_set = load_image_folder(reserved, _preprocessing(folder), progress=False)
+    result = {"attack": name, "arch": arch, "seed": seed, "model": model_info, "n_eval_clean": len(labels),
+              "n_eval_triggered": int(attack.counted(labels).sum()), "variants": {}}
+    for variant in (*VARIANTS, "recalibrated"):
+        guard, manifest = load_bundle(folder / variant, device)
+        clean, clean_old = score_with_logits(guard, images)
+        triggered, _ = score_with_logits(guard, triggered_images)
+        row = {"bundle_id": manifest.bundle_id, "threshold": bundle_threshold(manifest),
+               "unlearn_lr": manifest.backdoor_expert["lr"], "finetune_lr": manifest.auxiliary_model.get("lr"),
+               "ties_clean": ties(clean.score), "ties_clean_float32": ties(clean_old),
+               "at_tau": operating_point(guard.rejection_threshold, clean, triggered, labels, attack)}
+        low, high = row["threshold"]["fpr_range"]
+        row["at_tau"]["fpr_in_predicted_range"] = bool(low <= row["at_tau"]["fpr"] <= high)
+        if variant in ("default", "split_80_20"):  # the other rule on the same guard and the same D_cal
+            settings = manifest.settings
+            fit_select_cal = stratified_split(reserved_set.labels, (settings["selection_fraction"],
+                                                                    settings["calibration_fraction"]), seed)
+            cal_scores = guard.score(reserved_set.images[fit_select_cal[2]]).score
+            assert calibrate_threshold(cal_scores, FPR, "conformal").tau == guard.rejection_threshold
+            ucb = calibrate_threshold(cal_scores, FPR, "ucb")
+            row["ucb"] = {"k": ucb.k, "n": ucb.n, "fpr_range": list(realized_fpr_range(ucb.n, ucb.k)),
+                          "at_tau": operating_point(ucb.tau, clean, triggered, labels, attack)}
+        result["variants"][variant] = row
+    path = ROOT / "results" / f"{name}_{arch}_seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _preprocessing(folder: Path):
+    from defense.bundle import read_manifest
+    from defense.preprocessing import Preprocessing
+
+    return Preprocessing.from_dict(read_manifest(folder / "default").preprocessing)
+
+
+# ------------------------------------------------------------------------------------------------
+# tables
+
+def _pct(value: float, digits: int = 1) -> str:
+    return f"{100 * value:.{digits}f}"
+
+
+def table(results: list[dict]) -> list[str]:
+    order = list(ATTACKS)
+    results = sorted(results, key=lambda r: (ATTACKS[r["attack"]].adaptive, order.index(r["attack"])))
+    columns = [("default", None), ("default", "ucb"), ("split_80_20", None), ("split_80_20", "ucb"),
+               ("calibration_data", None), ("recalibrated", None)]
+    lines = ["| attack | model ASR | AUROC (default) | " + " | ".join(
+        f"{variant}{' (ucb)' if rule else ''}: FPR / ASR" for variant, rule in columns) + " |",
+        "|" + "---|" * (3 + len(columns))]
+    sums = {column: [0.0, 0.0, 0] for column in columns}
+    for r in results:
+        counted = r["model"]["attack_success_rate"] >= MIN_ASR
+        name = r["attack"] + (" (adaptive)" if ATTACKS[r["attack"]].adaptive else "") + ("" if counted else " (not counted)")
+        cells = []
+        for variant, rule in columns:
+            row = r["variants"][variant]
+            point = row[rule]["at_tau"] if rule else row["at_tau"]
+            cells.append(f"{_pct(point['fpr'], 2)} / {_pct(point['asr_with_guard'])}")
+            if counted and not ATTACKS[r["attack"]].adaptive:
+                sums[(variant, rule)][0] += point["fpr"]
+                sums[(variant, rule)][1] += point["asr_with_guard"]
+                sums[(variant, rule)][2] += 1
+        default = r["variants"]["default"]["at_tau"]
+        lines.append(f"| {name} | {_pct(default['asr_without_guard'])} | {_pct(default['auroc'], 2)} | "
+                     + " | ".join(cells) + " |")
+    count = max(v[2] for v in sums.values()) if sums else 0
+    if count:
+        lines.append(f"| **mean, {count} counted standard** | | | " + " | ".join(
+            f"**{_pct(s[0] / s[2], 2)} / {_pct(s[1] / s[2])}**" for s in sums.values()) + " |")
+    return lines
+
+
+def calibration_table(results: list[dict]) -> list[str]:
+    lines = ["| attack | variant | rule | n | k | expected FPR | predicted range (95%) | realized FPR | in range | "
+             "tied clean scores (float32 formula) |", "|" + "---|" * 10]
+    for r in results:
+        for variant, row in r["variants"].items():
+            threshold, point = row["threshold"], row["at_tau"]
+            low, high = threshold["fpr_range"]
+            lines.append(f"| {r['attack']} | {variant} | {threshold['rule']} | {threshold['n']} | {threshold['k']} | "
+                         f"{_pct(threshold['expected_fpr'], 2)} | {_pct(low, 2)}-{_pct(high, 2)} | "
+                         f"{_pct(point['fpr'], 2)} | {'yes' if point['fpr_in_predicted_range'] else 'NO'} | "
+                         f"{row['ties_clean']} ({row['ties_clean_float32']}) |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attacks", nargs="+", default=[], choices=sorted(ATTACKS))
+    parser.add_argument("--arch", default="cifar_resnet_compact")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--table", action="store_true", help="print the Markdown tables of every result so far")
+    args = parser.parse_args()
+    if args.attacks:
+        if not available():
+            print("CIFAR-10 not found at ../shared/datasets/: skipping the benchmark")
+            return
+        data = load_cifar10()
+        for name in args.attacks:
+            started = time.monotonic()
+            result = run_attack(name, args.arch, args.seed, data, args.device)
+            default = result["variants"]["default"]["at_tau"]
+            extra = result["variants"]["calibration_data"]["at_tau"]
+            print(f"{name:18s} AUROC {default['auroc']:.4f} | default: FPR {default['fpr']:.4f} ASR "
+                  f"{default['asr_with_guard']:.3f} | +5,000 calibration: FPR {extra['fpr']:.4f} ASR "
+                  f"{extra['asr_with_guard']:.3f} | {time.monotonic() - started:.0f} s")
+    if args.table:
+        results = [json.loads(p.read_text()) for p in sorted((ROOT / "results").glob(f"*_{args.arch}_seed{args.seed}.json"))]
+        print("\n".join(table(results)))
+        print()
+        print("\n".join(calibration_table(results)))
+
+
+if __name__ == "__main__":
+    main()
