@@ -14,7 +14,7 @@ inference-time variants such as ``blend_low_opacity`` reuse their base attack's 
    images, and up to ``--eval-size`` test images whose source class counts for the attack, with
    the attack's test-time trigger.
 
-Metrics (DESIGN.md section 1, with the attack's own targets, so all-to-all and TaCT are right):
+Metrics (docs/method.md, section 6, with the attack's own targets, so all-to-all and TaCT are right):
 AUROC over clean inputs that M classifies correctly vs. triggered inputs that M sends to their
 target; CA, ASR and the realized FPR at the threshold that flags 1% of the clean test
 subset (the paper's Table 1 protocol: the threshold is set on test data, for every method alike);
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from bench.attacks import ATTACKS, MIN_ASR
-from bench.cifar10 import CACHE, CLASSES, available, load_cifar10
+from bench.cifar10 import ARCHIVE, CACHE, CLASSES, available, load_cifar10
 from defense.score import rejects
 
 RESULTS = CACHE / "bench" / "results"
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not available():
-        print("CIFAR-10 not found at ../shared/datasets/ (nor decoded in the cache): skipping the benchmark")
+        print(f"CIFAR-10 not found at {ARCHIVE} (nor decoded in the cache; set BADEXPERT_DATA): skipping the benchmark")
         return 0
     names = args.attacks or cached_attacks(args.arch, args.seed)
     if not names:

@@ -1,4 +1,9 @@
-"""Real CIFAR-10 from ../shared/datasets/, decoded once and cached as uint8 arrays outside the repo."""
+"""Real CIFAR-10, decoded once and cached as uint8 arrays outside the repo.
+
+The archive ``cifar10-jpg.tar.gz`` (every image as a JPEG in ImageFolder layout:
+``train/<class>/*.jpg``, ``test/<class>/*.jpg``) is read from the folder ``BADEXPERT_DATA``
+(default: ``../shared/datasets`` next to the repository); the benchmarks skip when it is absent.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from PIL import Image
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+DATA = Path(os.environ.get("BADEXPERT_DATA", REPO.parent / "shared" / "datasets"))
+ARCHIVE = DATA / "cifar10-jpg.tar.gz"
 CACHE = Path(os.environ.get("BADEXPERT_CACHE", Path.home() / ".cache" / "badexpert"))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

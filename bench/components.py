@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from bench.attacks import ATTACKS
-from bench.cifar10 import CACHE, available, load_cifar10
+from bench.cifar10 import ARCHIVE, CACHE, available, load_cifar10
 from bench.detection import _score_with_predictions
 from defense.bundle import load_bundle
 from defense.evaluation import auroc
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=["badnet"], choices=sorted(ATTACKS))
     args = parser.parse_args()
     if not available():
-        print("CIFAR-10 not found at ../shared/datasets/: skipping")
+        print(f"CIFAR-10 not found at {ARCHIVE} (set BADEXPERT_DATA): skipping")
         return
     data = load_cifar10()
     for name in args.attacks:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from bench.attacks import ATTACKS
-from bench.cifar10 import CACHE, CLASSES, available, load_cifar10, reserved_split
+from bench.cifar10 import ARCHIVE, CACHE, CLASSES, available, load_cifar10, reserved_split
 from bench.train_attacked import model_path, train_backdoored
 from defense.bundle import load_bundle
 from defense.cli import main as badexpert
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("build_args", nargs=argparse.REMAINDER, help="extra 'badexpert build' flags after --")
     args = parser.parse_args()
     if not available():
-        print("CIFAR-10 not found at ../shared/datasets/: skipping the benchmark")
+        print(f"CIFAR-10 not found at {ARCHIVE} (set BADEXPERT_DATA): skipping the benchmark")
         return
     extra = [a for a in args.build_args if a != "--"]
     for attack in args.attacks:

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from bench.attacks import ATTACKS, MIN_ASR
-from bench.cifar10 import CACHE, available, load_cifar10, reserved_split
+from bench.cifar10 import ARCHIVE, CACHE, available, load_cifar10, reserved_split
 from bench.detection import write_reserved_folder
 from bench.train_attacked import model_path, train_backdoored
 from defense.build import stratified_split
@@ -236,7 +236,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.attacks:
         if not available():
-            print("CIFAR-10 not found at ../shared/datasets/: skipping the benchmark")
+            print(f"CIFAR-10 not found at {ARCHIVE} (set BADEXPERT_DATA): skipping the benchmark")
             return
         data = load_cifar10()
         for name in args.attacks:

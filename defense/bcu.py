@@ -1,4 +1,4 @@
-"""BCU, backdoor cleansing without labels (DESIGN.md section 2): the label-free auxiliary model M'.
+"""BCU, backdoor cleansing without labels (docs/method.md, section 3): the label-free auxiliary model M'.
 
 1. :func:`reinitialize`: the student is a copy of M in which every conv/linear weight and bias
    entry is kept with probability 1 - p and replaced by a fresh initialization otherwise, p

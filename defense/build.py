@@ -40,7 +40,7 @@ RECOMMENDED_CLEAN_IMAGES = 1000
 
 @dataclass
 class BuildConfig:
-    """Every setting of the offline job; the defaults are the paper's (DESIGN.md section 1)."""
+    """Every setting of the offline job; the defaults are the paper's (docs/method.md)."""
 
     # Shares of the labeled clean images held out from finetuning: for the threshold (unless
     # calibration images come separately) and for the learning-rate choices. The rest is D_fit.
@@ -249,7 +249,7 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
     normalizer = preprocessing.normalizer()
     model = model.float().eval()
 
-    # Without labels, M's own predictions stand in for them (DESIGN: unlearning, step 2).
+    # Without labels, M's own predictions stand in for them (docs/method.md, section 2).
     if not config.labels:
         predicted = predict_logits(model, clean.images, normalizer, config.device).argmax(1)
         clean = ImageSet(clean.images, predicted, clean.class_names, clean.paths)

@@ -3,7 +3,7 @@
     badexpert evaluate BUNDLE --clean DIR --triggered DIR [--target-class N|NAME] --report DIR
 
 Images are read with the bundle's own preprocessing (the same as build and serve). Metrics are
-the paper's (DESIGN.md section 1), computed by :func:`defense.evaluation.detection_metrics`:
+the paper's (docs/method.md, section 6), computed by :func:`defense.evaluation.detection_metrics`:
 
 - AUROC: clean inputs that M classifies correctly vs. triggered inputs from a non-target source
   class that M sends to the target (low score = backdoor);

@@ -1,4 +1,4 @@
-"""Detection metrics as the paper defines them (DESIGN.md section 1), from guard scores.
+"""Detection metrics as the paper defines them (docs/method.md, section 6), from guard scores.
 
 - AUROC: clean inputs that M classifies correctly vs. triggered inputs (source != target) that M
   sends to the target; low score means backdoor.
