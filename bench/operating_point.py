@@ -54,7 +54,7 @@ VARIANTS = {
 }
 
 
-def test_split(n_test: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def split_test_set(n_test: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(calibration pool, evaluation) indices of the test set: disjoint, seeded, 5,000 each."""
     order = torch.randperm(n_test, generator=torch.Generator().manual_seed(1000 + seed))
     return order[:POOL_SIZE].sort().values, order[POOL_SIZE:].sort().values
@@ -124,7 +124,7 @@ def run_attack(name: str, arch: str, seed: int, data: dict, device: str) -> dict
     _, reserved_index = reserved_split(len(data["train_labels"]), seed=seed)
     reserved = write_reserved_folder(data["train_images"][reserved_index], data["train_labels"][reserved_index],
                                      CACHE / "bench" / "reserved" / f"seed{seed}_n2000")
-    pool_index, eval_index = test_split(len(data["test_labels"]), seed)
+    pool_index, eval_index = split_test_set(len(data["test_labels"]), seed)
     pool = write_pool(data["test_images"][pool_index], ROOT / f"pool_seed{seed}")
     common = ["build", "--model", arch, "--weights", str(model_path(model_attack, arch, seed)), "--clean-data",
               str(reserved), "--preset", "cifar", "--seed", str(seed), "--device", device]
