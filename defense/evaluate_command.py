@@ -312,8 +312,9 @@ def plot_confidence_plane(path: Path, clean_b, clean_a, triggered_b, triggered_a
     # whole plane, linear axes
     grid = torch.linspace(0, 1, 801, dtype=torch.float64)
     b, a = torch.meshgrid(grid, grid, indexing="xy")
-    score = triangle_score(b, a, alpha).numpy()
-    full.contourf(b.numpy(), a.numpy(), rejects(score, tau).astype(float), levels=[0.5, 1.5], colors=[REJECTED_COLOUR], alpha=0.9)
+    plane_scores = triangle_score(b, a, alpha)
+    score = plane_scores.numpy()
+    full.contourf(b.numpy(), a.numpy(), rejects(plane_scores, tau).numpy().astype(float), levels=[0.5, 1.5], colors=[REJECTED_COLOUR], alpha=0.9)
     for x, y, colour in populations:
         _density(full, x.double().numpy(), y.double().numpy(), np.linspace(0, 1, 51), colour)
     full.contour(b.numpy(), a.numpy(), score, levels=[tau], colors="black", linewidths=1.4, linestyles="--")
@@ -328,13 +329,13 @@ def plot_confidence_plane(path: Path, clean_b, clean_a, triggered_b, triggered_a
     edges = np.logspace(np.log10(PLANE_FLOOR) - 0.25, 0, 41)
     u = torch.logspace(np.log10(PLANE_FLOOR) - 0.25, 0, 600, dtype=torch.float64)
     uu, vv = torch.meshgrid(u, u, indexing="xy")
-    corner_score = triangle_score(1 - uu, vv, alpha).numpy()
-    corner.contourf(uu.numpy(), vv.numpy(), rejects(corner_score, tau).astype(float), levels=[0.5, 1.5],
+    corner_score = triangle_score(1 - uu, vv, alpha)
+    corner.contourf(uu.numpy(), vv.numpy(), rejects(corner_score, tau).numpy().astype(float), levels=[0.5, 1.5],
                     colors=[REJECTED_COLOUR], alpha=0.9)
     for x, y, colour in populations:
         gap = (1 - x.double()).clamp(PLANE_FLOOR, 1).numpy()
         _density(corner, gap, y.double().clamp(PLANE_FLOOR, 1).numpy(), edges, colour)
-    corner.contour(uu.numpy(), vv.numpy(), corner_score, levels=[tau], colors="black", linewidths=1.4, linestyles="--")
+    corner.contour(uu.numpy(), vv.numpy(), corner_score.numpy(), levels=[tau], colors="black", linewidths=1.4, linestyles="--")
     corner.set_xscale("log")
     corner.set_yscale("log")
     corner.set_xlim(edges[0], 1)

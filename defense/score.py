@@ -27,9 +27,10 @@ _LOG_EPSILON = math.log(EPSILON)
 
 
 def rejects(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """The guard's one decision rule: reject unless score >= tau. A score exactly at tau is
-    accepted (tau is itself a calibration score); a NaN score is rejected (fail closed)."""
-    return ~(scores >= tau)
+    """The guard's one decision rule: reject unless tau <= score < inf. A score exactly at tau is
+    accepted (tau is itself a calibration score); a NaN or infinite score, which only broken
+    model outputs give (the score is bounded by 2e8), is rejected: fail closed."""
+    return ~(torch.isfinite(torch.as_tensor(scores)) & (scores >= tau))
 
 
 def triangle_score(expert_agreement: torch.Tensor, auxiliary_agreement: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:

@@ -108,9 +108,9 @@ def test_non_finite_logits_give_a_nan_score_that_is_rejected():
     assert rejects(scores, tau=0.0).tolist() == [False, True, True]
 
 
-def test_rejects_is_strictly_below_tau_and_fails_closed_on_nan():
+def test_rejects_is_strictly_below_tau_and_fails_closed_on_nan_and_inf():
     scores = torch.tensor([0.5, 0.49999, 0.50001, float("nan"), float("inf")], dtype=torch.float64)
-    assert rejects(scores, 0.5).tolist() == [False, True, False, True, False]  # a score at tau is accepted
+    assert rejects(scores, 0.5).tolist() == [False, True, False, True, True]  # a score at tau is accepted
 
 
 def test_guard_rejects_uses_its_threshold():
