@@ -279,8 +279,14 @@ def run_build(args) -> int:
     )
     if not clean.class_names:
         clean.class_names = [str(i) for i in range(num_classes)]
-    calibration_paths = (scan_flat_folder(args.calibration_data, option="--calibration-data")
-                         if args.calibration_data is not None else None)
+    calibration_paths = None
+    if args.calibration_data is not None:
+        calibration_paths = scan_flat_folder(args.calibration_data, option="--calibration-data")
+        shared = {p.resolve() for p in calibration_paths} & {p.resolve() for p in clean.paths}
+        if shared:
+            raise UserError(f"--calibration-data {args.calibration_data}: {len(shared)} of its images are also in "
+                            f"--clean-data (e.g. {sorted(shared)[0]}); the threshold must be set on images that "
+                            "neither finetuning nor the rate choices saw: give a separate folder")
     torch.manual_seed(args.seed)
     result = build_guard(model, clean, preprocessing, num_classes, config, auxiliary_model=supplied,
                          calibration_paths=calibration_paths)

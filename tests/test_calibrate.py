@@ -135,3 +135,14 @@ def test_duplicated_calibration_images_on_tau_are_refused(workspace, capsys, tmp
 def test_preprocessing_is_the_bundles(workspace):
     guard, _ = load_bundle(workspace["root"] / "bundle")
     assert guard.preprocessing == PREPROCESSING
+
+
+def test_build_refuses_calibration_images_that_are_also_clean_data(workspace, capsys, tmp_path):
+    root = workspace["root"]
+    argv = ["build", "--model", "tiny_cnn", "--weights", str(root / "suspect.safetensors"),
+            "--clean-data", str(root / "reserved"), "--calibration-data", str(root / "reserved" / "class_1"),
+            "--out", str(tmp_path / "bundle"), *NORMALIZATION, "--unlearn-lr", "3e-3", "--finetune-lr", "0.01",
+            "--quiet"]
+    err = run_error(capsys, argv)
+    assert "--calibration-data" in err and "50 of its images are also in --clean-data" in err
+    assert not (tmp_path / "bundle").exists()
