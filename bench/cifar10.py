@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
+
+from defense.progress import progress_bar
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BADEXPERT_DATA", REPO.parent / "shared" / "datasets"))
@@ -35,7 +36,7 @@ def load_cifar10() -> dict[str, torch.Tensor]:
         if not ARCHIVE.is_file():
             raise FileNotFoundError(f"CIFAR-10 not found at {ARCHIVE}")
         arrays: dict[str, list] = {"train_images": [], "train_labels": [], "test_images": [], "test_labels": []}
-        with tarfile.open(ARCHIVE, "r:gz") as archive, tqdm(desc="decoding CIFAR-10", unit="img", total=60000) as bar:
+        with tarfile.open(ARCHIVE, "r:gz") as archive, progress_bar(desc="decoding CIFAR-10", unit="img", total=60000) as bar:
             for member in archive:  # directories and other entries are skipped, not counted
                 parts = Path(member.name).parts
                 if not member.isfile() or not member.name.endswith(".jpg") or len(parts) < 3:

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
-from tqdm import tqdm
 
 from bench.attacks import ATTACKS
 from bench.cifar10 import CACHE, load_cifar10, reserved_split
 from defense.finetune import predict_logits, random_crop_flip
 from defense.models import create_model
 from defense.preprocessing import Preprocessing
+from defense.progress import progress_bar
 
 PREPROCESSING = Preprocessing.from_preset("cifar")
 DEFAULT_EPOCHS = 4  # 2 CPU cores, two models side by side with one thread each: about 11 minutes per model
@@ -47,7 +47,7 @@ def fit(model, images, labels, epochs: int, lr: float, seed: int, device: str, d
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(labels), generator=generator)
-        for start in tqdm(range(0, len(labels), batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
+        for start in progress_bar(range(0, len(labels), batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
             index = order[start:start + batch_size]
             batch = normalizer(random_crop_flip(images[index].to(device), generator))
             loss = F.cross_entropy(network(batch.contiguous(memory_format=torch.channels_last)), labels[index].to(device))

@@ -35,10 +35,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from defense.errors import UserError
 from defense.finetune import Diverged, _batches, _check_finite, accuracy, predict_logits, random_crop_flip
+from defense.progress import progress_bar
 
 # (stem, stage 1, stage 2, stage 3, stage 4, classifier): BCU's CIFAR ResNet-18 defaults.
 DEFAULT_STAGE_PROBABILITIES = (0.01, 0.01, 0.03, 0.09, 0.27, 0.10)
@@ -155,7 +155,7 @@ def bcu_distill(
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     steps = epochs * -(-len(images) // batch_size)
-    with tqdm(total=steps, desc=f"BCU distillation (lr {lr:g})", unit="batch", disable=not progress, leave=False) as bar:
+    with progress_bar(total=steps, desc=f"BCU distillation (lr {lr:g})", unit="batch", enabled=progress, leave=False) as bar:
         for epoch in range(epochs):
             temperature = distillation_temperature(epoch, epochs)
             student.train()

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from defense.errors import UserError
 from defense.preprocessing import ImageDecodeError, Preprocessing
+from defense.progress import progress_bar
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -98,7 +98,7 @@ def decode_paths(paths: list[Path], preprocessing: Preprocessing, option: str) -
 def iter_image_batches(paths: list[Path], preprocessing: Preprocessing, batch_size: int = 256,
                        option: str = "--calibration-data", progress: bool = True, desc: str = "scoring"):
     """Decoded images in batches, so that a large folder is never held in memory at once."""
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+    with progress_bar(total=len(paths), desc=desc, unit="img", enabled=progress) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             yield decode_paths(chunk, preprocessing, option)

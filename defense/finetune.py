@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from defense.progress import progress_bar
 
 
 class Diverged(RuntimeError):
@@ -79,7 +80,7 @@ def unlearn(
     optimizer = torch.optim.Adam(expert.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * -(-len(labels) // batch_size)
-    with tqdm(total=steps, desc=f"backdoor expert (lr {lr:g})", unit="batch", disable=not progress, leave=False) as bar:
+    with progress_bar(total=steps, desc=f"backdoor expert (lr {lr:g})", unit="batch", enabled=progress, leave=False) as bar:
         for _ in range(epochs):
             for index in _batches(len(labels), batch_size, generator):
                 inputs = normalizer(images[index].to(device))
@@ -116,7 +117,7 @@ def clean_finetune(
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=0.1)
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * -(-len(labels) // batch_size)
-    with tqdm(total=steps, desc=f"auxiliary model (lr {lr:g})", unit="batch", disable=not progress, leave=False) as bar:
+    with progress_bar(total=steps, desc=f"auxiliary model (lr {lr:g})", unit="batch", enabled=progress, leave=False) as bar:
         for epoch in range(epochs):
             auxiliary.train()
             for index in _batches(len(labels), batch_size, generator):
