@@ -5,24 +5,29 @@
 #   Debian packages   prometheus (prometheus + promtool), docker-compose (Compose 1.29, Python),
 #                     nginx (nginx -t on the load balancer configuration)
 #   PyPI, into .venv  kubernetes-validate (Kubernetes JSON schemas, offline),
-#                     dockerfile (BuildKit's own Dockerfile parser)
+#                     dockerfile (BuildKit's own Dockerfile parser), PyYAML; all three are in
+#                     pyproject's test extras too, so `make test` has them already
 #
-# Debian packages need root (or sudo) and apt-get; without them the script says so and the tests
-# that need the missing tool skip with that reason. Services are never started: a package's
-# post-install start is denied while this script installs.
+# `make test` runs this script first. Debian packages need root (or passwordless sudo) and apt-get;
+# without them the script names what is missing and the tests that need it skip with that reason,
+# and the test summary lists them. With CI=true (.ci/run) a missing tool is an error here, and a
+# skipped deployment test fails the suite. Services are never started: a package's post-install
+# start is denied while this script installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-PIP_PACKAGES=(kubernetes-validate==1.37.0 dockerfile==3.4.0)
+PIP_PACKAGES=(PyYAML kubernetes-validate==1.37.0 dockerfile==3.4.0)  # also in pyproject's test extras
+
+SBIN=${DEPLOY_TOOLS_SBIN:-/usr/sbin}  # where Debian puts nginx, often not on a user's PATH
 
 say() { echo "install-deploy-tools: $*"; }
 
 missing_apt=()
 command -v promtool > /dev/null && command -v prometheus > /dev/null || missing_apt+=(prometheus)
 command -v docker-compose > /dev/null || missing_apt+=(docker-compose)
-command -v nginx > /dev/null || [ -x /usr/sbin/nginx ] || missing_apt+=(nginx)
+command -v nginx > /dev/null || [ -x "$SBIN/nginx" ] || missing_apt+=(nginx)
 
 if [ ${#missing_apt[@]} -gt 0 ]; then
     SUDO=""
@@ -58,11 +63,22 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in ('kubernetes_validate', 'dockerfile')) else 1)" > /dev/null 2>&1; then
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in ('yaml', 'kubernetes_validate', 'dockerfile')) else 1)" > /dev/null 2>&1; then
     say "pip install ${PIP_PACKAGES[*]} into $VENV"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PIP_PACKAGES[@]}" \
         || say "pip install failed: the tests that need ${PIP_PACKAGES[*]} will skip"
 fi
 
-report() { if command -v "$1" > /dev/null || [ -x "/usr/sbin/$1" ]; then echo "yes"; else echo "MISSING"; fi; }
-say "promtool $(report promtool), prometheus $(report prometheus), docker-compose $(report docker-compose), nginx $(report nginx), python tools $("$VENV/bin/python" -c 'import kubernetes_validate, dockerfile; print("yes")' 2> /dev/null || echo MISSING)"
+report() { if command -v "$1" > /dev/null || [ -x "$SBIN/$1" ]; then echo "yes"; else echo "MISSING"; fi; }
+python_tools=$("$VENV/bin/python" -c 'import yaml, kubernetes_validate, dockerfile; print("yes")' 2> /dev/null || echo MISSING)
+summary="promtool $(report promtool), prometheus $(report prometheus), docker-compose $(report docker-compose), nginx $(report nginx), python tools $python_tools"
+say "$summary"
+case "$summary" in
+    *MISSING*)
+        say "the deployment tests that need the MISSING tools will skip: as root, run"
+        say "    apt-get install prometheus docker-compose nginx && $VENV/bin/pip install -e '.[test]'"
+        case "$(printf '%s' "${CI:-}" | tr '[:upper:]' '[:lower:]')" in
+            1|true|yes|on) say "CI=true: every deployment test must run; stopping"; exit 1 ;;
+        esac
+        ;;
+esac

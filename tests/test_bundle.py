@@ -68,3 +68,27 @@ def test_torchscript_models_are_bundled_as_torchscript(tmp_path):
     assert manifest.architecture["kind"] == "torchscript"
     images, _ = make_images(6, seed=4)
     assert torch.allclose(loaded.score(images).score, guard.score(images).score, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "subfolder"])
+def test_a_weight_file_outside_the_bundle_folder_is_refused(tmp_path, where):
+    """The manifest names plain file names only: a path that leaves the folder is refused even when
+    the file it points to exists and matches its sha256 (so without the check it would load)."""
+    save_bundle(tmp_path / "bundle", _guard(), ModelSpec("registry", "tiny_cnn", 4), manifest_fields())
+    original = tmp_path / "bundle" / "auxiliary.safetensors"
+    target = {"parent": tmp_path / "auxiliary.safetensors", "absolute": tmp_path / "elsewhere" / "aux.safetensors",
+              "subfolder": tmp_path / "bundle" / "sub" / "auxiliary.safetensors"}[where]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(original.read_bytes())
+    named = {"parent": "../auxiliary.safetensors", "absolute": str(target), "subfolder": "sub/auxiliary.safetensors"}[where]
+    manifest_path = tmp_path / "bundle" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["auxiliary_model"]["path"] = named
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleIntegrityError, match="is not a plain file name") as error:
+        load_bundle(tmp_path / "bundle")
+    assert repr(named) in str(error.value)
+    # The same manifest with the plain name loads: the refusal was about the path alone.
+    manifest["files"]["auxiliary_model"]["path"] = "auxiliary.safetensors"
+    manifest_path.write_text(json.dumps(manifest))
+    load_bundle(tmp_path / "bundle")

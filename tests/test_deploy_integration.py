@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from ci import ci_strict
 from synthetic import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,6 +303,8 @@ def test_dashboard_queries_return_data_from_real_prometheus_scraping_live_replic
     pytest.importorskip("yaml", reason=f"PyYAML is missing ({INSTALL_HINT})")
     httpx = pytest.importorskip("httpx")
     nginx_bin = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if nginx_bin is None and ci_strict():
+        pytest.fail(f"nginx is not installed ({INSTALL_HINT}): CI=true must exercise the load balancer")
     started = time.monotonic()
 
     bundle, tau, target_fpr, flagged_files, accepted_files = make_bundle_and_samples(tmp_path)

@@ -1,0 +1,113 @@
+"""defense/finetune.py's pieces: the shifted labels of Alg. 1 and the crop/flip augmentation,
+checked against values worked out by hand or with numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import defense.finetune as finetune
+from defense.finetune import clean_finetune, random_crop_flip, shifted_labels, unlearn
+from defense.preprocessing import Normalizer
+
+
+def test_shifted_labels_move_every_label_to_its_next_class():
+    assert shifted_labels(torch.tensor([0, 1, 2, 3]), 4).tolist() == [1, 2, 3, 0]
+    assert shifted_labels(torch.tensor([9, 0, 5, 9]), 10).tolist() == [0, 1, 6, 0]
+    assert shifted_labels(torch.tensor([1, 0]), 2).tolist() == [0, 1]
+    labels = torch.arange(100) % 7
+    shifted = shifted_labels(labels, 7)
+    assert not (shifted == labels).any() and shifted.dtype == labels.dtype
+
+
+class Linear(nn.Module):
+    """A linear classifier on the flattened image: small enough to train in a few steps."""
+
+    def __init__(self, pixels: int, classes: int):
+        super().__init__()
+        self.fc = nn.Linear(pixels, classes)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def _one_image_per_class(classes: int = 3):
+    # Image c is bright in channel c only: linearly separable.
+    images = torch.zeros(classes, 3, 2, 2, dtype=torch.uint8)
+    for c in range(classes):
+        images[c, c] = 255
+    return images, torch.arange(classes)
+
+
+def test_unlearning_trains_towards_the_next_class():
+    # Alg. 1: the expert learns y -> y + 1 mod C, so image 0 goes to class 1, 1 to 2, 2 to 0
+    # (not y - 1, not a random wrong class).
+    images, labels = _one_image_per_class()
+    model = Linear(12, 3)
+    expert = unlearn(model, images, labels, 3, Normalizer((0.5,) * 3, (0.5,) * 3), lr=0.1, epochs=30,
+                     batch_size=3, progress=False)
+    assert expert(Normalizer((0.5,) * 3, (0.5,) * 3)(images)).argmax(1).tolist() == [1, 2, 0]
+    assert torch.equal(model.fc.weight, torch.zeros(3, 12))  # the suspect model itself is untouched
+
+
+def _candidates(images: np.ndarray, pad: int) -> np.ndarray:
+    """Every crop/flip the augmentation may produce: (N, 2 * (2 pad + 1)^2, C, H, W), by numpy."""
+    n, c, h, w = images.shape
+    padded = np.pad(images.astype(np.int16), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    out = []
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            crop = padded[:, :, dy:dy + h, dx:dx + w]
+            out += [crop, crop[..., ::-1]]
+    return np.stack(out, axis=1)
+
+
+@pytest.mark.parametrize("size, pad", [(8, 1), (16, 2)])
+def test_crop_flip_is_a_reflect_padded_shift_of_at_most_an_eighth_and_a_fair_flip(size, pad):
+    n = 300
+    rng = np.random.default_rng(size)
+    images = rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+    out = random_crop_flip(torch.from_numpy(images), torch.Generator().manual_seed(1))
+    assert out.shape == (n, 3, size, size) and out.dtype == torch.float32
+    candidates = _candidates(images, pad)
+    matches = (candidates == out.numpy().astype(np.int16)[:, None]).all(axis=(2, 3, 4))  # (N, candidates)
+    # Random pixels: each output is exactly one of its image's candidates.
+    assert (matches.sum(1) == 1).all(), "an output is not a reflect-padded crop (+ flip) of its input"
+    chosen = matches.argmax(1)
+    flipped, offset = chosen % 2 == 1, chosen // 2
+    shifts = (2 * pad + 1) ** 2
+    assert 0.4 < flipped.mean() < 0.6  # about half are flipped
+    counts = np.bincount(offset, minlength=shifts)
+    assert (counts > 0).all(), f"not every shift in [-{pad}, {pad}]^2 occurs: {counts}"  # the whole range is used
+    assert counts.max() < 3 * n / shifts
+    # The identity (no shift, no flip) is one of the outcomes, and the unshifted centre crop equals the input.
+    centre = pad * (2 * pad + 1) + pad
+    assert np.array_equal(candidates[:, 2 * centre], images)
+
+
+def test_crop_flip_is_seeded():
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    first = random_crop_flip(images, torch.Generator().manual_seed(5))
+    assert torch.equal(first, random_crop_flip(images, torch.Generator().manual_seed(5)))
+    assert not torch.equal(first, random_crop_flip(images, torch.Generator().manual_seed(6)))
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_clean_finetuning_augments_every_batch_only_when_asked(monkeypatch, augment):
+    calls = []
+    real = finetune.random_crop_flip
+
+    def counting(batch, generator):
+        calls.append(len(batch))
+        return real(batch, generator)
+
+    monkeypatch.setattr(finetune, "random_crop_flip", counting)
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    clean_finetune(Linear(192, 2), images, torch.arange(10) % 2, Normalizer((0.5,) * 3, (0.5,) * 3), lr=0.01,
+                   epochs=2, batch_size=4, milestones=(1,), augment=augment, progress=False)
+    # 10 images in batches of 4: 4 + 4 + 2 per epoch, two epochs.
+    assert calls == ([4, 4, 2, 4, 4, 2] if augment else [])
