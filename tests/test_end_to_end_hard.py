@@ -81,7 +81,7 @@ def test_the_automatic_unlearning_rate_beats_a_too_small_one_on_a_hard_task(tmp_
     finally:
         torch.set_num_threads(threads)
 
-    accuracy = manifest["accuracy_on_calibration"]
+    accuracy = manifest["accuracy_on_selection"]
     assert 0.8 < accuracy["model"] < 0.97, "the clean task must be hard, not saturated"
     assert manifest["backdoor_expert"]["chosen_by"] == "auto"
     assert manifest["backdoor_expert"]["lr"] > 1e-5

@@ -2,7 +2,7 @@
 
 `choose_unlearning_rate`, `choose_finetuning_rate` and BCU's backoff run here with the training,
 prediction and accuracy functions replaced by stubs: each candidate "model" is a record of the rate
-it was trained with, and each rate's D_cal accuracy (or divergence) is written in the test. So the
+it was trained with, and each rate's D_select accuracy (or divergence) is written in the test. So the
 tests pin the search itself: which rate wins, in which order rates are tried, where the search
 stops, and what the fallback records. Every expected value is worked out by hand in the comments.
 """
@@ -25,7 +25,7 @@ from defense.models import create_model
 
 NUM_CLASSES = 4
 DIVERGES = "diverges"  # training raises Diverged
-NAN = "nan"  # training finishes, but the model's D_cal outputs are not finite
+NAN = "nan"  # training finishes, but the model's D_select outputs are not finite
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def unlearn_table(accuracies: list[object]) -> dict[float, object]:
 
 
 def test_unlearning_keeps_the_smallest_rate_that_reaches_the_goal_and_stops_there(monkeypatch):
-    # M's D_cal accuracy 0.9 -> goal 0.5 * 0.9 = 0.45. The grid starts 1e-5, 2e-5, 3e-5, 5e-5, 7e-5:
+    # M's D_select accuracy 0.9 -> goal 0.5 * 0.9 = 0.45. The grid starts 1e-5, 2e-5, 3e-5, 5e-5, 7e-5:
     # 0.9, 0.8, 0.6 miss the goal; 5e-5 reaches 0.3 <= 0.45 and wins. Every larger rate would also
     # reach the goal (0.0), so trying them, or trying the grid from the top, picks another rate.
     script = Script(unlearn_table([0.9, 0.8, 0.6, 0.3]))
@@ -191,7 +191,7 @@ def test_finetuning_keeps_the_largest_stable_rate_that_recovers_and_stops_there(
     assert record["lr"] == 0.01 and record["chosen_by"] == "auto" and record["method"] == "clean_finetune"
     assert record["goal_accuracy"] == pytest.approx(0.72) and record["calibration_accuracy"] == 0.8
     assert [entry["lr"] for entry in record["search"]] == [0.1, 0.05, 0.03, 0.01]
-    assert "diverged" in record["search"][0] and record["search"][1]["diverged"] == "non-finite outputs on D_cal"
+    assert "diverged" in record["search"][0] and record["search"][1]["diverged"] == "non-finite outputs on D_select"
     assert record["search"][2:] == [{"lr": 0.03, "calibration_accuracy": 0.5}, {"lr": 0.01, "calibration_accuracy": 0.8}]
     assert "warning" not in record
 
@@ -210,7 +210,7 @@ def test_finetuning_falls_back_to_the_most_accurate_rate_with_a_warning(monkeypa
     auxiliary, record = finetuning(script, monkeypatch, 0.9)
     assert script.trained == list(FINETUNE_LR_GRID)
     assert auxiliary == Trained(0.05) and record["lr"] == 0.05 and record["calibration_accuracy"] == 0.6
-    assert record["warning"] == "no rate reached the goal D_cal accuracy 72.0%; kept the best (0.05)"
+    assert record["warning"] == "no rate reached the goal D_select accuracy 72.0%; kept the best (0.05)"
 
 
 def test_finetuning_that_diverges_everywhere_is_a_user_error(monkeypatch):
@@ -224,7 +224,7 @@ def test_finetuning_with_a_user_rate_or_an_agreement_goal(monkeypatch):
     script = Script({0.02: 0.5})
     auxiliary, record = finetuning(script, monkeypatch, 0.9, BuildConfig(progress=False, finetune_lr=0.02))
     assert script.trained == [0.02] and auxiliary == Trained(0.02) and record["chosen_by"] == "user"
-    assert record["warning"] == "no rate reached the goal D_cal accuracy 72.0%; kept the best (0.02)"
+    assert record["warning"] == "no rate reached the goal D_select accuracy 72.0%; kept the best (0.02)"
     # Without labels the goal is an agreement share (0.7), not 0.8 x M's accuracy (which would be 0.8).
     script = Script(finetune_table([0.6, 0.75, 0.9, 0.9, 0.9, 0.9]))
     _, record = finetuning(script, monkeypatch, 1.0, goal=0.7)
@@ -272,10 +272,10 @@ def test_bcu_backs_off_in_order_after_divergence_and_nan_outputs(monkeypatch):
     assert student == Trained(0.001) and record["lr"] == pytest.approx(0.001)
     assert record["chosen_by"] == "backoff"
     assert [e["lr"] for e in record["search"]] == pytest.approx([0.01, 0.003, 0.001])
-    assert "diverged" in record["search"][0] and record["search"][1]["diverged"] == "non-finite outputs on D_cal"
+    assert "diverged" in record["search"][0] and record["search"][1]["diverged"] == "non-finite outputs on D_select"
     assert record["search"][2]["calibration_accuracy"] == 0.6
     # 0.6 < goal 0.72: the record warns
-    assert record["warning"].startswith("the BCU student agrees with M's labels on 60.0% of D_cal, below the goal 72.0%")
+    assert record["warning"].startswith("the BCU student agrees with M's labels on 60.0% of D_select, below the goal 72.0%")
     assert any("BCU lr 0.01: diverged" in line and "backing off" in line for line in logged)
 
 
