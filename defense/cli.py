@@ -79,6 +79,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                     help="the clean images carry no labels: M's own predictions stand in for them")
     io.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle folder to write")
     io.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    io.add_argument("--sign-key", type=Path, metavar="PEM",
+                    help="sign the bundle with this Ed25519 private key (PEM); serve --verify-key checks it")
     add_preprocessing_arguments(parser)
     method = parser.add_argument_group("method (defaults are the paper's)")
     method.add_argument("--fpr", type=_fraction, default=defaults.fpr, help="target false-positive rate (default %(default)s)")
@@ -218,12 +220,13 @@ def run_build(args) -> int:
     import torch
 
     from defense.build import BuildConfig, build_guard
-    from defense.bundle import save_bundle
+    from defense.bundle import load_signing_key, save_bundle
     from defense.data import load_image_folder, read_class_names
     from defense.models import load_user_model, parse_model_spec
 
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise UserError(f"--out {args.out}: the folder exists and is not empty; choose another or pass --overwrite")
+    sign_key = load_signing_key(args.sign_key) if args.sign_key else None  # a bad key fails before training
     device = resolve_device(args.device)
     auxiliary_method = resolve_auxiliary_method(args)
     preprocessing = resolve_preprocessing(args, args.model)
@@ -261,7 +264,8 @@ def run_build(args) -> int:
     result = build_guard(model, clean, preprocessing, num_classes, config, auxiliary_model=supplied)
     if supplied_source:
         result.manifest_fields["auxiliary_model"]["source"] = supplied_source
-    manifest = save_bundle(args.out, result.guard, spec, result.manifest_fields, overwrite=args.overwrite)
+    manifest = save_bundle(args.out, result.guard, spec, result.manifest_fields, overwrite=args.overwrite,
+                           sign_key=sign_key)
     print_build_summary(manifest, args.out)
     return 0
 
@@ -323,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="AUROC, TPR/FPR at the bundle's threshold, clean accuracy and attack "
                                                "success rate with the guard, with a report and plots.")
     evaluate.add_argument("bundle", type=Path, metavar="BUNDLE")
+    evaluate.add_argument("--verify-key", type=Path, metavar="PEM",
+                          help="refuse the bundle unless it is signed with this Ed25519 public key's private key")
+    evaluate.add_argument("--allow-factory-modules", nargs="+", default=[], metavar="MODULE",
+                          help="modules whose 'module:factory' architecture named in the bundle may be imported")
     evaluate.add_argument("--clean", type=Path, required=True, metavar="DIR", help="clean test images (ImageFolder)")
     evaluate.add_argument("--triggered", type=Path, required=True, metavar="DIR",
                           help="triggered images: ImageFolder by source class, or a flat folder")
