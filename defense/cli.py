@@ -343,14 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=run_evaluate)
 
     try:
-        from service.cli import add_serve_arguments, run_serve
+        from service.cli import add_audit_arguments, add_serve_arguments, run_serve
     except ImportError:  # the server package is optional for the offline job
-        add_serve_arguments = run_serve = None
+        add_audit_arguments = add_serve_arguments = run_serve = None
     if add_serve_arguments is not None:
         serve = commands.add_parser("serve", help="run the guard's HTTP server on a bundle",
                                     description="Serve POST /predict with the guard in front of the model.")
         add_serve_arguments(serve)
         serve.set_defaults(handler=run_serve)
+        add_audit_arguments(commands.add_parser("audit", help="check a chained audit log written by serve",
+                                                description="Tools for the server's audit log."))
 
     demo = commands.add_parser("demo", help="the built-in example: backdoor a small classifier, guard it, measure",
                                description="Trains a small classifier with a backdoor on scikit-learn's handwritten "
