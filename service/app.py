@@ -342,12 +342,19 @@ class ObservabilityMiddleware:
     """Request id (made by the server, X-Request-ID out; the client's X-Request-ID is kept beside it
     and echoed as X-Client-Request-ID), responses by status, and /predict durations."""
 
-    def __init__(self, app, metrics: ServiceMetrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: ServiceMetrics, max_header_bytes: int):
+        self.app, self.metrics, self.max_header_bytes = app, metrics, max_header_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        header_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
+            sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        if header_bytes > self.max_header_bytes:  # uvicorn caps headers that arrive in pieces; this, the rest
+            self.metrics.count_status(431)
+            response = JSONResponse({"error": "headers_too_large", "detail": f"the request line and headers are "
+                                     f"over {self.max_header_bytes} bytes"}, 431, headers={"Connection": "close"})
+            return await response(scope, receive, send)
         given = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"x-request-id"), "")
         client_request_id = given if _REQUEST_ID.fullmatch(given) else None
         request_id = uuid.uuid4().hex
@@ -454,7 +461,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.settings = settings
     if settings.api_key_list:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list, protected=protected_paths(settings))
-    app.add_middleware(ObservabilityMiddleware, metrics=service.metrics)  # outermost: sees every response
+    app.add_middleware(ObservabilityMiddleware, metrics=service.metrics,  # outermost: sees every response
+                       max_header_bytes=settings.max_header_bytes)
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, error: InputError):

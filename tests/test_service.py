@@ -1048,3 +1048,134 @@ def test_admission_comes_before_the_body_is_read_when_the_decode_backlog_is_full
         gate.set()
     assert done[0] == 200
     assert refused[0] == 503 and "decode backlog" in refused[1]["detail"] and refused[2] < 0.5 and not reads
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
+    """One request on a fresh socket; the status and the response body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(head + body)
+        data = b""
+        while True:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if b"\r\n\r\n" in data:
+                header, _, rest = data.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in header.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), None)
+                if length is not None and len(rest) >= length:
+                    break
+    header, _, rest = data.partition(b"\r\n\r\n")
+    return int(header.split()[1]), rest
+
+
+@pytest.mark.integration
+def test_real_server_is_not_starved_by_stalled_uploads_or_many_parts_and_stays_bounded(tiny, tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        badexpert_command() + ["serve", str(tiny.bundle), "--port", str(port), "--device", "cpu", "--no-access-log",
+                               "--torch-threads", "1", "--body-timeout-s", "4", "--max-request-bytes", "8000000",
+                               "--max-image-bytes", "8000000", "--max-bytes-in-flight", "40000000",
+                               "--max-header-bytes", "8192"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    sockets = []
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.2)
+        files = multipart(tiny.files[:1])
+
+        def normal_request() -> float:
+            started = time.monotonic()
+            assert httpx.post(base + "/predict", files=files, timeout=30).status_code == 200
+            return time.monotonic() - started
+
+        baseline = min(normal_request() for _ in range(3))
+        rss_before = rss_bytes(process.pid)
+
+        # 1. The HTTP layer's own refusals carry the JSON error body.
+        status, body = raw_request(port, b"NOT A REQUEST\r\n\r\n")
+        assert status == 400 and json.loads(body)["error"] == "bad_http_request"
+        status, body = raw_request(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+        assert status == 431 and json.loads(body)["error"] == "headers_too_large"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:  # headers arriving in pieces
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            try:
+                for _ in range(30):
+                    connection.sendall(b"X-Piece: " + b"a" * 1000 + b"\r\n")
+                    time.sleep(0.005)
+            except (BrokenPipeError, ConnectionResetError):  # the server answered and closed: expected
+                pass
+            reply = connection.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 400") and b'"bad_http_request"' in reply
+
+        # 2. 200 stalled uploads (headers and 1 KB of a 5 MB body) and 6 partial 5 MB bodies (3 MB sent).
+        head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 5000000\r\n\r\n")
+        for index in range(206):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+            connection.sendall(head + b'{"images": ["' + b"A" * (3_000_000 if index < 6 else 1000))
+            sockets.append(connection)
+        time.sleep(0.5)
+        during_stall = normal_request()
+
+        # 3. Two requests of 90,000 tiny multipart parts each (7 MB; refused at part 65), then a normal request.
+        many, many_headers = multipart_body([("junk", b"x")] * 90_000)
+        head_many = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {many_headers['content-type']}\r\n"
+                     f"Content-Length: {len(many)}\r\n\r\n").encode()
+        results = []
+        workers = [threading.Thread(target=lambda: results.append(raw_request(port, head_many, many)))
+                   for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        during_parts = normal_request()
+        for worker in workers:
+            worker.join(30)
+        assert [status for status, _ in results] == [413, 413]
+        assert all(json.loads(body)["error"] == "too_many_parts" for _, body in results)
+        rss_during = rss_bytes(process.pid)
+
+        # 4. After the body timeout the stalled uploads got 408 (or a closed connection) and were let go.
+        time.sleep(4.5)
+        answered = 0
+        for connection in sockets:
+            connection.settimeout(2)
+            try:
+                data = connection.recv(65536)
+            except OSError:
+                data = b""
+            answered += data.startswith(b"HTTP/1.1 408") or data.startswith(b"HTTP/1.1 503")
+        assert answered == len(sockets), f"{len(sockets) - answered} stalled uploads were not answered"
+        after = normal_request()
+        text = httpx.get(base + "/metrics").text
+        assert 'badexpert_http_requests_total{status="500"}' not in text
+        print(f"normal request: baseline {baseline:.3f} s, during 206 stalled uploads {during_stall:.3f} s, "
+              f"during 2 x 90k-part requests {during_parts:.3f} s, after {after:.3f} s; "
+              f"RSS {rss_before / 2**20:.0f} MB -> {rss_during / 2**20:.0f} MB")
+        assert during_stall < baseline + 1.0 and during_parts < baseline + 1.0 and after < baseline + 1.0
+        assert rss_during - rss_before < 150 * 2**20, "RSS grew by more than 150 MB"
+    finally:
+        for connection in sockets:
+            connection.close()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
