@@ -285,6 +285,9 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+# Set by save_bundle itself: the same keys in ``fields`` (a loaded manifest's, re-saved) are ignored.
+COMPUTED_FIELDS = frozenset({"format_version", "bundle_id", "content_sha256", "signature", "architecture",
+                             "preprocessing", "alpha", "rejection_threshold", "versions", "files"})
 VALIDATED_FIELDS = ("rejection_threshold", "alpha", "target_fpr")  # never rewritten: a NaN there is refused
 
 
@@ -320,6 +323,7 @@ def save_bundle(out_dir: Path, guard: Guard, spec: ModelSpec, fields: dict[str, 
         architecture = spec.to_dict()
         if torchscript:
             architecture["name"] = Path(spec.name).name
+        fields = {key: value for key, value in fields.items() if key not in COMPUTED_FIELDS}
         manifest = Manifest(
             format_version=FORMAT_VERSION, bundle_id="", content_sha256="", architecture=architecture,
             preprocessing=guard.preprocessing.to_dict(), alpha=guard.alpha,

@@ -243,3 +243,15 @@ def test_a_pickle_named_safetensors_is_refused_with_the_file_name(tmp_path):
     _edit_manifest(bundle, lambda d: d["files"]["model"].update(sha256=hashlib.sha256(data).hexdigest()), redigest=True)
     with pytest.raises(BundleIntegrityError, match="model.safetensors: not a readable safetensors file"):
         load_bundle(bundle)
+
+
+def test_a_loaded_bundle_can_be_saved_again_with_its_own_fields(tmp_path):
+    """What 'badexpert calibrate' does: load, change tau, save with the loaded manifest's fields."""
+    sign, verify = _keys(tmp_path)
+    guard, manifest = load_bundle(_bundle(tmp_path, sign_key=sign))
+    guard.rejection_threshold = 0.125
+    saved = save_bundle(tmp_path / "again", guard, ModelSpec.from_dict(manifest.architecture), manifest.model_dump(),
+                        sign_key=sign)
+    reloaded, reloaded_manifest = load_bundle(tmp_path / "again", verify_key=verify)
+    assert reloaded.rejection_threshold == 0.125 and reloaded_manifest.bundle_id == saved.bundle_id != manifest.bundle_id
+    assert reloaded_manifest.class_names == manifest.class_names
