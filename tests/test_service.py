@@ -1179,3 +1179,23 @@ def test_real_server_is_not_starved_by_stalled_uploads_or_many_parts_and_stays_b
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+CORPUS = Path(__file__).parent / "corpus"
+
+
+def test_the_corpus_of_bad_images_and_bodies_gets_its_documented_statuses(tiny):
+    cases = json.loads((CORPUS / "cases.json").read_text())
+    assert len(cases) >= 20
+    with serving(tiny.bundle) as client:
+        for case in cases:
+            data = (CORPUS / case["file"]).read_bytes()
+            if case["send"] == "multipart_file":
+                response = client.post("/predict", files=[("file", (case["file"], data, "application/octet-stream"))])
+            else:
+                response = client.post("/predict", content=data, headers={"content-type": case["content_type"]})
+            assert response.status_code == case["status"], (case["file"], response.status_code, response.text)
+            body = response.json()
+            if case["error"] is not None:
+                assert body["error"] == case["error"] and body["detail"], (case["file"], body)
+        assert value(metrics(client), "badexpert_http_requests_total", status="500") == 0
