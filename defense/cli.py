@@ -329,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("bundle", type=Path, metavar="BUNDLE")
     evaluate.add_argument("--verify-key", type=Path, metavar="PEM",
                           help="refuse the bundle unless it is signed with this Ed25519 public key's private key")
-    evaluate.add_argument("--allow-factory-modules", nargs="+", default=[], metavar="MODULE",
-                          help="modules whose 'module:factory' architecture named in the bundle may be imported")
+    evaluate.add_argument("--allow-factory-modules", default="", metavar="MODULES",
+                          help="comma-separated modules whose 'module:factory' architecture, named in the bundle, "
+                               "may be imported and called")
     evaluate.add_argument("--clean", type=Path, required=True, metavar="DIR", help="clean test images (ImageFolder)")
     evaluate.add_argument("--triggered", type=Path, required=True, metavar="DIR",
                           help="triggered images: ImageFolder by source class, or a flat folder")

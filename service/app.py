@@ -427,7 +427,7 @@ def protected_paths(settings: ServiceSettings) -> set[str]:
     return paths
 
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 431, 503)}
 _PREDICT_BODY = {
     "requestBody": {
         "required": True,

@@ -66,7 +66,7 @@ class ServiceSettings(BaseSettings):
     # bounded work per request and in total
     max_parts: int = Field(64, ge=1, description="most multipart parts of any name in one request (413 beyond)")
     max_part_header_bytes: int = Field(8192, ge=64, description="largest headers of one multipart part (413 beyond)")
-    max_header_bytes: int = Field(16384, ge=1024, description="largest HTTP request line and headers (400 beyond)")
+    max_header_bytes: int = Field(16384, ge=1024, description="largest HTTP request line and headers (431 beyond)")
     body_timeout_s: float = Field(30.0, gt=0, description="time allowed to receive a request body (408 beyond)")
     max_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1, description="most request-body bytes held across all "
                                      "requests at once; beyond it requests get 503 with Retry-After at once")

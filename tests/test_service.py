@@ -686,6 +686,13 @@ def test_serve_command_line_errors(tmp_path, capsys, monkeypatch):
     assert badexpert_main(["serve", str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("badexpert: error: --max-batch-size / BADEXPERT_MAX_BATCH_SIZE") and "\n" not in error
+    monkeypatch.delenv("BADEXPERT_MAX_BATCH_SIZE")
+    assert badexpert_main(["serve", str(tmp_path), "--verify-key", str(tmp_path / "nope.pem")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("badexpert: error: --verify-key / BADEXPERT_VERIFY_KEY") and "nope.pem" in error
+    monkeypatch.setenv("BADEXPERT_API_KEYS", "short")
+    assert badexpert_main(["serve", str(tmp_path)]) == 2
+    assert "at least 16 characters" in capsys.readouterr().err
 
 
 # ----- hardening (issue 15): bundle trust, readiness, access, audit, bounded work ---------------------
