@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+log = logging.getLogger("badexpert.audit")
 
 GENESIS = "0" * 64  # the 'prev' of a file's first line
 FAILURE_RETRY_S = 5.0  # after a failed write, report not ready at least this long
@@ -90,12 +93,29 @@ class AuditTrail:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._cut_torn_tail()
             if self.chain:
                 self._last_digest = _last_line_digest(self.log_path)
         if self.quarantine_dir is not None:
             self.quarantine_dir.mkdir(parents=True, exist_ok=True)
             self._quarantine_bytes = sum(entry.stat().st_size for entry in self.quarantine_dir.iterdir()
                                          if entry.is_file())
+
+    def _cut_torn_tail(self) -> None:
+        """A line without its newline (the process died inside a write) was never answered: remove it,
+        so that the next line does not run into it."""
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            return
+        with open(self.log_path, "rb") as stream:
+            stream.seek(max(0, size - _TAIL_BYTES))
+            tail = stream.read()
+        if tail.endswith(b"\n"):
+            return
+        keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else max(0, size - len(tail))
+        log.warning("audit log %s ended in a torn line of %d bytes (a write cut short); removed it",
+                    self.log_path, size - keep)
+        os.ftruncate(self._fd, keep)
 
     def close(self) -> None:
         with self._lock:

@@ -1206,3 +1206,16 @@ def test_the_corpus_of_bad_images_and_bodies_gets_its_documented_statuses(tiny):
             if case["error"] is not None:
                 assert body["error"] == case["error"] and body["detail"], (case["file"], body)
         assert value(metrics(client), "badexpert_http_requests_total", status="500") == 0
+
+
+def test_a_torn_last_audit_line_is_removed_at_startup_and_the_chain_continues(tiny, tmp_path, capsys):
+    audit = tmp_path / "audit.jsonl"
+    with serving(tiny.strict, audit_log=audit, audit_chain=True) as client:
+        client.post("/predict", files=multipart(tiny.files))
+    whole = audit.read_bytes()
+    audit.write_bytes(whole + b'{"time":"2026-01-01T00:00:00Z","request_id":"cut sh')  # a write cut short by a crash
+    with serving(tiny.strict, audit_log=audit, audit_chain=True) as client:
+        client.post("/predict", files=multipart(tiny.files))
+    text = audit.read_bytes()
+    assert text.startswith(whole) and b"cut sh" not in text and len(text.splitlines()) == 2 * len(whole.splitlines())
+    assert badexpert_main(["audit", "verify", str(audit)]) == 0
