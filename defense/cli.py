@@ -101,6 +101,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                     help="the clean images carry no labels: M's own predictions stand in for them")
     io.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle folder to write")
     io.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    io.add_argument("--sign-key", type=Path, metavar="PEM",
+                    help="sign the bundle with this Ed25519 private key (PEM); serve --verify-key checks it")
     add_preprocessing_arguments(parser)
     method = parser.add_argument_group("method (defaults are the paper's)")
     add_threshold_arguments(method, defaults)
@@ -240,12 +242,13 @@ def run_build(args) -> int:
     import torch
 
     from defense.build import BuildConfig, build_guard
-    from defense.bundle import save_bundle
+    from defense.bundle import load_signing_key, save_bundle
     from defense.data import load_image_folder, read_class_names, scan_flat_folder
     from defense.models import load_user_model, parse_model_spec
 
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise UserError(f"--out {args.out}: the folder exists and is not empty; choose another or pass --overwrite")
+    sign_key = load_signing_key(args.sign_key) if args.sign_key else None  # a bad key fails before training
     device = resolve_device(args.device)
     auxiliary_method = resolve_auxiliary_method(args)
     preprocessing = resolve_preprocessing(args, args.model)
@@ -292,7 +295,8 @@ def run_build(args) -> int:
                          calibration_paths=calibration_paths)
     if supplied_source:
         result.manifest_fields["auxiliary_model"]["source"] = supplied_source
-    manifest = save_bundle(args.out, result.guard, spec, result.manifest_fields, overwrite=args.overwrite)
+    manifest = save_bundle(args.out, result.guard, spec, result.manifest_fields, overwrite=args.overwrite,
+                           sign_key=sign_key)
     print_build_summary(manifest, args.out)
     return 0
 
@@ -391,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="AUROC, TPR/FPR at the bundle's threshold, clean accuracy and attack "
                                                "success rate with the guard, with a report and plots.")
     evaluate.add_argument("bundle", type=Path, metavar="BUNDLE")
+    evaluate.add_argument("--verify-key", type=Path, metavar="PEM",
+                          help="refuse the bundle unless it is signed with this Ed25519 public key's private key")
+    evaluate.add_argument("--allow-factory-modules", default="", metavar="MODULES",
+                          help="comma-separated modules whose 'module:factory' architecture, named in the bundle, "
+                               "may be imported and called")
     evaluate.add_argument("--clean", type=Path, required=True, metavar="DIR", help="clean test images (ImageFolder)")
     evaluate.add_argument("--triggered", type=Path, required=True, metavar="DIR",
                           help="triggered images: ImageFolder by source class, or a flat folder")
@@ -403,14 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=run_evaluate)
 
     try:
-        from service.cli import add_serve_arguments, run_serve
+        from service.cli import add_audit_arguments, add_serve_arguments, run_serve
     except ImportError:  # the server package is optional for the offline job
-        add_serve_arguments = run_serve = None
+        add_audit_arguments = add_serve_arguments = run_serve = None
     if add_serve_arguments is not None:
         serve = commands.add_parser("serve", help="run the guard's HTTP server on a bundle",
                                     description="Serve POST /predict with the guard in front of the model.")
         add_serve_arguments(serve)
         serve.set_defaults(handler=run_serve)
+        add_audit_arguments(commands.add_parser("audit", help="check a chained audit log written by serve",
+                                                description="Tools for the server's audit log."))
 
     demo = commands.add_parser("demo", help="the built-in example: backdoor a small classifier, guard it, measure",
                                description="Trains a small classifier with a backdoor on scikit-learn's handwritten "

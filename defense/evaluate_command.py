@@ -430,7 +430,10 @@ def evaluate_bundle(args) -> int:
     if args.report.exists() and not args.report.is_dir():
         raise UserError(f"--report {args.report}: exists and is not a folder")
     device = resolve_device(args.device)
-    guard, manifest = load_bundle(args.bundle, device)
+    guard, manifest = load_bundle(args.bundle, device, verify_key=getattr(args, "verify_key", None),
+                                  allowed_factory_modules=[name.strip() for name in
+                                                           getattr(args, "allow_factory_modules", "").split(",")
+                                                           if name.strip()])
     class_names = list(manifest.class_names)
     target = resolve_target_class(args.target_class, class_names)
     log = (lambda *a, **k: None) if args.quiet else print

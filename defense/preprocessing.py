@@ -74,9 +74,11 @@ class Preprocessing:
     def normalizer(self) -> "Normalizer":
         return Normalizer(self.mean, self.std)
 
-    def load(self, source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-        """Decode bytes or a file into a (3, H, W) uint8 tensor."""
-        return self.image_to_uint8(decode_image(source, max_pixels))
+    def load(self, source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+             formats: tuple[str, ...] | None = None) -> torch.Tensor:
+        """Decode bytes or a file into a (3, H, W) uint8 tensor (``formats``: Pillow format names
+        to try; None: any Pillow can open)."""
+        return self.image_to_uint8(decode_image(source, max_pixels, formats))
 
 
 class Normalizer(nn.Module):
@@ -91,14 +93,16 @@ class Normalizer(nn.Module):
         return (images_uint8.float() - self.shift) * self.scale
 
 
-def decode_image(source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image, refusing more than ``max_pixels`` before decoding."""
+def decode_image(source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Open and fully decode an image, refusing more than ``max_pixels`` before decoding. With
+    ``formats``, only those Pillow plugins are tried (others never see the bytes)."""
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                image = Image.open(stream)
+                image = Image.open(stream, formats=formats)
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageDecodeError(
@@ -110,7 +114,8 @@ def decode_image(source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
                 raise ImageDecodeError(f"image too large ({error})", too_large=True)
             except Exception as error:  # Pillow raises many types for bad bytes
-                raise ImageDecodeError(f"cannot decode image ({type(error).__name__}: {error})")
+                allowed = f"; formats accepted: {', '.join(formats)}" if formats else ""
+                raise ImageDecodeError(f"cannot decode image ({type(error).__name__}: {error}{allowed})")
         return image
     finally:
         if not isinstance(source, (bytes, bytearray)):

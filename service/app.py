@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
+import hmac
 import io
 import logging
 import math
@@ -27,10 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defense.bundle import load_bundle, package_versions
 from defense.score import GuardScores, guard_scores, rejects
-from service.audit import AuditTrail
+from service.audit import AuditTrail, finite_or_none
 from service.batcher import MicroBatcher, Overloaded, ShuttingDown
-from service.inputs import (MULTIPART, InputError, Limits, check_content_length, check_media_type, decode_images,
-                            media_type, parse_json, parse_multipart, read_body)
+from service.inputs import (MULTIPART, ByteBudget, InputError, Limits, Reservation, body_budget_exhausted,
+                            check_content_length, check_media_type, decode_images, media_type, parse_json,
+                            parse_multipart, read_body)
 from service.metrics import ServiceMetrics
 from service.schemas import (ErrorResponse, HealthResponse, InfoResponse, PredictJSONRequest, PredictResponse,
                              ReadyResponse)
@@ -56,9 +59,17 @@ class GuardService:
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
         self.metrics = ServiceMetrics()
-        self.audit = AuditTrail(settings.audit_log, settings.quarantine_dir)
+        self.audit = AuditTrail(settings.audit_log, settings.quarantine_dir, chain=settings.audit_chain,
+                                min_free_bytes=settings.audit_min_free_bytes,
+                                max_image_bytes=settings.quarantine_max_image_bytes,
+                                max_total_bytes=settings.quarantine_max_bytes,
+                                on_not_kept=self.metrics.count_quarantine_skipped)
         self.limits = Limits(settings.max_images_per_request, settings.max_image_bytes, settings.max_request_bytes,
-                             settings.max_pixels)
+                             settings.max_pixels, settings.max_parts, settings.max_part_header_bytes,
+                             tuple(settings.image_format_list))
+        self.body_budget = ByteBudget(settings.max_bytes_in_flight)
+        self.decode_backlog = 0  # requests waiting for or in the decode threads (event loop only)
+        self.show_scores = settings.response_policy == "full"
         self.enforce = settings.mode == "enforce"
         self.state = LOADING
         self.error: str | None = None
@@ -82,9 +93,12 @@ class GuardService:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.device = resolve_device(settings.device)
-        guard, manifest = load_bundle(settings.bundle_dir, self.device)
+        guard, manifest = load_bundle(settings.bundle_dir, self.device, verify_key=settings.verify_key,
+                                      allowed_factory_modules=settings.factory_module_list)
         self.guard, self.manifest = guard, manifest
         self.tau = float(guard.rejection_threshold)
+        if not math.isfinite(self.tau):  # load_bundle refuses it; never serve one in any case
+            raise RuntimeError(f"bundle {settings.bundle_dir}: the threshold {self.tau} is not a finite number")
         self.class_names = list(manifest.class_names)
         if len(self.class_names) != manifest.num_classes:
             raise RuntimeError(f"bundle {settings.bundle_dir}: {len(self.class_names)} class names for "
@@ -93,7 +107,7 @@ class GuardService:
             self._streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]
         self.metrics.bind_bundle(manifest.bundle_id, self.tau, manifest.target_fpr, settings.mode, self.class_names)
         self.audit.open()
-        self.info = InfoResponse(
+        info = InfoResponse(
             bundle_id=manifest.bundle_id, created_at=manifest.created_at, architecture=manifest.architecture,
             class_names=self.class_names, num_classes=manifest.num_classes,
             input_size=list(guard.preprocessing.input_size), mean=list(guard.preprocessing.mean),
@@ -103,11 +117,18 @@ class GuardService:
             mode=settings.mode, device=self.device,
             limits={"max_images_per_request": settings.max_images_per_request,
                     "max_image_bytes": settings.max_image_bytes, "max_request_bytes": settings.max_request_bytes,
-                    "max_pixels": settings.max_pixels},
+                    "max_pixels": settings.max_pixels, "max_parts": settings.max_parts,
+                    "max_header_bytes": settings.max_header_bytes, "body_timeout_s": settings.body_timeout_s,
+                    "image_formats": self.limits.formats},
             batching={"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
                       "max_queue": settings.max_queue},
             versions={"bundle": manifest.versions, "server": package_versions()},
+            response_policy=settings.response_policy,
         ).model_dump()
+        if not self.show_scores:  # decision_only: nothing that locates the threshold
+            for name in ("alpha", "threshold", "calibration"):
+                info.pop(name)
+        self.info = info
         if settings.warmup:
             self._warm_up()
         log.info("bundle %s loaded on %s in %.1f s (tau %.6g, mode %s)", manifest.bundle_id, self.device,
@@ -120,7 +141,7 @@ class GuardService:
         height, width = self.guard.preprocessing.input_size
         buffer = io.BytesIO()
         Image.new("RGB", (width, height), (127, 127, 127)).save(buffer, format="PNG")
-        one = decode_images(self.guard.preprocessing, [buffer.getvalue()], self.settings.max_pixels)
+        one = decode_images(self.guard.preprocessing, [buffer.getvalue()], self.settings.max_pixels, self.limits.formats)
         self.infer(one)
         self.infer(one.expand(self.settings.max_batch_size, -1, -1, -1).contiguous())
 
@@ -187,30 +208,80 @@ class GuardService:
             blobs = parse_multipart(content_type, body, self.limits)
         else:
             blobs = parse_json(body, self.limits)
-        return blobs, decode_images(self.guard.preprocessing, blobs, self.limits.max_pixels)
+        return blobs, decode_images(self.guard.preprocessing, blobs, self.limits.max_pixels, self.limits.formats)
 
-    def unavailable(self) -> JSONResponse:
-        detail = {LOADING: "the guard is loading its bundle", FAILED: f"the bundle failed to load: {self.error}",
-                  SHUTTING_DOWN: "the server is shutting down"}.get(self.state, "not ready")
-        return JSONResponse({"error": "not_ready", "detail": detail}, 503, headers=self._retry_after)
+    def readiness_problem(self) -> tuple[str, str | None] | None:
+        """(status, reason) when requests cannot be answered now, or None when they can."""
+        if self.state != READY:
+            detail = {LOADING: "the guard is loading its bundle", FAILED: f"the bundle failed to load: {self.error}",
+                      SHUTTING_DOWN: "the server is shutting down"}.get(self.state)
+            return self.state, detail
+        if self.batcher is None or not self.batcher.running:
+            return "batcher_stopped", "the batching worker is not running"
+        audit_problem = self.audit.problem()
+        if audit_problem is not None:
+            return "audit_unavailable", audit_problem
+        return None
 
-    def overloaded(self) -> JSONResponse:
-        self.metrics.overload.inc()
-        return JSONResponse({"error": "overloaded", "detail": "the guard's queue is full; retry shortly"}, 503,
+    def unavailable(self, problem: tuple[str, str | None] | None = None) -> JSONResponse:
+        problem = problem or self.readiness_problem() or (self.state, None)
+        return JSONResponse({"error": "not_ready", "detail": problem[1] or "not ready"}, 503,
                             headers=self._retry_after)
 
+    def overloaded(self, detail: str = "the guard's queue is full; retry shortly") -> JSONResponse:
+        self.metrics.overload.inc()
+        return JSONResponse({"error": "overloaded", "detail": detail}, 503, headers=self._retry_after)
+
+    def _no_room(self) -> str | None:
+        if not self.batcher.has_room(1):
+            return "the guard's queue is full; retry shortly"
+        if self.decode_backlog >= self.settings.max_decode_backlog:
+            return "the guard's decode backlog is full; retry shortly"
+        return None
+
     async def predict(self, request: Request) -> Response:
-        if self.state != READY:
-            return self.unavailable()
+        problem = self.readiness_problem()
+        if problem is not None:
+            return self.unavailable(problem)
         kind = media_type(request)
         check_media_type(kind)
-        check_content_length(request, self.limits)
-        if not self.batcher.has_room(1):
-            return self.overloaded()
-        body = await read_body(request, self.limits)
+        length = check_content_length(request, self.limits)
+        full = self._no_room()  # admission before the body is read
+        if full is not None:
+            return self.overloaded(full)
+        # Bytes are taken from the budget as they arrive (a stalled upload holds only what it sent), but a
+        # body that could not fit now is refused before reading it.
+        if length is not None and self.body_budget.held + length > self.body_budget.limit:
+            return self.overloaded(body_budget_exhausted(self._retry_after).detail)
+        reservation = Reservation()
+        try:
+            return await self._admitted(request, kind, reservation)
+        except InputError as error:
+            if error.code == "overloaded":
+                self.metrics.overload.inc()
+            raise
+        finally:
+            self.body_budget.give_back(reservation.bytes)
+
+    async def _admitted(self, request: Request, kind: str, reservation: Reservation) -> Response:
+        try:
+            body = await asyncio.wait_for(
+                read_body(request, self.limits, self.body_budget, reservation, self._retry_after),
+                self.settings.body_timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise InputError(408, "body_timeout", f"the request body did not arrive within "
+                             f"{self.settings.body_timeout_s:g} s")
+        full = self._no_room()
+        if full is not None:
+            return self.overloaded(full)
         loop = asyncio.get_running_loop()
-        blobs, images = await loop.run_in_executor(self._decode_pool, self.prepare, kind,
-                                                   request.headers.get("content-type", ""), body)
+        self.decode_backlog += 1
+        try:
+            blobs, images = await loop.run_in_executor(self._decode_pool, self.prepare, kind,
+                                                       request.headers.get("content-type", ""), body)
+        finally:
+            self.decode_backlog -= 1
+        del body
         try:
             scores = await self.batcher.submit(images)
         except Overloaded:
@@ -225,36 +296,72 @@ class GuardService:
         for index, (label, confidence, value, flag) in enumerate(zip(labels, confidences, values, flagged)):
             rejected = flag and self.enforce
             withheld = rejected and hide
-            predictions.append({
+            prediction = {
                 "index": index, "label": None if withheld else label, "class_name": None if withheld else names[label],
-                "confidence": None if withheld else confidence, "score": value if math.isfinite(value) else None,
+                "confidence": None if withheld else confidence, "score": finite_or_none(value),
                 "rejected": rejected, "flagged": flag,
-            })
+            }
+            if not self.show_scores:
+                del prediction["score"]
+            predictions.append(prediction)
         if any(flagged) and self.audit.enabled:
-            request_id = request.state.request_id
-            records = [{"request_id": request_id, "index": i, "predicted_class": labels[i], "class_name": names[labels[i]],
-                        "score": values[i] if math.isfinite(values[i]) else None, "tau": tau,
-                        "mode": self.settings.mode, "bundle": self.manifest.bundle_id}
-                       for i in range(len(values)) if flagged[i]]
-            await loop.run_in_executor(self._audit_pool, self.audit.record, records,
-                                       [blobs[i] for i in range(len(values)) if flagged[i]])
+            failure = await self._audit(request, scores, flagged, blobs, images)
+            if failure is not None:
+                return failure
         self.metrics.record_inputs(labels, values, flagged)
-        return JSONResponse({"bundle": self.manifest.bundle_id, "threshold": tau, "mode": self.settings.mode,
-                             "predictions": predictions})
+        answer = {"bundle": self.manifest.bundle_id, "threshold": tau, "mode": self.settings.mode,
+                  "predictions": predictions}
+        if not self.show_scores:
+            del answer["threshold"]
+        return JSONResponse(answer)
+
+    async def _audit(self, request: Request, scores: GuardScores, flagged: list[bool], blobs: list[bytes],
+                     images: torch.Tensor) -> JSONResponse | None:
+        """Write the flagged inputs' records (off the event loop). None when they are on disk; a 503
+        (and not ready until the disk has room again) when the disk refused them."""
+        labels, values = scores.label.tolist(), scores.score.tolist()
+        experts, auxiliaries = scores.expert_agreement.tolist(), scores.auxiliary_agreement.tolist()
+        chosen = [i for i, flag in enumerate(flagged) if flag]
+        records = [{"request_id": request.state.request_id, "client_request_id": request.state.client_request_id,
+                    "index": i, "predicted_class": labels[i], "class_name": self.class_names[labels[i]],
+                    "score": finite_or_none(values[i]), "b": finite_or_none(experts[i]),
+                    "a": finite_or_none(auxiliaries[i]), "alpha": self.guard.alpha, "tau": self.tau,
+                    "mode": self.settings.mode, "bundle": self.manifest.bundle_id}
+                   for i in chosen]
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._audit_pool, self.audit.record, records, [blobs[i] for i in chosen], [images[i] for i in chosen])
+        except OSError as error:
+            reason = f"cannot write the audit trail ({error.strerror or error})"
+            self.audit.fail(reason)
+            log.error("%s; reporting not ready", reason)
+            return JSONResponse({"error": "audit_unavailable", "detail": f"{reason}: the flagged input could not "
+                                 "be recorded, so it is not answered"}, 503, headers=self._retry_after)
+        return None
 
 
 class ObservabilityMiddleware:
-    """Request id (X-Request-ID in and out), responses by status, and /predict durations."""
+    """Request id (made by the server, X-Request-ID out; the client's X-Request-ID is kept beside it
+    and echoed as X-Client-Request-ID), responses by status, and /predict durations."""
 
-    def __init__(self, app, metrics: ServiceMetrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: ServiceMetrics, max_header_bytes: int):
+        self.app, self.metrics, self.max_header_bytes = app, metrics, max_header_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        header_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
+            sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        if header_bytes > self.max_header_bytes:  # uvicorn caps headers that arrive in pieces; this, the rest
+            self.metrics.count_status(431)
+            response = JSONResponse({"error": "headers_too_large", "detail": f"the request line and headers are "
+                                     f"over {self.max_header_bytes} bytes"}, 431, headers={"Connection": "close"})
+            return await response(scope, receive, send)
         given = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"x-request-id"), "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        client_request_id = given if _REQUEST_ID.fullmatch(given) else None
+        request_id = uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"], state["client_request_id"] = request_id, client_request_id
         status = 500
         started = time.perf_counter()
 
@@ -262,7 +369,10 @@ class ObservabilityMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append("X-Request-ID", request_id)
+                if client_request_id is not None:
+                    headers.append("X-Client-Request-ID", client_request_id)
             await send(message)
 
         try:
@@ -273,7 +383,51 @@ class ObservabilityMiddleware:
                 self.metrics.request_duration.observe(time.perf_counter() - started)
 
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503)}
+class ApiKeyMiddleware:
+    """With API keys set, the protected paths need 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.
+    Keys are compared as sha256 digests with hmac.compare_digest, against every key (constant time
+    in the key presented). Health probes stay open."""
+
+    def __init__(self, app, keys: list[str], protected: set[str]):
+        self.app, self.protected = app, protected
+        self.key_digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+
+    def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        presented = None
+        for name, value in headers:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                presented = value[7:].strip()
+            elif name == b"x-api-key":
+                presented = value.strip()
+        if not presented:
+            return False
+        digest = hashlib.sha256(presented).digest()
+        matched = False
+        for key_digest in self.key_digests:
+            matched |= hmac.compare_digest(digest, key_digest)
+        return matched
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in self.protected and not self.authorized(scope["headers"]):
+            response = JSONResponse({"error": "unauthorized", "detail": "this endpoint needs an API key: "
+                                     "'Authorization: Bearer KEY' or 'X-API-Key: KEY'"}, 401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def protected_paths(settings: ServiceSettings) -> set[str]:
+    if not settings.api_key_list:
+        return set()
+    paths = {"/predict", "/v1/info"}
+    if settings.protect_metrics:
+        paths.add("/metrics")
+    if settings.protect_docs:
+        paths |= {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    return paths
+
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 431, 503)}
 _PREDICT_BODY = {
     "requestBody": {
         "required": True,
@@ -307,11 +461,14 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                               "score falls below the bundle's threshold are flagged and, in enforce mode, rejected.")
     app.state.service = service
     app.state.settings = settings
-    app.add_middleware(ObservabilityMiddleware, metrics=service.metrics)
+    if settings.api_key_list:
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list, protected=protected_paths(settings))
+    app.add_middleware(ObservabilityMiddleware, metrics=service.metrics,  # outermost: sees every response
+                       max_header_bytes=settings.max_header_bytes)
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, error: InputError):
-        return JSONResponse(error.body(), error.status)
+        return JSONResponse(error.body(), error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
@@ -334,18 +491,20 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         return await service.predict(request)
 
     @app.get("/healthz", response_model=HealthResponse, summary="Liveness")
+    @app.head("/healthz", include_in_schema=False)
     async def healthz():
         if service.state == FAILED:
             return JSONResponse({"status": "failed"}, 503)
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}},
-             summary="Readiness: bundle verified, models loaded and warm")
+             summary="Readiness: bundle verified, models loaded and warm, audit trail writable")
+    @app.head("/readyz", include_in_schema=False)
     async def readyz():
-        ready = service.state == READY and service.batcher is not None and service.batcher.running
-        status = service.state if service.state != READY or ready else "batcher_stopped"
-        body = {"ready": ready, "status": status, "detail": service.error}
-        return JSONResponse(body, 200 if ready else 503)
+        problem = service.readiness_problem()
+        if problem is None:
+            return JSONResponse({"ready": True, "status": READY, "detail": None})
+        return JSONResponse({"ready": False, "status": problem[0], "detail": problem[1]}, 503)
 
     @app.get("/v1/info", response_model=InfoResponse, responses={503: {"model": ErrorResponse}},
              summary="The bundle being served: classes, input size, threshold, versions")

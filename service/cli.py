@@ -71,11 +71,14 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from defense.bundle import read_manifest
+    from defense.bundle import load_verify_key, read_manifest
     from service.app import create_app, resolve_device
+    from service.http_protocol import JSONErrorH11Protocol
 
     settings = settings_from_args(args)
-    read_manifest(settings.bundle_dir)  # a missing or invalid bundle fails here, before anything listens
+    if settings.verify_key is not None:
+        load_verify_key(settings.verify_key, f"--verify-key / {env_name('verify_key')}")
+    read_manifest(settings.bundle_dir)  # a missing, edited or invalid bundle fails here, before anything listens
     try:
         resolve_device(settings.device)
     except RuntimeError as error:
@@ -89,7 +92,8 @@ def run_serve(args: argparse.Namespace) -> int:
     logger.setLevel(settings.log_level.upper())
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.access_log, lifespan="on",
+                            access_log=settings.access_log, lifespan="on", http=JSONErrorH11Protocol,
+                            h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s)
     server = uvicorn.Server(config)
     service = app.state.service
@@ -117,4 +121,34 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"badexpert: error: the server could not start on {settings.host}:{settings.port} (see the log above)",
               file=sys.stderr)
         return 2
+    return 0
+
+
+def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="audit_action", metavar="ACTION", required=True)
+    verify = actions.add_parser("verify", help="check the hash chain of an audit log written with --audit-chain",
+                                description="Check that no line of a chained audit log was deleted, edited or inserted. "
+                                            "Exit 0: intact; 1: broken (the line is named); 2: bad input.")
+    verify.add_argument("file", type=Path, metavar="FILE", help="the audit log (JSON lines)")
+    verify.add_argument("--head", metavar="DIGEST",
+                        help="the last line's digest as recorded earlier (detects lines cut from the end)")
+    verify.set_defaults(handler=run_audit)
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from service.audit import ChainBroken, verify_chain
+
+    if not args.file.is_file():
+        raise UserError(f"FILE {args.file}: no such file")
+    try:
+        report = verify_chain(args.file, args.head)
+    except ChainBroken as error:
+        print(f"badexpert: error: {args.file}: {error}", file=sys.stderr)
+        return 1
+    if report.first_chained_line is None:
+        print(f"badexpert: error: {args.file}: no chained line ({report.lines} lines; was --audit-chain on?)",
+              file=sys.stderr)
+        return 1
+    print(f"{args.file}: {report.lines} lines, chain intact from line {report.first_chained_line}; "
+          f"head {report.head}")
     return 0

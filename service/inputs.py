@@ -35,9 +35,11 @@ _STREAM_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 class InputError(Exception):
     """A request the server refuses: HTTP status, a machine-readable code, a sentence, the image index."""
 
-    def __init__(self, status: int, code: str, detail: str, index: int | None = None):
+    def __init__(self, status: int, code: str, detail: str, index: int | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.status, self.code, self.detail, self.index = status, code, detail, index
+        self.headers = headers
 
     def body(self) -> dict:
         body = {"error": self.code, "detail": self.detail}
@@ -52,6 +54,32 @@ class Limits:
     max_image_bytes: int
     max_request_bytes: int
     max_pixels: int
+    max_parts: int = 64
+    max_part_header_bytes: int = 8192
+    formats: tuple[str, ...] | None = None  # Pillow format names to decode; None: any
+
+
+class ByteBudget:
+    """Request-body bytes held by all requests in flight together. Used on the event loop only."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    def try_take(self, count: int) -> bool:
+        if self.held + count > self.limit:
+            return False
+        self.held += count
+        return True
+
+    def give_back(self, count: int) -> None:
+        self.held -= count
+
+
+@dataclass
+class Reservation:
+    """What one request holds of the :class:`ByteBudget` (given back when the request ends)."""
+
+    bytes: int = 0
 
 
 def media_type(request: Request) -> str:
@@ -66,10 +94,11 @@ def check_media_type(kind: str) -> None:
                          f"named '{PART_NAME}', or application/json {{\"images\": [\"<base64>\", ...]}}")
 
 
-def check_content_length(request: Request, limits: Limits) -> None:
+def check_content_length(request: Request, limits: Limits) -> int | None:
+    """The announced body size (None when the body is chunked), refused when over the limit."""
     value = request.headers.get("content-length")
     if value is None:
-        return
+        return None
     try:
         length = int(value)
     except ValueError:
@@ -77,10 +106,18 @@ def check_content_length(request: Request, limits: Limits) -> None:
     if length > limits.max_request_bytes:
         raise InputError(413, "request_too_large",
                          f"request body of {length} bytes is over the limit of {limits.max_request_bytes}")
+    return length
 
 
-async def read_body(request: Request, limits: Limits) -> bytes:
-    """The whole body, refusing it as soon as it grows past the limit (chunked uploads too)."""
+def body_budget_exhausted(retry_after: dict[str, str]) -> InputError:
+    return InputError(503, "overloaded", "the server holds as many request bytes as it may; retry shortly",
+                      headers=retry_after)
+
+
+async def read_body(request: Request, limits: Limits, budget: ByteBudget, reservation: Reservation,
+                    retry_after: dict[str, str]) -> bytes:
+    """The whole body, refusing it as soon as it grows past the limit (chunked uploads too) or
+    past what the byte budget has left (503). ``reservation`` grows with what is taken."""
     chunks, total = [], 0
     try:
         async for chunk in request.stream():
@@ -88,6 +125,10 @@ async def read_body(request: Request, limits: Limits) -> bytes:
             if total > limits.max_request_bytes:
                 raise InputError(413, "request_too_large",
                                  f"request body is over the limit of {limits.max_request_bytes} bytes")
+            if total > reservation.bytes:
+                if not budget.try_take(total - reservation.bytes):
+                    raise body_budget_exhausted(retry_after)
+                reservation.bytes = total
             chunks.append(chunk)
     except ClientDisconnect:
         raise InputError(400, "client_disconnected", "the client closed the connection before the body was sent")
@@ -111,15 +152,28 @@ def parse_multipart(content_type: str, body: bytes, limits: Limits) -> list[byte
     if not boundary:
         raise InputError(422, "malformed_body", "multipart/form-data without a boundary parameter in its Content-Type")
     images: list[bytes] = []
-    state = {"header": b"", "value": b"", "headers": {}, "data": None, "ended": False}
+    state = {"header": b"", "value": b"", "headers": {}, "data": None, "ended": False, "parts": 0,
+             "header_bytes": 0}
 
     def on_part_begin():
-        state["headers"], state["data"] = {}, None
+        state["headers"], state["data"], state["header_bytes"] = {}, None, 0
+        state["parts"] += 1
+        if state["parts"] > limits.max_parts:
+            raise InputError(413, "too_many_parts", f"more than {limits.max_parts} multipart parts in one request")
+
+    def count_header_bytes(count: int):
+        state["header_bytes"] += count
+        if state["header_bytes"] > limits.max_part_header_bytes:
+            raise InputError(413, "part_header_too_large",
+                             f"the headers of multipart part {state['parts'] - 1} are over "
+                             f"{limits.max_part_header_bytes} bytes")
 
     def on_header_field(data, start, end):
+        count_header_bytes(end - start)
         state["header"] += data[start:end]
 
     def on_header_value(data, start, end):
+        count_header_bytes(end - start)
         state["value"] += data[start:end]
 
     def on_header_end():
@@ -162,6 +216,8 @@ def parse_multipart(content_type: str, body: bytes, limits: Limits) -> list[byte
     except InputError:
         raise
     except (MultipartParseError, ValueError) as error:
+        if "header size" in str(error):  # python-multipart's own cap on one header line
+            raise InputError(413, "part_header_too_large", f"a multipart part's header is too large ({error})")
         raise InputError(422, "malformed_body", f"malformed multipart body ({error})")
     if not state["ended"] and not images:
         raise InputError(422, "malformed_body", "malformed multipart body (no closing boundary)")
@@ -213,12 +269,13 @@ def parse_json(body: bytes, limits: Limits) -> list[bytes]:
     return [decode_base64(text, index, limits) for index, text in enumerate(request.images)]
 
 
-def decode_images(preprocessing: Preprocessing, images: list[bytes], max_pixels: int) -> torch.Tensor:
+def decode_images(preprocessing: Preprocessing, images: list[bytes], max_pixels: int,
+                  formats: tuple[str, ...] | None = None) -> torch.Tensor:
     """(N, 3, H, W) uint8 through the bundle's preprocessing. Blocking: run it off the event loop."""
     tensors = []
     for index, data in enumerate(images):
         try:
-            tensors.append(preprocessing.load(data, max_pixels))
+            tensors.append(preprocessing.load(data, max_pixels, formats))
         except ImageDecodeError as error:
             if error.too_large:
                 raise InputError(413, "image_too_large", f"image {index}: {error}", index)

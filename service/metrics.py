@@ -11,6 +11,7 @@ The names are a contract with the deployment (Prometheus rules, Grafana dashboar
     badexpert_http_requests_total{status}                                 counter
     badexpert_overload_total                                              counter (503: queue full)
     badexpert_bundle_info{bundle_id,tau,target_fpr,mode}                  info
+    badexpert_quarantine_skipped_total{reason}                            counter (originals not kept)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ FALLBACK_BUCKETS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
 DURATION_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 DECISIONS = ("accepted", "rejected")
+QUARANTINE_REASONS = ("original_over_image_cap", "resized_over_image_cap", "quarantine_full")
 
 
 def score_buckets(tau: float) -> list[float]:
@@ -55,6 +57,9 @@ class ServiceMetrics:
         self.http_requests = Counter("badexpert_http_requests", "HTTP responses by status code", ["status"], registry=r)
         self.overload = Counter("badexpert_overload", "Requests refused with 503 because the queue was full", registry=r)
         self.bundle_info = Info("badexpert_bundle", "The bundle being served", registry=r)
+        self.quarantine_skipped = Counter("badexpert_quarantine_skipped", "Flagged images whose original bytes "
+                                          "were not quarantined, by reason", ["reason"], registry=r)
+        self.quarantine_reasons = {reason: self.quarantine_skipped.labels(reason=reason) for reason in QUARANTINE_REASONS}
         self.score: Histogram | None = None
         self.rejected_class_children: list = []
         self._status_children: dict[int, object] = {}
@@ -67,6 +72,9 @@ class ServiceMetrics:
                                         for index, name in enumerate(class_names)]
         self.bundle_info.info({"bundle_id": bundle_id, "tau": repr(float(tau)), "target_fpr": repr(float(target_fpr)),
                                "mode": mode})
+
+    def count_quarantine_skipped(self, reason: str) -> None:
+        self.quarantine_reasons[reason].inc()
 
     def count_status(self, status: int) -> None:
         child = self._status_children.get(status)

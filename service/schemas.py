@@ -19,8 +19,9 @@ class Prediction(BaseModel):
     label: int | None = Field(description="the model's class index; null when rejected (unless BADEXPERT_REVEAL_REJECTED)")
     class_name: str | None = Field(description="name of that class; null when rejected")
     confidence: float | None = Field(description="the model's softmax probability of that class; null when rejected")
-    score: float | None = Field(description="BaDExpert score; low means backdoor-like. Null only if the models gave a "
-                                            "non-finite value, and then the input is flagged")
+    score: float | None = Field(None, description="BaDExpert score; low means backdoor-like. Null only if the models "
+                                "gave a non-finite value, and then the input is flagged. Absent with the "
+                                "decision_only response policy")
     rejected: bool = Field(description="the guard refused this input (always false in shadow mode)")
     flagged: bool = Field(description="score < threshold: the guard's decision, whatever the mode "
                                       "(in shadow mode the would-be rejection)")
@@ -28,7 +29,8 @@ class Prediction(BaseModel):
 
 class PredictResponse(BaseModel):
     bundle: str = Field(description="id of the bundle that answered")
-    threshold: float = Field(description="tau: inputs scoring below it are flagged")
+    threshold: float | None = Field(None, description="tau: inputs scoring below it are flagged (absent with the "
+                                                      "decision_only response policy)")
     mode: Literal["enforce", "shadow"]
     predictions: list[Prediction] = Field(description="one per image, in request order")
 
@@ -58,12 +60,14 @@ class InfoResponse(BaseModel):
     input_size: list[int] = Field(description="[height, width]")
     mean: list[float]
     std: list[float]
-    alpha: float
-    threshold: float
+    alpha: float | None = Field(None, description="absent with the decision_only response policy")
+    threshold: float | None = Field(None, description="absent with the decision_only response policy")
     target_fpr: float
-    calibration: dict = Field(description="rule, n, k and FPRs of the threshold")
+    calibration: dict | None = Field(None, description="rule, n, k and FPRs of the threshold (absent with the "
+                                                        "decision_only response policy)")
     mode: Literal["enforce", "shadow"]
     device: str
     limits: dict
     batching: dict
+    response_policy: Literal["full", "decision_only"] = "full"
     versions: dict = Field(description="'bundle': the versions that built the bundle; 'server': the versions serving it")

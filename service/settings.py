@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "BADEXPERT_"
@@ -40,6 +40,40 @@ class ServiceSettings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to wait for requests in flight")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
     access_log: bool = Field(True, description="uvicorn's per-request access log")
+    # bundle trust
+    verify_key: Path | None = Field(None, description="Ed25519 public key (PEM): refuse a bundle that is not signed "
+                                                      "with its private key (badexpert build --sign-key)")
+    allow_factory_modules: str = Field("", description="comma-separated modules whose 'module:factory' architecture "
+                                                      "named in a bundle may be imported and called")
+    # access control and what responses reveal
+    api_keys: SecretStr | None = Field(None, description="comma-separated API keys (16+ characters each): /predict and "
+                                       "/v1/info then need 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (prefer the "
+                                       "environment variable to the flag, which other users can see)")
+    protect_metrics: bool = Field(False, description="with api_keys: /metrics needs a key too")
+    protect_docs: bool = Field(False, description="with api_keys: /docs and /openapi.json need a key too")
+    response_policy: Literal["full", "decision_only"] = Field(
+        "full", description="full: responses carry each score and the threshold; decision_only: no score and no "
+                            "threshold in responses or /v1/info (a public deployment hands out no oracle)")
+    # audit trail
+    audit_chain: bool = Field(False, description="each audit line carries the sha256 of the previous line "
+                                                 "('badexpert audit verify FILE' checks the chain)")
+    audit_min_free_bytes: int = Field(64 * 1024 * 1024, ge=0, description="below this free space on the audit "
+                                      "log's or quarantine's file system the server reports not ready")
+    quarantine_max_image_bytes: int = Field(2 * 1024 * 1024, ge=0, description="an original over this size is "
+                                            "quarantined as the decoded, resized image instead (PNG)")
+    quarantine_max_bytes: int = Field(1024 ** 3, ge=0, description="most bytes kept in the quarantine folder; "
+                                      "beyond it images are not kept (counted in badexpert_quarantine_skipped_total)")
+    # bounded work per request and in total
+    max_parts: int = Field(64, ge=1, description="most multipart parts of any name in one request (413 beyond)")
+    max_part_header_bytes: int = Field(8192, ge=64, description="largest headers of one multipart part (413 beyond)")
+    max_header_bytes: int = Field(16384, ge=1024, description="largest HTTP request line and headers (431 beyond)")
+    body_timeout_s: float = Field(30.0, gt=0, description="time allowed to receive a request body (408 beyond)")
+    max_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1, description="most request-body bytes held across all "
+                                     "requests at once; beyond it requests get 503 with Retry-After at once")
+    max_decode_backlog: int = Field(8, ge=1, description="most requests waiting for or in the decode threads; "
+                                    "beyond it requests get 503 with Retry-After before their body is read")
+    image_formats: str = Field("PNG,JPEG,WEBP,BMP,GIF", description="comma-separated image formats (Pillow names) "
+                               "the server decodes; any other is undecodable (422)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServiceSettings":
@@ -48,11 +82,40 @@ class ServiceSettings(BaseSettings):
                              f"max_queue ({self.max_queue}): such a request could never be queued")
         if self.max_image_bytes > self.max_request_bytes:
             raise ValueError(f"max_image_bytes ({self.max_image_bytes}) must not exceed max_request_bytes ({self.max_request_bytes})")
+        if self.max_request_bytes > self.max_bytes_in_flight:
+            raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must not exceed max_bytes_in_flight "
+                             f"({self.max_bytes_in_flight}): such a request could never be read")
+        for key in self.api_key_list:
+            if len(key) < 16:
+                raise ValueError("api_keys: each key needs at least 16 characters")
+        unknown = [name for name in self.image_format_list if name not in _pillow_formats()]
+        if unknown:
+            raise ValueError(f"image_formats: unknown format {unknown[0]!r} (Pillow names, e.g. PNG, JPEG, WEBP)")
         return self
+
+    @property
+    def api_key_list(self) -> list[str]:
+        text = self.api_keys.get_secret_value() if self.api_keys is not None else ""
+        return [key.strip() for key in text.split(",") if key.strip()]
+
+    @property
+    def factory_module_list(self) -> list[str]:
+        return [name.strip() for name in self.allow_factory_modules.split(",") if name.strip()]
+
+    @property
+    def image_format_list(self) -> list[str]:
+        return [name.strip().upper() for name in self.image_formats.split(",") if name.strip()]
 
     @property
     def bundle_dir(self) -> Path:
         return Path(self.bundle)
+
+
+def _pillow_formats() -> set[str]:
+    from PIL import Image
+
+    Image.init()
+    return set(Image.OPEN)
 
 
 def env_name(field: str) -> str:

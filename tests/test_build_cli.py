@@ -132,3 +132,18 @@ def test_end_to_end_build_detects_the_backdoor(tmp_path):
     assert saved["accuracy_on_selection"]["backdoor_expert"] <= 0.5 * saved["accuracy_on_selection"]["model"]
     # 240 clean images: fewer than the build recommends, and the manifest says so
     assert any(w.startswith("240 clean images: with fewer than about 1000") for w in saved["warnings"])
+
+
+def test_build_signs_with_sign_key_and_a_bad_key_fails_before_training(capsys, tmp_path, weights, clean_dir):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    (tmp_path / "not-a-key.pem").write_text("hello\n")
+    err = run_error(capsys, build_args(weights, clean_dir, tmp_path / "out", "--sign-key", str(tmp_path / "not-a-key.pem")))
+    assert "--sign-key" in err and "not-a-key.pem" in err and not (tmp_path / "out").exists()
+    private = Ed25519PrivateKey.generate()
+    (tmp_path / "sign.pem").write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    assert main(build_args(weights, clean_dir, tmp_path / "out", "--sign-key", str(tmp_path / "sign.pem"))) == 0
+    _, manifest = load_bundle(tmp_path / "out", verify_key=private.public_key())
+    assert manifest.signature is not None

@@ -163,6 +163,7 @@ def test_compose_resolves_and_wires_the_services_together(tmp_path):
     # The load balancer publishes port 8000 and serves the nginx config of this repository.
     lb = services["lb"]
     assert any(p["published"] == "8000" and p["target"] == 8080 for p in ports(lb))
+    assert all(p["host_ip"] == "127.0.0.1" for p in ports(lb)), "the API is published on loopback by default"
     assert volume_targets(lb)["/etc/nginx/nginx.conf"]["source"] == str(NGINX_CONF)
 
     prometheus = services["prometheus"]
@@ -174,6 +175,7 @@ def test_compose_resolves_and_wires_the_services_together(tmp_path):
 
     grafana = services["grafana"]
     assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == PASSWORD
+    assert all(p["host_ip"] == "127.0.0.1" for p in ports(grafana)), "Grafana is published on loopback by default"
     grafana_volumes = volume_targets(grafana)
     assert grafana_volumes["/etc/grafana/provisioning"]["source"] == str(DOCKER / "grafana" / "provisioning")
     provider = yaml.safe_load(DASHBOARD_PROVIDERS.read_text())["providers"][0]
@@ -189,6 +191,8 @@ def test_compose_settings_come_from_the_environment(tmp_path):
     services = config["services"]
     assert services["guard"]["environment"]["BADEXPERT_MODE"] == "shadow"
     assert any(p["published"] == "9000" for p in ports(services["lb"]))
+    exposed = resolved(tmp_path, BADEXPERT_BIND="0.0.0.0", GRAFANA_BIND="0.0.0.0")["services"]
+    assert all(p["host_ip"] == "0.0.0.0" for p in ports(exposed["lb"]) + ports(exposed["grafana"]))
     assert volume_targets(services["guard"])["/bundles"]["source"] == str(REPO / "bundles")
     command = services["build"]["command"]
     argv = shlex.split(command) if isinstance(command, str) else command

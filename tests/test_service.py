@@ -601,7 +601,8 @@ def test_audit_log_and_quarantine_are_on_disk_before_the_response(tiny, tmp_path
     monkeypatch.setattr(os, "fsync", recording_fsync)
     with serving(tiny.strict, audit_log=audit, quarantine_dir=quarantine) as client:
         response = client.post("/predict", files=multipart(tiny.files), headers={"X-Request-ID": "req-42"})
-        assert response.headers["x-request-id"] == "req-42"
+        server_id = response.headers["x-request-id"]  # the server's own id; the client's is kept beside it
+        assert server_id != "req-42" and response.headers["x-client-request-id"] == "req-42"
         lines = [json.loads(line) for line in audit.read_text().splitlines()]  # read before the server stops
         assert str(audit.resolve()) in synced
         other = client.post("/predict", files=multipart(tiny.files))
@@ -609,16 +610,17 @@ def test_audit_log_and_quarantine_are_on_disk_before_the_response(tiny, tmp_path
     assert [line["index"] for line in lines] == flagged
     for line, index in zip(lines, flagged):
         data = tiny.files[index].read_bytes()
-        assert line["request_id"] == "req-42"
+        assert line["request_id"] == server_id and line["client_request_id"] == "req-42"
+        assert 0 <= line["b"] <= 1 and 0 <= line["a"] <= 1 and line["quarantined"] == "original"
         assert line["sha256"] == hashlib.sha256(data).hexdigest()
         assert line["predicted_class"] == int(tiny.labels[index]) and line["class_name"] == CLASS_NAMES[line["predicted_class"]]
         assert line["score"] == pytest.approx(float(tiny.scores[index]), rel=1e-5, abs=1e-5)
         assert line["tau"] == pytest.approx(tiny.strict_tau) and line["mode"] == "enforce"
         assert datetime.fromisoformat(line["time"].replace("Z", "+00:00")).utcoffset().total_seconds() == 0
-        assert (quarantine / line["sha256"]).read_bytes() == data
+        assert (quarantine / line["quarantine_file"]).read_bytes() == data
     assert len(audit.read_text().splitlines()) == 2 * len(flagged)  # the second request appended its own lines
     generated = other.headers["x-request-id"]
-    assert generated != "req-42" and json.loads(audit.read_text().splitlines()[-1])["request_id"] == generated
+    assert generated != server_id and json.loads(audit.read_text().splitlines()[-1])["request_id"] == generated
     assert sorted(p.name for p in quarantine.iterdir()) == sorted({line["sha256"] for line in lines})
 
 
@@ -684,3 +686,536 @@ def test_serve_command_line_errors(tmp_path, capsys, monkeypatch):
     assert badexpert_main(["serve", str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("badexpert: error: --max-batch-size / BADEXPERT_MAX_BATCH_SIZE") and "\n" not in error
+    monkeypatch.delenv("BADEXPERT_MAX_BATCH_SIZE")
+    assert badexpert_main(["serve", str(tmp_path), "--verify-key", str(tmp_path / "nope.pem")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("badexpert: error: --verify-key / BADEXPERT_VERIFY_KEY") and "nope.pem" in error
+    monkeypatch.setenv("BADEXPERT_API_KEYS", "short")
+    assert badexpert_main(["serve", str(tmp_path)]) == 2
+    assert "at least 16 characters" in capsys.readouterr().err
+
+
+# ----- hardening (issue 15): bundle trust, readiness, access, audit, bounded work ---------------------
+
+
+def edited_copy(source: Path, target: Path, change, redigest: bool = True) -> Path:
+    """A copy of a bundle whose manifest was edited (with its digest recomputed, as an attacker who
+    read the code would)."""
+    from defense.bundle import content_digest
+
+    shutil.copytree(source, target)
+    document = json.loads((target / "manifest.json").read_text())
+    change(document)
+    if redigest:
+        digest = content_digest(document)
+        document["content_sha256"], document["bundle_id"] = digest, digest[:16]
+    (target / "manifest.json").write_text(json.dumps(document))
+    return target
+
+
+def wait_settled(client, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").json()["status"] == "loading" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return client.get("/readyz")
+
+
+def test_a_nan_threshold_never_reaches_ready(tiny, tmp_path):
+    bare = edited_copy(tiny.bundle, tmp_path / "bare", lambda d: d.update(rejection_threshold=math.nan), redigest=False)
+    quoted = edited_copy(tiny.bundle, tmp_path / "quoted", lambda d: d.update(rejection_threshold="NaN"))
+    for bundle, reason in ((bare, "not valid JSON"), (quoted, "not a finite number")):
+        with TestClient(create_app(settings(bundle))) as client:
+            ready = wait_settled(client)
+            assert ready.status_code == 503 and ready.json()["status"] == "failed" and reason in ready.json()["detail"]
+            refused = client.post("/predict", files=multipart(tiny.files[:1]))
+            assert refused.status_code == 503 and refused.json()["error"] == "not_ready"
+            assert client.get("/v1/info").status_code == 503
+            assert value(metrics(client), "badexpert_http_requests_total", status="500") == 0
+
+
+def test_an_edited_or_unsigned_bundle_is_refused_by_serve(tiny, tmp_path, capsys):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    edited = edited_copy(tiny.bundle, tmp_path / "edited", lambda d: d.update(rejection_threshold=-1.0), redigest=False)
+    assert badexpert_main(["serve", str(edited), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "manifest.json does not match its digest" in error and "\n" not in error
+
+    private = Ed25519PrivateKey.generate()
+    (tmp_path / "verify.pem").write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    guard, _ = load_bundle(tiny.bundle)
+    signed_fields = json.loads((tiny.bundle / "manifest.json").read_text())
+    fields = {key: signed_fields[key] for key in ("created_at", "class_names", "num_classes", "target_fpr", "threshold",
+                                                  "calibration", "accuracy_on_selection", "backdoor_expert",
+                                                  "auxiliary_model", "settings", "build_seconds")}
+    save_bundle(tmp_path / "signed", guard, ModelSpec("registry", "tiny_cnn", 3), fields, sign_key=private)
+    with serving(tmp_path / "signed", verify_key=tmp_path / "verify.pem") as client:
+        assert client.post("/predict", files=multipart(tiny.files[:1])).status_code == 200
+    with TestClient(create_app(settings(tiny.bundle, verify_key=tmp_path / "verify.pem"))) as client:
+        ready = wait_settled(client)
+        assert ready.status_code == 503 and "not signed" in ready.json()["detail"]
+    factory = edited_copy(tiny.bundle, tmp_path / "factory", lambda d: d["architecture"].update(kind="factory",
+                                                                                                  name="os:getpid"))
+    with TestClient(create_app(settings(factory))) as client:
+        ready = wait_settled(client)
+        assert ready.status_code == 503 and "BADEXPERT_ALLOW_FACTORY_MODULES" in ready.json()["detail"]
+
+
+def test_a_full_or_failing_disk_gives_503_and_not_ready(tiny, tmp_path, monkeypatch):
+    import errno
+
+    import service.audit
+
+    audit = tmp_path / "audit.jsonl"
+    with serving(tiny.strict, audit_log=audit) as client:
+        service_ = client.app.state.service
+        flagged_file = tiny.files[int(tiny.scores.argmin())]
+        clean_file = tiny.files[int(tiny.scores.argmax())]
+        assert client.post("/predict", files=multipart([flagged_file])).status_code == 200
+        size = audit.stat().st_size
+        real_fsync = os.fsync
+
+        def full_disk(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full_disk)  # the bytes were written, then the disk refused
+        refused = client.post("/predict", files=multipart([flagged_file]))
+        assert refused.status_code == 503 and refused.json()["error"] == "audit_unavailable"
+        assert audit.stat().st_size == size, "the failed write left a torn line"
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "audit_unavailable"
+        assert "No space left" in ready.json()["detail"]
+        assert client.post("/predict", files=multipart([clean_file])).json()["error"] == "not_ready"
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        monkeypatch.setattr(service.audit, "FAILURE_RETRY_S", 0.0)
+        wait_ready(client, timeout=5)
+        assert client.post("/predict", files=multipart([flagged_file])).status_code == 200
+        # Too little free space: not ready before anything fails.
+        service_.audit.min_free_bytes = 1 << 62
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "bytes free" in ready.json()["detail"]
+        assert client.post("/predict", files=multipart([clean_file])).status_code == 503
+        assert value(metrics(client), "badexpert_http_requests_total", status="500") == 0
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert len(lines) == 2
+
+
+def test_duplicate_client_ids_keep_distinct_records(tiny, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    with serving(tiny.strict, audit_log=audit) as client:
+        for _ in range(2):
+            assert client.post("/predict", files=multipart(tiny.files), headers={"X-Request-ID": "same"}).status_code == 200
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    flagged = int((tiny.scores < tiny.strict_tau).sum())
+    assert len(lines) == 2 * flagged and all(line["client_request_id"] == "same" for line in lines)
+    assert len({(line["request_id"], line["index"]) for line in lines}) == len(lines)
+    assert len({line["request_id"] for line in lines}) == 2
+
+
+def test_api_keys_are_enforced_and_health_probes_stay_open(tiny):
+    keys = "first-key-0123456789,second-key-0123456789"
+    with serving(tiny.bundle, api_keys=keys) as client:
+        post = lambda **headers: client.post("/predict", files=multipart(tiny.files[:1]), headers=headers)  # noqa: E731
+        missing = post()
+        assert missing.status_code == 401 and missing.json()["error"] == "unauthorized"
+        assert missing.headers["www-authenticate"] == "Bearer"
+        assert post(authorization="Bearer wrong-key-0123456789").status_code == 401
+        assert post(authorization="Basic Zmlyc3Qta2V5LTAxMjM0NTY3ODk=").status_code == 401
+        assert post(authorization="Bearer first-key-0123456789").status_code == 200
+        assert post(**{"x-api-key": "second-key-0123456789"}).status_code == 200
+        assert client.get("/v1/info").status_code == 401
+        assert client.get("/v1/info", headers={"x-api-key": "first-key-0123456789"}).status_code == 200
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+        assert client.get("/metrics").status_code == 200 and client.get("/docs").status_code == 200
+    with serving(tiny.bundle, api_keys=keys, protect_metrics=True, protect_docs=True) as client:
+        for path in ("/metrics", "/docs", "/openapi.json"):
+            assert client.get(path).status_code == 401, path
+            assert client.get(path, headers={"x-api-key": "first-key-0123456789"}).status_code == 200, path
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        settings(tiny.bundle, api_keys="short")
+
+
+def test_decision_only_policy_leaks_no_score(tiny):
+    with serving(tiny.strict, response_policy="decision_only") as client:
+        response = client.post("/predict", files=multipart(tiny.files))
+        info = client.get("/v1/info")
+    body = response.json()
+    assert response.status_code == 200 and "threshold" not in body
+    assert all("score" not in p for p in body["predictions"])
+    assert [p["flagged"] for p in body["predictions"]] == (tiny.scores < tiny.strict_tau).tolist()
+    assert not {"alpha", "threshold", "calibration"} & set(info.json())
+    assert info.json()["response_policy"] == "decision_only"
+    tau_text = repr(tiny.strict_tau)[:8]
+    assert tau_text not in response.text and tau_text not in info.text
+
+
+def test_audit_chain_detects_deleted_and_edited_lines(tiny, tmp_path, capsys):
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text('{"written": "before chaining"}\n')
+    with serving(tiny.strict, audit_log=audit, audit_chain=True) as client:
+        for _ in range(3):
+            client.post("/predict", files=multipart(tiny.files))
+    lines = audit.read_text().splitlines(keepends=True)
+    assert len(lines) >= 4 and all("prev" in json.loads(line) for line in lines[1:])
+    assert badexpert_main(["audit", "verify", str(audit)]) == 0
+    out = capsys.readouterr().out
+    assert "chain intact from line 2" in out
+    head = out.strip().split()[-1]
+    assert badexpert_main(["audit", "verify", str(audit), "--head", head]) == 0
+    capsys.readouterr()
+
+    def broken(text: str, *extra) -> str:
+        changed = tmp_path / "changed.jsonl"
+        changed.write_text(text)
+        assert badexpert_main(["audit", "verify", str(changed), *extra]) == 1
+        return capsys.readouterr().err
+
+    assert "line 3: the chain breaks here" in broken("".join(lines[:2] + lines[3:]))  # a line deleted
+    edited = json.loads(lines[2])
+    edited["score"] = 123.0
+    assert "line 4: the chain breaks here" in broken("".join(lines[:2] + [json.dumps(edited) + "\n"] + lines[3:]))
+    assert "lines at the end were removed" in broken("".join(lines[:-1]), "--head", head)  # the tail cut
+    assert "no chained line" in broken(lines[0])
+    assert badexpert_main(["audit", "verify", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def padded_png(data: bytes, padding: int) -> bytes:
+    """The same picture with a private ancillary chunk of ``padding`` bytes before IEND."""
+    import struct
+    import zlib
+
+    chunk_type, payload = b"prVt", b"\0" * padding
+    chunk = struct.pack(">I", len(payload)) + chunk_type + payload + struct.pack(">I", zlib.crc32(chunk_type + payload))
+    end = data.rindex(b"IEND") - 4
+    return data[:end] + chunk + data[end:]
+
+
+def test_quarantine_caps_keep_the_resized_image_and_count_what_was_not_kept(tiny, tmp_path):
+    audit, quarantine = tmp_path / "audit.jsonl", tmp_path / "quarantine"
+    flagged_pngs = [path for path, score in zip(tiny.files, tiny.scores.tolist())
+                    if score < tiny.strict_tau and path.suffix == ".png"]
+    assert flagged_pngs, "the fixture needs a flagged PNG sample"
+    padded = padded_png(flagged_pngs[0].read_bytes(), 40_000)  # a flagged image padded as an attacker would
+    with serving(tiny.strict, audit_log=audit, quarantine_dir=quarantine, quarantine_max_image_bytes=5_000,
+                 max_image_bytes=60_000) as client:
+        response = client.post("/predict", files=[("file", ("x.png", padded, "image/png"))])
+        assert response.json()["predictions"][0]["flagged"]
+        snapshot = metrics(client)
+    [line] = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert line["quarantined"] == "resized" and line["size"] == len(padded)
+    assert line["sha256"] == hashlib.sha256(padded).hexdigest()
+    stored = quarantine / line["quarantine_file"]
+    assert Image.open(stored).size == (SIZE, SIZE) and stored.stat().st_size <= 5_000
+    assert value(snapshot, "badexpert_quarantine_skipped_total", reason="original_over_image_cap") == 1
+
+    with serving(tiny.strict, audit_log=tmp_path / "audit2.jsonl", quarantine_dir=tmp_path / "q2",
+                 quarantine_max_bytes=0) as client:
+        client.post("/predict", files=multipart(tiny.files))
+        snapshot = metrics(client)
+    lines = [json.loads(line) for line in (tmp_path / "audit2.jsonl").read_text().splitlines()]
+    assert lines and all(line["quarantined"] == "none" and line["quarantine_file"] is None for line in lines)
+    assert value(snapshot, "badexpert_quarantine_skipped_total", reason="quarantine_full") == len(lines)
+    assert not list((tmp_path / "q2").iterdir())
+
+
+def multipart_body(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -> tuple[bytes, dict]:
+    chunks = []
+    for name, data in parts:
+        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="x"\r\n\r\n'.encode())
+        chunks.append(data + b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_parts_part_headers_and_image_formats_are_bounded(tiny):
+    good = tiny.files[0].read_bytes()
+    many, headers = multipart_body([("junk", b"x")] * 5000 + [("file", good)])
+    long_header, long_headers = multipart_body([("file", good)])
+    long_header = long_header.replace(b'filename="x"', b'filename="' + b"y" * 20_000 + b'"')
+    tiff = io.BytesIO()
+    Image.open(tiny.files[0]).save(tiff, format="TIFF")
+    with serving(tiny.bundle) as client:
+        started = time.monotonic()
+        refused = client.post("/predict", content=many, headers=headers)
+        assert refused.status_code == 413 and refused.json()["error"] == "too_many_parts"
+        assert time.monotonic() - started < 1.0
+        refused = client.post("/predict", content=long_header, headers=long_headers)
+        assert refused.status_code == 413 and refused.json()["error"] == "part_header_too_large"
+        refused = client.post("/predict", content=long_header.replace(b"y" * 20_000, b"y" * 2_000), headers=long_headers)
+        assert refused.status_code == 200  # 2,000 bytes of part headers: within the default 8,192
+        refused = client.post("/predict", files=[("file", ("x.tif", tiff.getvalue(), "image/tiff"))])
+        assert refused.status_code == 422 and "formats accepted: PNG, JPEG" in refused.json()["detail"]
+        assert client.head("/readyz").status_code == 200 and client.head("/healthz").status_code == 200
+    with serving(tiny.bundle, image_formats="PNG,TIFF", max_part_header_bytes=1000) as client:
+        assert client.post("/predict", files=[("file", ("x.tif", tiff.getvalue(), "image/tiff"))]).status_code == 200
+        refused = client.post("/predict", content=long_header.replace(b"y" * 20_000, b"y" * 2_000), headers=long_headers)
+        assert refused.status_code == 413 and "over 1000 bytes" in refused.json()["detail"]
+    with pytest.raises(ValueError, match="unknown format 'NOPE'"):
+        settings(tiny.bundle, image_formats="PNG,NOPE")
+
+
+async def _ready(app):
+    while app.state.service.state != "ready":
+        await asyncio.sleep(0.01)
+
+
+def _scope(length: int | None, content_type: bytes = b"application/json") -> dict:
+    headers = [(b"content-type", content_type)]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+            "server": ("guard", 80), "client": ("127.0.0.1", 1), "headers": headers}
+
+
+async def _call(app, scope, receive) -> tuple[int, dict, float]:
+    messages = []
+
+    async def send(message):
+        messages.append(message)
+
+    started = time.monotonic()
+    await app(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    return messages[0]["status"], json.loads(body), time.monotonic() - started
+
+
+def test_a_stalled_body_times_out_and_bytes_in_flight_are_capped(tiny):
+    async def scenario():
+        app = create_app(settings(tiny.bundle, body_timeout_s=0.3, max_bytes_in_flight=100_000,
+                                  max_request_bytes=60_000, max_image_bytes=60_000))
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            stalled = asyncio.Event()
+
+            async def stalling_receive():  # sends most of its body, then nothing
+                if not stalled.is_set():
+                    stalled.set()
+                    return {"type": "http.request", "body": b'{"images": [' + b" " * 59_000, "more_body": True}
+                await asyncio.sleep(3600)
+
+            timed_out = asyncio.create_task(_call(app, _scope(60_000), stalling_receive))
+            await stalled.wait()
+            # The stalled request holds 59,012 of the 100,000 bytes: a second such request gets 503 at once.
+            reads = []
+
+            async def counting_receive():
+                reads.append(1)
+                return {"type": "http.request", "body": b"{}", "more_body": False}
+
+            second = await _call(app, _scope(60_000), counting_receive)
+            first = await timed_out
+            after = await _call(app, _scope(2), counting_receive)  # the budget was given back
+            return first, second, after, reads, app.state.service.body_budget.held
+
+    first, second, after, reads, held = asyncio.run(scenario())
+    assert first[0] == 408 and first[1]["error"] == "body_timeout" and first[2] < 2.0
+    assert second[0] == 503 and second[1]["error"] == "overloaded" and second[2] < 0.5
+    assert after[0] == 422 and len(reads) == 1 and held == 0  # only the last request's body was read
+
+
+def test_admission_comes_before_the_body_is_read_when_the_decode_backlog_is_full(tiny):
+    gate = threading.Event()
+
+    async def scenario():
+        app = create_app(settings(tiny.bundle, max_decode_backlog=1, decode_threads=1))
+        service = app.state.service
+        real_prepare = service.prepare
+
+        def gated_prepare(*args):
+            gate.wait(30)
+            return real_prepare(*args)
+
+        service.prepare = gated_prepare
+        async with app.router.lifespan_context(app):
+            await _ready(app)
+            body = json.dumps({"images": [b64(tiny.files[0])]}).encode()
+
+            async def receive():
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            blocked = asyncio.create_task(_call(app, _scope(len(body)), receive))
+            while service.decode_backlog < 1:
+                await asyncio.sleep(0.01)
+            reads = []
+
+            async def counting_receive():
+                reads.append(1)
+                return await receive()
+
+            refused = await _call(app, _scope(len(body)), counting_receive)
+            gate.set()
+            return await blocked, refused, reads
+
+    try:
+        done, refused, reads = asyncio.run(scenario())
+    finally:
+        gate.set()
+    assert done[0] == 200
+    assert refused[0] == 503 and "decode backlog" in refused[1]["detail"] and refused[2] < 0.5 and not reads
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
+    """One request on a fresh socket; the status and the response body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(head + body)
+        data = b""
+        while True:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if b"\r\n\r\n" in data:
+                header, _, rest = data.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in header.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), None)
+                if length is not None and len(rest) >= length:
+                    break
+    header, _, rest = data.partition(b"\r\n\r\n")
+    return int(header.split()[1]), rest
+
+
+@pytest.mark.integration
+def test_real_server_is_not_starved_by_stalled_uploads_or_many_parts_and_stays_bounded(tiny, tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        badexpert_command() + ["serve", str(tiny.bundle), "--port", str(port), "--device", "cpu", "--no-access-log",
+                               "--torch-threads", "1", "--body-timeout-s", "4", "--max-request-bytes", "8000000",
+                               "--max-image-bytes", "8000000", "--max-bytes-in-flight", "40000000",
+                               "--max-header-bytes", "8192"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    sockets = []
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.2)
+        files = multipart(tiny.files[:1])
+
+        def normal_request() -> float:
+            started = time.monotonic()
+            assert httpx.post(base + "/predict", files=files, timeout=30).status_code == 200
+            return time.monotonic() - started
+
+        baseline = min(normal_request() for _ in range(3))
+        rss_before = rss_bytes(process.pid)
+
+        # 1. The HTTP layer's own refusals carry the JSON error body.
+        status, body = raw_request(port, b"NOT A REQUEST\r\n\r\n")
+        assert status == 400 and json.loads(body)["error"] == "bad_http_request"
+        status, body = raw_request(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+        assert status == 431 and json.loads(body)["error"] == "headers_too_large"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:  # headers arriving in pieces
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            try:
+                for _ in range(30):
+                    connection.sendall(b"X-Piece: " + b"a" * 1000 + b"\r\n")
+                    time.sleep(0.005)
+            except (BrokenPipeError, ConnectionResetError):  # the server answered and closed: expected
+                pass
+            reply = connection.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 400") and b'"bad_http_request"' in reply
+
+        # 2. 200 stalled uploads (headers and 1 KB of a 5 MB body) and 6 partial 5 MB bodies (3 MB sent).
+        head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 5000000\r\n\r\n")
+        for index in range(206):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+            connection.sendall(head + b'{"images": ["' + b"A" * (3_000_000 if index < 6 else 1000))
+            sockets.append(connection)
+        time.sleep(0.5)
+        during_stall = normal_request()
+
+        # 3. Two requests of 90,000 tiny multipart parts each (7 MB; refused at part 65), then a normal request.
+        many, many_headers = multipart_body([("junk", b"x")] * 90_000)
+        head_many = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {many_headers['content-type']}\r\n"
+                     f"Content-Length: {len(many)}\r\n\r\n").encode()
+        results = []
+        workers = [threading.Thread(target=lambda: results.append(raw_request(port, head_many, many)))
+                   for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        during_parts = normal_request()
+        for worker in workers:
+            worker.join(30)
+        assert [status for status, _ in results] == [413, 413]
+        assert all(json.loads(body)["error"] == "too_many_parts" for _, body in results)
+        rss_during = rss_bytes(process.pid)
+
+        # 4. After the body timeout the stalled uploads got 408 (or a closed connection) and were let go.
+        time.sleep(4.5)
+        answered = 0
+        for connection in sockets:
+            connection.settimeout(2)
+            try:
+                data = connection.recv(65536)
+            except OSError:
+                data = b""
+            answered += data.startswith(b"HTTP/1.1 408") or data.startswith(b"HTTP/1.1 503")
+        assert answered == len(sockets), f"{len(sockets) - answered} stalled uploads were not answered"
+        after = normal_request()
+        text = httpx.get(base + "/metrics").text
+        assert 'badexpert_http_requests_total{status="500"}' not in text
+        print(f"normal request: baseline {baseline:.3f} s, during 206 stalled uploads {during_stall:.3f} s, "
+              f"during 2 x 90k-part requests {during_parts:.3f} s, after {after:.3f} s; "
+              f"RSS {rss_before / 2**20:.0f} MB -> {rss_during / 2**20:.0f} MB")
+        assert during_stall < baseline + 1.0 and during_parts < baseline + 1.0 and after < baseline + 1.0
+        assert rss_during - rss_before < 150 * 2**20, "RSS grew by more than 150 MB"
+    finally:
+        for connection in sockets:
+            connection.close()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+CORPUS = Path(__file__).parent / "corpus"
+
+
+def test_the_corpus_of_bad_images_and_bodies_gets_its_documented_statuses(tiny):
+    cases = json.loads((CORPUS / "cases.json").read_text())
+    assert len(cases) >= 20
+    with serving(tiny.bundle) as client:
+        for case in cases:
+            data = (CORPUS / case["file"]).read_bytes()
+            if case["send"] == "multipart_file":
+                response = client.post("/predict", files=[("file", (case["file"], data, "application/octet-stream"))])
+            else:
+                response = client.post("/predict", content=data, headers={"content-type": case["content_type"]})
+            assert response.status_code == case["status"], (case["file"], response.status_code, response.text)
+            body = response.json()
+            if case["error"] is not None:
+                assert body["error"] == case["error"] and body["detail"], (case["file"], body)
+        assert value(metrics(client), "badexpert_http_requests_total", status="500") == 0
+
+
+def test_a_torn_last_audit_line_is_removed_at_startup_and_the_chain_continues(tiny, tmp_path, capsys):
+    audit = tmp_path / "audit.jsonl"
+    with serving(tiny.strict, audit_log=audit, audit_chain=True) as client:
+        client.post("/predict", files=multipart(tiny.files))
+    whole = audit.read_bytes()
+    audit.write_bytes(whole + b'{"time":"2026-01-01T00:00:00Z","request_id":"cut sh')  # a write cut short by a crash
+    with serving(tiny.strict, audit_log=audit, audit_chain=True) as client:
+        client.post("/predict", files=multipart(tiny.files))
+    text = audit.read_bytes()
+    assert text.startswith(whole) and b"cut sh" not in text and len(text.splitlines()) == 2 * len(whole.splitlines())
+    assert badexpert_main(["audit", "verify", str(audit)]) == 0
