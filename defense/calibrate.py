@@ -56,14 +56,13 @@ def calibration_record(threshold: Threshold, scores: torch.Tensor, images: dict,
     }
 
 
-# Manifest keys that save_bundle writes itself.
-_WRITTEN_BY_SAVE = {"format_version", "bundle_id", "architecture", "preprocessing", "alpha", "rejection_threshold",
-                    "versions", "files"}
 
 
 def recalibrated_fields(manifest, threshold: Threshold, scores: torch.Tensor, images: dict) -> dict:
     """The manifest fields of a bundle recalibrated from ``manifest``: same models, new tau."""
-    fields = {key: value for key, value in manifest.model_dump().items() if key not in _WRITTEN_BY_SAVE}
+    from defense.bundle import COMPUTED_FIELDS
+
+    fields = {key: value for key, value in manifest.model_dump().items() if key not in COMPUTED_FIELDS}
     old = manifest.threshold
     stale = {old.get("warning"), *(old.get("advice") or [])}
     history = list(fields.get("calibration_history") or [])
@@ -85,9 +84,10 @@ def recalibrated_fields(manifest, threshold: Threshold, scores: torch.Tensor, im
 
 
 def recalibrate(bundle_dir: Path, clean_dir: Path, out_dir: Path, fpr: float, rule: str, delta: float,
-                device: str = "cpu", progress: bool = True, overwrite: bool = False):
+                device: str = "cpu", progress: bool = True, overwrite: bool = False, verify_key=None,
+                sign_key=None, allowed_factory_modules=()):
     """Load and verify a bundle, score a folder of clean images with it, write a new bundle with
-    the threshold they give. Returns (new manifest, threshold)."""
+    the threshold they give (signed with ``sign_key`` when given). Returns (new manifest, threshold)."""
     from defense.bundle import load_bundle, save_bundle
     from defense.data import iter_image_batches, scan_flat_folder
     from defense.models.loading import ModelSpec
@@ -96,7 +96,8 @@ def recalibrate(bundle_dir: Path, clean_dir: Path, out_dir: Path, fpr: float, ru
         raise UserError(f"--out {out_dir}: give a new folder; the bundle being recalibrated is left as it is")
     if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not overwrite:
         raise UserError(f"--out {out_dir}: the folder exists and is not empty; choose another or pass --overwrite")
-    guard, manifest = load_bundle(bundle_dir, device)
+    guard, manifest = load_bundle(bundle_dir, device, verify_key=verify_key,
+                                  allowed_factory_modules=allowed_factory_modules)
     paths = scan_flat_folder(clean_dir, option="--clean")
     batches = iter_image_batches(paths, guard.preprocessing, option="--clean", progress=progress,
                                  desc="scoring clean images")
@@ -106,5 +107,5 @@ def recalibrate(bundle_dir: Path, clean_dir: Path, out_dir: Path, fpr: float, ru
     guard.rejection_threshold = threshold.tau
     fields = recalibrated_fields(manifest, threshold, scores.score, image_record(paths, "--clean", "not used"))
     spec = ModelSpec.from_dict(manifest.architecture)
-    new_manifest = save_bundle(out_dir, guard, spec, fields, overwrite=overwrite)
+    new_manifest = save_bundle(out_dir, guard, spec, fields, overwrite=overwrite, sign_key=sign_key)
     return new_manifest, threshold

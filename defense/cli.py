@@ -328,8 +328,13 @@ def print_threshold(manifest) -> None:
 def run_calibrate(args) -> int:
     from defense.calibrate import recalibrate
 
+    from defense.bundle import load_signing_key
+
+    sign_key = load_signing_key(args.sign_key) if args.sign_key else None  # a bad key fails before scoring
+    allowed = [module for module in args.allow_factory_modules.split(",") if module]
     manifest, _ = recalibrate(args.bundle, args.clean, args.out, args.fpr, args.threshold_rule, args.threshold_delta,
-                              device=resolve_device(args.device), progress=not args.quiet, overwrite=args.overwrite)
+                              device=resolve_device(args.device), progress=not args.quiet, overwrite=args.overwrite,
+                              verify_key=args.verify_key, sign_key=sign_key, allowed_factory_modules=allowed)
     print()
     print(f"bundle {manifest.bundle_id} written to {args.out} (recalibrated from {manifest.recalibrated_from}; "
           "same models, new threshold)")
@@ -384,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--clean", type=Path, required=True, metavar="DIR", help="clean images, labels ignored")
     calibrate.add_argument("--out", type=Path, required=True, metavar="DIR", help="the new bundle's folder")
     calibrate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    calibrate.add_argument("--verify-key", type=Path, metavar="PEM",
+                           help="refuse BUNDLE unless it is signed with this Ed25519 public key's private key")
+    calibrate.add_argument("--sign-key", type=Path, metavar="PEM",
+                           help="sign the new bundle with this Ed25519 private key (PEM); serve --verify-key checks it")
+    calibrate.add_argument("--allow-factory-modules", default="", metavar="MODULES",
+                           help="comma-separated modules whose 'module:factory' architecture, named in the bundle, "
+                                "may be imported and called")
     from defense.build import BuildConfig
 
     add_threshold_arguments(calibrate.add_argument_group("threshold"), BuildConfig())

@@ -146,3 +146,29 @@ def test_build_refuses_calibration_images_that_are_also_clean_data(workspace, ca
     err = run_error(capsys, argv)
     assert "--calibration-data" in err and "50 of its images are also in --clean-data" in err
     assert not (tmp_path / "bundle").exists()
+
+
+def test_calibrate_checks_and_signs_with_ed25519_keys(workspace, capsys, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    def write_keys(name):
+        private = Ed25519PrivateKey.generate()
+        (tmp_path / f"{name}.pem").write_bytes(private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (tmp_path / f"{name}.pub").write_bytes(private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    write_keys("ours")
+    write_keys("theirs")
+    root = workspace["root"]
+    # the source bundle is unsigned: with a verify key it is refused, and nothing is written
+    err = run_error(capsys, ["calibrate", str(root / "bundle"), "--clean", str(root / "more"), "--out",
+                             str(tmp_path / "refused"), "--verify-key", str(tmp_path / "ours.pub"), "--quiet"])
+    assert "sign" in err and not (tmp_path / "refused").exists()
+    assert main(["calibrate", str(root / "bundle"), "--clean", str(root / "more"), "--out", str(tmp_path / "signed"),
+                 "--sign-key", str(tmp_path / "ours.pem"), "--quiet"]) == 0
+    guard, manifest = load_bundle(tmp_path / "signed", verify_key=tmp_path / "ours.pub")
+    assert manifest.recalibrated_from == json.loads((root / "bundle" / "manifest.json").read_text())["bundle_id"]
+    with pytest.raises(Exception, match="sign"):
+        load_bundle(tmp_path / "signed", verify_key=tmp_path / "theirs.pub")
