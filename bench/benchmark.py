@@ -54,7 +54,7 @@ def _digest(payload) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    from defense.bundle import sha256_of
+    from defense.manifest import sha256_of
 
     return sha256_of(path)
 

@@ -9,7 +9,7 @@ The public verbs live in small modules, each with one job:
 - :mod:`defense.threshold`     calibrating the rejection threshold
 - :mod:`defense.finetune`      backdoor expert (unlearning) and auxiliary model (clean finetuning)
 - :mod:`defense.guard`         the three models together, scoring batches
-- :mod:`defense.bundle`        saving and verifying bundles
+- :mod:`defense.bundle`        saving and loading bundles (schema: `manifest`; digests, signing, checks: `bundle_trust`)
 - :mod:`defense.build`         the offline job end to end
 """
 

@@ -14,93 +14,38 @@ Integrity, end to end:
 - the manifest's values are validated (finite threshold, alpha in (0, 1], class names, known
   preprocessing, architecture kind), and an architecture that is a ``module:factory`` is imported
   only when the caller allows that module explicitly.
+
+The manifest's schema is :mod:`defense.manifest`; digests, signatures and the checks of its values
+are :mod:`defense.bundle_trust`. This module writes and reads bundles.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
 import os
 import platform
-import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from safetensors.torch import save_model
 from safetensors.torch import load as load_safetensors_bytes
 
 import defense
+from defense.bundle_trust import (check_architecture_allowed, content_digest, load_signing_key, load_verify_key,
+                                  sign_digest, validate_fields, verify_signature)
 from defense.errors import BundleIntegrityError, UserError
 from defense.guard import Guard
+from defense.manifest import (FILE_STEMS, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, ROLES, Manifest, WeightFile,
+                              sha256_of)
 from defense.models.loading import ModelSpec, instantiate
-from defense.models.registry import is_known_architecture
 from defense.preprocessing import Preprocessing
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: content digest and signing; three-way split (accuracy_on_selection); float64 log-space scores
-ROLES = ("model", "backdoor_expert", "auxiliary_model")
-FILE_STEMS = {"model": "model", "backdoor_expert": "backdoor_expert", "auxiliary_model": "auxiliary"}
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-UNSIGNED_FIELDS = ("bundle_id", "content_sha256", "signature")  # not part of the content digest
-SIGNATURE_CONTEXT = b"badexpert-bundle-v2\x00"  # signed message: this prefix + the 32-byte content digest
-ARCHITECTURE_KINDS = ("registry", "factory", "torchscript")
-_FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-class WeightFile(BaseModel):
-    path: str
-    sha256: str
-
-
-class BundleSignature(BaseModel):
-    algorithm: Literal["ed25519"]
-    public_key_sha256: str  # sha256 of the raw 32-byte public key: which key signed
-    value: str  # base64 of the 64-byte signature of SIGNATURE_CONTEXT + content digest
-
-
-class Manifest(BaseModel):
-    """What a bundle says about itself. Unknown extra fields are kept (newer builds may add some);
-    they are covered by the content digest like every other field."""
-
-    model_config = ConfigDict(extra="allow")
-
-    format_version: int
-    bundle_id: str
-    content_sha256: str
-    created_at: str
-    architecture: dict
-    class_names: list[str]
-    num_classes: int
-    preprocessing: dict
-    alpha: float
-    rejection_threshold: float
-    target_fpr: float
-    threshold: dict
-    calibration: dict
-    accuracy_on_selection: dict  # on D_select, the images that chose the learning rates
-    backdoor_expert: dict
-    auxiliary_model: dict
-    settings: dict
-    versions: dict
-    build_seconds: float
-    files: dict[str, WeightFile]
-    signature: BundleSignature | None = None
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -112,162 +57,6 @@ def package_versions() -> dict[str, str]:
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
     }
-
-
-# ----- the content digest and signatures ---------------------------------------------------------
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def canonical_content(document: dict) -> bytes:
-    """The manifest fields the digest covers, as canonical JSON (sorted keys, no spaces, no NaN)."""
-    content = {key: value for key, value in document.items() if key not in UNSIGNED_FIELDS}
-    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-
-
-def content_digest(document: dict) -> str:
-    return hashlib.sha256(canonical_content(document)).hexdigest()
-
-
-def _key_error(option: str, path: Path, what: str) -> UserError:
-    return UserError(f"{option} {path}: not {what} (expected a PEM file, e.g. from "
-                     "'openssl genpkey -algorithm ed25519'; see docs/serving.md)")
-
-
-def load_signing_key(path: Path | str, option: str = "--sign-key"):
-    """An Ed25519 private key from a PEM file (unencrypted PKCS#8, as openssl genpkey writes it)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{option} {path}: no such file")
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError):
-        raise _key_error(option, path, "an unencrypted PEM private key")
-    if not isinstance(key, Ed25519PrivateKey):
-        raise _key_error(option, path, "an Ed25519 private key")
-    return key
-
-
-def load_verify_key(path: Path | str, option: str = "--verify-key"):
-    """An Ed25519 public key from a PEM file ('openssl pkey -pubout' writes one)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{option} {path}: no such file")
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except (ValueError, TypeError):
-        raise _key_error(option, path, "a PEM public key")
-    if not isinstance(key, Ed25519PublicKey):
-        raise _key_error(option, path, "an Ed25519 public key")
-    return key
-
-
-def _raw_public_key(public_key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def sign_digest(digest_hex: str, private_key) -> BundleSignature:
-    signature = private_key.sign(SIGNATURE_CONTEXT + bytes.fromhex(digest_hex))
-    return BundleSignature(algorithm="ed25519",
-                           public_key_sha256=hashlib.sha256(_raw_public_key(private_key.public_key())).hexdigest(),
-                           value=base64.b64encode(signature).decode())
-
-
-def verify_signature(bundle_dir: Path, manifest: Manifest, public_key) -> None:
-    from cryptography.exceptions import InvalidSignature
-
-    if manifest.signature is None:
-        raise BundleIntegrityError(f"bundle {bundle_dir}: the bundle is not signed, and a verify key is set; "
-                                   "sign it with 'badexpert build --sign-key' or unset the verify key")
-    try:
-        signature = base64.b64decode(manifest.signature.value, validate=True)
-        public_key.verify(signature, SIGNATURE_CONTEXT + bytes.fromhex(manifest.content_sha256))
-    except (InvalidSignature, ValueError):
-        raise BundleIntegrityError(f"bundle {bundle_dir}: the signature in {MANIFEST} does not verify with the "
-                                   "verify key; the bundle was altered after signing or signed with another key")
-
-
-# ----- validation ----------------------------------------------------------------------------------
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def validate_fields(where: str, document: dict) -> None:
-    """The values a guard depends on, checked before anything is built from them."""
-    def bad(message: str) -> BundleIntegrityError:
-        return BundleIntegrityError(f"{where}: {message}")
-
-    if not _finite(document.get("rejection_threshold")):
-        raise bad(f"rejection_threshold {document.get('rejection_threshold')!r} is not a finite number")
-    alpha = document.get("alpha")
-    if not _finite(alpha) or not 0.0 < alpha <= 1.0:
-        raise bad(f"alpha {alpha!r} is not in (0, 1]")
-    target_fpr = document.get("target_fpr")
-    if not _finite(target_fpr) or not 0.0 < target_fpr < 1.0:
-        raise bad(f"target_fpr {target_fpr!r} is not in (0, 1)")
-    names, count = document.get("class_names"), document.get("num_classes")
-    if not isinstance(count, int) or isinstance(count, bool) or not 2 <= count <= 100_000:
-        raise bad(f"num_classes {count!r} is not an integer from 2 to 100000")
-    if not isinstance(names, list) or len(names) != count or not all(isinstance(n, str) and 0 < len(n) <= 256 for n in names):
-        raise bad(f"class_names must be {count} non-empty strings (of at most 256 characters), one per class")
-    preprocessing = document.get("preprocessing")
-    if not isinstance(preprocessing, dict) or set(preprocessing) != {"input_size", "mean", "std"}:
-        raise bad("preprocessing must have exactly input_size, mean and std")
-    size, mean, std = preprocessing["input_size"], preprocessing["mean"], preprocessing["std"]
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and 1 <= s <= 4096 for s in size)):
-        raise bad(f"preprocessing input_size {size!r} is not [height, width] from 1 to 4096")
-    if not (isinstance(mean, list) and len(mean) == 3 and all(_finite(m) for m in mean)):
-        raise bad(f"preprocessing mean {mean!r} is not three finite numbers")
-    if not (isinstance(std, list) and len(std) == 3 and all(_finite(s) and s > 0 for s in std)):
-        raise bad(f"preprocessing std {std!r} is not three positive numbers")
-    architecture = document.get("architecture")
-    if not isinstance(architecture, dict) or architecture.get("kind") not in ARCHITECTURE_KINDS:
-        raise bad(f"architecture kind must be one of {', '.join(ARCHITECTURE_KINDS)}")
-    if not isinstance(architecture.get("name"), str):
-        raise bad("architecture name is missing")
-    if architecture.get("num_classes") not in (None, count):
-        raise bad(f"architecture num_classes {architecture.get('num_classes')!r} differs from num_classes {count}")
-    files = document.get("files")
-    if not isinstance(files, dict) or set(files) != set(ROLES):
-        raise bad(f"files must list exactly {', '.join(ROLES)}")
-    paths = []
-    for role in ROLES:
-        entry = files[role]
-        path = entry.get("path") if isinstance(entry, dict) else None
-        if not isinstance(path, str) or Path(path).name != path or path in ("", ".", "..", MANIFEST):
-            raise bad(f"{role} file name {path!r} is not a plain file name")
-        if not isinstance(entry.get("sha256"), str) or not _HEX64.fullmatch(entry["sha256"]):
-            raise bad(f"{role} file has no valid sha256")
-        paths.append(path)
-    if len(set(paths)) != len(paths):
-        raise bad("two roles share one weight file")
-
-
-def check_architecture_allowed(where: str, spec: ModelSpec, allowed_factory_modules: Iterable[str]) -> None:
-    """A registry name must be known; a factory's module must be allowed by the caller, by name."""
-    if spec.kind == "registry" and not is_known_architecture(spec.name):
-        raise BundleIntegrityError(f"{where}: unknown architecture {spec.name!r}")
-    if spec.kind == "factory":
-        if not _FACTORY.fullmatch(spec.name):
-            raise BundleIntegrityError(f"{where}: architecture {spec.name!r} is not 'package.module:factory'")
-        module = spec.name.split(":", 1)[0]
-        if module not in set(allowed_factory_modules):
-            raise BundleIntegrityError(
-                f"{where}: the architecture is the factory {spec.name!r}, which would import and call code named "
-                f"by the bundle; allow its module explicitly (serve --allow-factory-modules {module}, "
-                f"env BADEXPERT_ALLOW_FACTORY_MODULES; evaluate --allow-factory-modules {module})")
 
 
 # ----- writing -------------------------------------------------------------------------------------
@@ -359,6 +148,10 @@ def save_bundle(out_dir: Path, guard: Guard, spec: ModelSpec, fields: dict[str, 
 
 
 # ----- reading -------------------------------------------------------------------------------------
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _read_capped(path: Path, limit: int, what: str) -> bytes:

@@ -17,6 +17,16 @@ from sklearn.metrics import roc_auc_score
 
 from defense.score import rejects
 
+METRIC_LABELS = {  # every metric of DetectionMetrics that the report shows, with its label
+    "auroc": "AUROC",
+    "tpr": "TPR at tau (triggered rejected)",
+    "fpr": "FPR at tau (clean rejected)",
+    "clean_accuracy_without_guard": "CA without guard",
+    "clean_accuracy_with_guard": "CA with guard",
+    "asr_without_guard": "ASR without guard",
+    "asr_with_guard": "ASR with guard",
+}
+
 
 @dataclass
 class DetectionMetrics:

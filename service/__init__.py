@@ -1,11 +1,13 @@
 """The guard's HTTP server: FastAPI ``POST /predict`` in front of a bundle built by ``defense``.
+The ``badexpert serve`` command that starts it is :mod:`cli.serve`.
 
 - :mod:`service.settings` every setting (``BADEXPERT_*`` environment variables and ``serve`` flags)
-- :mod:`service.app`      ``create_app(settings)``: the app factory and its lifespan
+- :mod:`service.app`      ``create_app(settings)``: the app factory, its routes and lifespan
+- :mod:`service.guard_service` what one app serves with: loading the bundle, handling one request
+- :mod:`service.middleware` request ids, status counts, API keys
 - :mod:`service.inputs`   reading one request's images (multipart or JSON base64), with limits
 - :mod:`service.batcher`  the micro-batcher that coalesces concurrent requests for the device
 - :mod:`service.metrics`  Prometheus metrics on a per-app registry
 - :mod:`service.audit`    the audit log and quarantine of flagged inputs
 - :mod:`service.schemas`  request and response models (the OpenAPI page shows them)
-- :mod:`service.cli`      ``badexpert serve``
 """

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from defense.bundle import load_bundle
-from defense.cli import main
+from cli.main import main
 from defense.evaluation import detection_metrics
 from defense.models import create_model
 from synthetic import NUM_CLASSES, add_trigger, make_images, train_backdoored, write_image_folder

@@ -107,7 +107,7 @@ import pathlib  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from defense.bundle import content_digest  # noqa: E402
+from defense.bundle_trust import content_digest  # noqa: E402
 
 
 def _bundle(tmp_path, name="bundle", **kwargs):

@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from defense.bundle import load_bundle
-from defense.cli import main
+from cli.main import main
 from defense.score import rejects
 from defense.threshold import conformal_rank
 from synthetic import PREPROCESSING, make_images, train_backdoored, write_image_folder

@@ -12,9 +12,9 @@ from sklearn.metrics import roc_auc_score
 
 from defense.build import BuildConfig, build_guard
 from defense.bundle import load_bundle, save_bundle
-from defense.cli import main
+from cli.main import main
 from defense.data import ImageSet
-from defense.evaluate_command import bootstrap_metrics, weighted_auroc
+from defense.bootstrap import bootstrap_metrics, weighted_auroc
 from defense.models.loading import ModelSpec
 from synthetic import NUM_CLASSES, PREPROCESSING, TARGET, add_trigger, make_images, train_backdoored
 

@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from defense.build import BuildConfig, build_guard
 from defense.bundle import load_bundle, save_bundle
-from defense.cli import main as badexpert_main
+from cli.main import main as badexpert_main
 from defense.data import ImageSet
 from defense.models import create_model
 from defense.models.loading import ModelSpec
@@ -635,7 +635,7 @@ def free_port() -> int:
 
 def badexpert_command() -> list[str]:
     script = Path(sys.executable).parent / "badexpert"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "defense.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 
 
 def test_real_badexpert_serve_process(tiny, tmp_path):
@@ -701,7 +701,7 @@ def test_serve_command_line_errors(tmp_path, capsys, monkeypatch):
 def edited_copy(source: Path, target: Path, change, redigest: bool = True) -> Path:
     """A copy of a bundle whose manifest was edited (with its digest recomputed, as an attacker who
     read the code would)."""
-    from defense.bundle import content_digest
+    from defense.bundle_trust import content_digest
 
     shutil.copytree(source, target)
     document = json.loads((target / "manifest.json").read_text())

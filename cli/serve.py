@@ -18,10 +18,18 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from defense.device import resolve_device
 from defense.errors import UserError
 from service.settings import ServiceSettings, env_name
 
 POSITIONAL = "bundle"
+
+
+def add_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="run the guard's HTTP server on a bundle",
+                                description="Serve POST /predict with the guard in front of the model.")
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=run_serve)
 
 
 def _flag_type(annotation):
@@ -71,18 +79,16 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from defense.bundle import load_verify_key, read_manifest
-    from service.app import create_app, resolve_device
+    from defense.bundle import read_manifest
+    from defense.bundle_trust import load_verify_key
+    from service.app import create_app
     from service.http_protocol import JSONErrorH11Protocol
 
     settings = settings_from_args(args)
     if settings.verify_key is not None:
         load_verify_key(settings.verify_key, f"--verify-key / {env_name('verify_key')}")
     read_manifest(settings.bundle_dir)  # a missing, edited or invalid bundle fails here, before anything listens
-    try:
-        resolve_device(settings.device)
-    except RuntimeError as error:
-        raise UserError(f"--device {settings.device}: {str(error).split(': ', 1)[-1]}")
+    resolve_device(settings.device)
     from uvicorn.logging import DefaultFormatter
 
     handler = logging.StreamHandler()
@@ -121,34 +127,4 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"badexpert: error: the server could not start on {settings.host}:{settings.port} (see the log above)",
               file=sys.stderr)
         return 2
-    return 0
-
-
-def add_audit_arguments(parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="audit_action", metavar="ACTION", required=True)
-    verify = actions.add_parser("verify", help="check the hash chain of an audit log written with --audit-chain",
-                                description="Check that no line of a chained audit log was deleted, edited or inserted. "
-                                            "Exit 0: intact; 1: broken (the line is named); 2: bad input.")
-    verify.add_argument("file", type=Path, metavar="FILE", help="the audit log (JSON lines)")
-    verify.add_argument("--head", metavar="DIGEST",
-                        help="the last line's digest as recorded earlier (detects lines cut from the end)")
-    verify.set_defaults(handler=run_audit)
-
-
-def run_audit(args: argparse.Namespace) -> int:
-    from service.audit import ChainBroken, verify_chain
-
-    if not args.file.is_file():
-        raise UserError(f"FILE {args.file}: no such file")
-    try:
-        report = verify_chain(args.file, args.head)
-    except ChainBroken as error:
-        print(f"badexpert: error: {args.file}: {error}", file=sys.stderr)
-        return 1
-    if report.first_chained_line is None:
-        print(f"badexpert: error: {args.file}: no chained line ({report.lines} lines; was --audit-chain on?)",
-              file=sys.stderr)
-        return 1
-    print(f"{args.file}: {report.lines} lines, chain intact from line {report.first_chained_line}; "
-          f"head {report.head}")
     return 0

@@ -1,71 +1,29 @@
-"""The ``badexpert`` command: build, evaluate, serve, demo.
-
-User errors print one line, ``badexpert: error: ...``, and exit with code 2; no traceback.
-"""
+"""``badexpert build``: a suspect model and clean images in, a guard bundle out."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from cli.common import add_threshold_arguments, fraction, learning_rate, print_threshold, probability
+from cli.common import alpha as alpha_value
+from defense.device import resolve_device
 from defense.errors import UserError
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: expected auto, cpu or cuda")
-    return name
+def add_parser(commands) -> None:
+    build = commands.add_parser("build", help="the offline job: model + clean images -> guard bundle",
+                                description="Build a BaDExpert guard bundle: backdoor expert, auxiliary model and a "
+                                            "calibrated rejection threshold, from a suspect model and clean images.")
+    add_build_arguments(build)
+    build.set_defaults(handler=run_build)
 
 
-def _learning_rate(text: str) -> float | None:
-    if text == "auto":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-def _alpha(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def add_threshold_arguments(group, defaults) -> None:
-    group.add_argument("--fpr", type=_fraction, default=defaults.fpr,
-                       help="target false-positive rate: share of clean inputs rejected (default %(default)s)")
-    group.add_argument("--threshold-rule", choices=["conformal", "ucb"], default=defaults.threshold_rule,
-                       help="conformal: expected FPR = target (at most); ucb: realized FPR above the target with "
-                            "probability <= --threshold-delta, paid for by rejecting fewer clean AND triggered "
-                            "inputs when calibration images are few (default %(default)s)")
-    group.add_argument("--threshold-delta", type=_fraction, default=defaults.threshold_delta,
-                       help="--threshold-rule ucb: the allowed probability of exceeding the target (default %(default)s)")
+def build_command_parser() -> argparse.ArgumentParser:
+    """A ``badexpert`` parser that knows only ``build`` (what the demo runs)."""
+    parser = argparse.ArgumentParser(prog="badexpert")
+    add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    return parser
 
 
 def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,29 +64,29 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     add_preprocessing_arguments(parser)
     method = parser.add_argument_group("method (defaults are the paper's)")
     add_threshold_arguments(method, defaults)
-    method.add_argument("--calibration-fraction", type=_fraction, default=defaults.calibration_fraction,
+    method.add_argument("--calibration-fraction", type=fraction, default=defaults.calibration_fraction,
                         help="share of the --clean-data images held out to set the threshold, when no "
                              "--calibration-data is given (default %(default)s)")
-    method.add_argument("--selection-fraction", type=_fraction, default=defaults.selection_fraction,
+    method.add_argument("--selection-fraction", type=fraction, default=defaults.selection_fraction,
                         help="share of the --clean-data images held out to choose the learning rates "
                              "(default %(default)s)")
-    method.add_argument("--alpha", type=_alpha, default=defaults.alpha,
+    method.add_argument("--alpha", type=alpha_value, default=defaults.alpha,
                         help="score parameter alpha, in (0, 1] (default %(default)s)")
     method.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split and the finetunings (default %(default)s)")
-    method.add_argument("--unlearn-lr", type=_learning_rate, default=None, metavar="auto|LR",
+    method.add_argument("--unlearn-lr", type=learning_rate, default=None, metavar="auto|LR",
                         help="backdoor expert's Adam learning rate; auto picks the smallest rate at which its "
                              "D_select accuracy falls to --unlearn-target-ratio of M's (default auto)")
-    method.add_argument("--unlearn-target-ratio", type=_fraction, default=defaults.unlearn_target_ratio,
+    method.add_argument("--unlearn-target-ratio", type=fraction, default=defaults.unlearn_target_ratio,
                         help="(default %(default)s)")
     method.add_argument("--unlearn-epochs", type=int, default=defaults.unlearn_epochs, help="(default %(default)s)")
     method.add_argument("--unlearn-batch-size", type=int, default=defaults.unlearn_batch_size, help="(default %(default)s)")
-    method.add_argument("--finetune-lr", type=_learning_rate, default=None, metavar="auto|LR",
+    method.add_argument("--finetune-lr", type=learning_rate, default=None, metavar="auto|LR",
                         help="auxiliary model's SGD learning rate; auto tries 0.1 downwards and keeps the first "
                              "rate that stays finite and recovers --finetune-recover-ratio of M's accuracy (default auto)")
-    method.add_argument("--finetune-recover-ratio", type=_fraction, default=defaults.finetune_recover_ratio,
+    method.add_argument("--finetune-recover-ratio", type=fraction, default=defaults.finetune_recover_ratio,
                         help="--finetune-lr auto: the largest rate whose M' keeps this share of M's D_select accuracy "
                              "(default %(default)s)")
-    method.add_argument("--pseudo-label-agreement", type=_fraction, default=defaults.pseudo_label_agreement_goal,
+    method.add_argument("--pseudo-label-agreement", type=fraction, default=defaults.pseudo_label_agreement_goal,
                         help="--no-labels with --finetune-lr auto: the largest rate whose M' agrees with M on this "
                              "share of D_select (default %(default)s)")
     method.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs, help="(default %(default)s)")
@@ -153,7 +111,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     auxiliary.add_argument("--bcu-batch-size", type=int, default=defaults.bcu_batch_size, help="(default %(default)s)")
     auxiliary.add_argument("--bcu-momentum", type=float, default=defaults.bcu_momentum, help="(default %(default)s)")
     auxiliary.add_argument("--bcu-weight-decay", type=float, default=defaults.bcu_weight_decay, help="(default %(default)s)")
-    auxiliary.add_argument("--bcu-reinit-probabilities", type=_probability, nargs="+", metavar="P",
+    auxiliary.add_argument("--bcu-reinit-probabilities", type=probability, nargs="+", metavar="P",
                            default=list(defaults.bcu_reinit_probabilities),
                            help="re-initialization probability of the stem, each depth stage, and the classifier "
                                 "(conv/linear layers in order; default %(default)s)")
@@ -210,7 +168,7 @@ def resolve_auxiliary_method(args) -> str:
 
 def load_supplied_auxiliary(args, spec, preprocessing, num_classes: int):
     """The user's repaired model, which must share M's architecture: the bundle stores one."""
-    from defense.bundle import sha256_of
+    from defense.manifest import sha256_of
     from defense.models import load_user_model, parse_model_spec
 
     text = args.auxiliary_model or args.model
@@ -242,7 +200,8 @@ def run_build(args) -> int:
     import torch
 
     from defense.build import BuildConfig, build_guard
-    from defense.bundle import load_signing_key, save_bundle
+    from defense.bundle import save_bundle
+    from defense.bundle_trust import load_signing_key
     from defense.data import load_image_folder, read_class_names, scan_flat_folder
     from defense.models import load_user_model, parse_model_spec
 
@@ -313,153 +272,3 @@ def print_build_summary(manifest, out: Path) -> None:
     print_threshold(manifest)
     print(f"  build took {manifest.build_seconds:.0f} s")
     print(f"next: badexpert serve {out}")
-
-
-def print_threshold(manifest) -> None:
-    """The threshold, what to expect of the realized FPR, and every warning and piece of advice."""
-    from defense.threshold import Threshold
-
-    threshold = Threshold(**{**manifest.threshold, "fpr_range": tuple(manifest.threshold["fpr_range"])})
-    print(f"  threshold {threshold.describe()}")
-    for warning in getattr(manifest, "warnings", None) or []:
-        print(f"  warning: {warning}")
-
-
-def run_calibrate(args) -> int:
-    from defense.calibrate import recalibrate
-
-    from defense.bundle import load_signing_key
-
-    sign_key = load_signing_key(args.sign_key) if args.sign_key else None  # a bad key fails before scoring
-    allowed = [module for module in args.allow_factory_modules.split(",") if module]
-    manifest, _ = recalibrate(args.bundle, args.clean, args.out, args.fpr, args.threshold_rule, args.threshold_delta,
-                              device=resolve_device(args.device), progress=not args.quiet, overwrite=args.overwrite,
-                              verify_key=args.verify_key, sign_key=sign_key, allowed_factory_modules=allowed)
-    print()
-    print(f"bundle {manifest.bundle_id} written to {args.out} (recalibrated from {manifest.recalibrated_from}; "
-          "same models, new threshold)")
-    print_threshold(manifest)
-    print(f"next: badexpert serve {args.out}")
-    return 0
-
-
-def run_evaluate(args) -> int:
-    from defense.evaluate_command import evaluate_bundle
-
-    return evaluate_bundle(args)
-
-
-def run_models(args) -> int:
-    from defense.models import registered_models
-
-    print("architectures of this package:", ", ".join(registered_models()))
-    print("also any torchvision.models builder (resnet18, vgg16_bn, mobilenet_v2, vit_b_16, ...),")
-    print("a 'package.module:factory' on PYTHONPATH, or a TorchScript file")
-    return 0
-
-
-def run_demo(args) -> int:
-    from defense.demo import run_demo as demo
-
-    return demo(out=args.out, device=resolve_device(args.device), quiet=args.quiet)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="badexpert",
-        description="Inference-time backdoor guard for image classifiers (BaDExpert). "
-                    "Build a guard bundle from a suspect model and a few clean images, evaluate it, serve it.",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    build = commands.add_parser("build", help="the offline job: model + clean images -> guard bundle",
-                                description="Build a BaDExpert guard bundle: backdoor expert, auxiliary model and a "
-                                            "calibrated rejection threshold, from a suspect model and clean images.")
-    add_build_arguments(build)
-    build.set_defaults(handler=run_build)
-
-    calibrate = commands.add_parser(
-        "calibrate", help="re-set a bundle's threshold from more clean images (no labels, no retraining)",
-        description="Score a folder of clean images with a bundle's three models and write a new bundle whose "
-                    "threshold rejects the target share of them: same models, new tau, a new bundle id, and the "
-                    "calibration record in its manifest. The images need no labels (a flat folder, or one "
-                    "sub-folder per class) but must be clean and unseen by the build: 2,000+ bring the realized "
-                    "false-positive rate close to the target.")
-    calibrate.add_argument("bundle", type=Path, metavar="BUNDLE", help="the bundle to recalibrate (left unchanged)")
-    calibrate.add_argument("--clean", type=Path, required=True, metavar="DIR", help="clean images, labels ignored")
-    calibrate.add_argument("--out", type=Path, required=True, metavar="DIR", help="the new bundle's folder")
-    calibrate.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    calibrate.add_argument("--verify-key", type=Path, metavar="PEM",
-                           help="refuse BUNDLE unless it is signed with this Ed25519 public key's private key")
-    calibrate.add_argument("--sign-key", type=Path, metavar="PEM",
-                           help="sign the new bundle with this Ed25519 private key (PEM); serve --verify-key checks it")
-    calibrate.add_argument("--allow-factory-modules", default="", metavar="MODULES",
-                           help="comma-separated modules whose 'module:factory' architecture, named in the bundle, "
-                                "may be imported and called")
-    from defense.build import BuildConfig
-
-    add_threshold_arguments(calibrate.add_argument_group("threshold"), BuildConfig())
-    calibrate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
-    calibrate.set_defaults(handler=run_calibrate)
-
-    evaluate = commands.add_parser("evaluate", help="measure a bundle on clean and triggered images",
-                                   description="AUROC, TPR/FPR at the bundle's threshold, clean accuracy and attack "
-                                               "success rate with the guard, with a report and plots.")
-    evaluate.add_argument("bundle", type=Path, metavar="BUNDLE")
-    evaluate.add_argument("--verify-key", type=Path, metavar="PEM",
-                          help="refuse the bundle unless it is signed with this Ed25519 public key's private key")
-    evaluate.add_argument("--allow-factory-modules", default="", metavar="MODULES",
-                          help="comma-separated modules whose 'module:factory' architecture, named in the bundle, "
-                               "may be imported and called")
-    evaluate.add_argument("--clean", type=Path, required=True, metavar="DIR", help="clean test images (ImageFolder)")
-    evaluate.add_argument("--triggered", type=Path, required=True, metavar="DIR",
-                          help="triggered images: ImageFolder by source class, or a flat folder")
-    evaluate.add_argument("--target-class", help="the backdoor's target (index or name; default: M's most common "
-                                                 "prediction on the triggered images)")
-    evaluate.add_argument("--report", type=Path, required=True, metavar="DIR", help="folder for report.json, report.md, plots")
-    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (default %(default)s)")
-    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    evaluate.add_argument("--quiet", action="store_true")
-    evaluate.set_defaults(handler=run_evaluate)
-
-    try:
-        from service.cli import add_audit_arguments, add_serve_arguments, run_serve
-    except ImportError:  # the server package is optional for the offline job
-        add_audit_arguments = add_serve_arguments = run_serve = None
-    if add_serve_arguments is not None:
-        serve = commands.add_parser("serve", help="run the guard's HTTP server on a bundle",
-                                    description="Serve POST /predict with the guard in front of the model.")
-        add_serve_arguments(serve)
-        serve.set_defaults(handler=run_serve)
-        add_audit_arguments(commands.add_parser("audit", help="check a chained audit log written by serve",
-                                                description="Tools for the server's audit log."))
-
-    demo = commands.add_parser("demo", help="the built-in example: backdoor a small classifier, guard it, measure",
-                               description="Trains a small classifier with a backdoor on scikit-learn's handwritten "
-                                           "digits, builds its guard with 'badexpert build', and measures it.")
-    demo.add_argument("--out", type=Path, default=Path("badexpert-demo"), help="working folder (default %(default)s)")
-    demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    demo.add_argument("--quiet", action="store_true")
-    demo.set_defaults(handler=run_demo)
-
-    models = commands.add_parser("models", help="list the architectures known by name")
-    models.set_defaults(handler=run_models)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except UserError as error:
-        print(f"badexpert: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("badexpert: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The evaluation report's text: the Markdown summary (``report.md``) and the number formats it and
+the console share. ``report.json`` is the same dictionary, written as JSON."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from defense.bootstrap import CONFIDENCE
+from defense.evaluation import METRIC_LABELS
+
+
+def format_metric(value: float | None, percent: bool) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.2f}%" if percent else f"{value:.4f}"
+
+
+def write_markdown(path: Path, report: dict) -> None:
+    metrics, data, bundle = report["metrics"], report["data"], report["bundle"]
+    lines = [
+        "# BaDExpert evaluation report",
+        "",
+        f"Bundle `{bundle['path']}` (id {bundle['bundle_id']}, {bundle['architecture']}), threshold tau = "
+        f"{bundle['tau']:.4g} (target FPR {bundle['target_fpr']:g}), alpha {bundle['alpha']:g}.",
+        f"Clean images: {data['n_clean']} from `{data['clean']}`. Triggered images: {data['n_triggered']} from "
+        f"`{data['triggered']}` ({data['triggered_layout'].replace('_', ' ')}).",
+        f"Target class: {data['target_class']} ({data['target_class_name']}), {data['target_class_from']}.",
+        "",
+        f"| metric | value | {int(100 * CONFIDENCE)}% CI |",
+        "|---|---|---|",
+    ]
+    for name, label in METRIC_LABELS.items():
+        entry = metrics[name]
+        percent = name != "auroc"
+        interval = ("n/a" if entry["ci_low"] is None else
+                    f"[{format_metric(entry['ci_low'], percent)}, {format_metric(entry['ci_high'], percent)}]")
+        lines.append(f"| {label} | {format_metric(entry['value'], percent)} | {interval} |")
+    counts = report["counts"]
+    lines += [
+        "",
+        f"AUROC populations: {counts['n_clean_correct']} clean images that M classifies correctly vs. "
+        f"{counts['n_triggered_successful']} triggered images from a non-target source that M sends to the target "
+        f"(of {counts['n_triggered_counted']} from a non-target source).",
+        f"Intervals: percentile bootstrap, {report['bootstrap']['resamples']} resamples (seed "
+        f"{report['bootstrap']['seed']}), clean and triggered images resampled independently.",
+    ]
+    for warning in report["warnings"]:
+        lines.append(f"\n**Warning:** {warning}")
+    lines += ["", "## Plots", ""]
+    for title, name in report["plots"].items():
+        lines += [f"### {title}", "", f"![{title}]({name})", ""]
+    path.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def json_number(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
