@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli.common import add_threshold_arguments, fraction, learning_rate, print_threshold, probability
-from cli.common import alpha as alpha_value
+from cli import common
+from cli.common import add_threshold_arguments, print_threshold
 from defense.device import resolve_device
 from defense.errors import UserError
 
@@ -64,29 +64,29 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     add_preprocessing_arguments(parser)
     method = parser.add_argument_group("method (defaults are the paper's)")
     add_threshold_arguments(method, defaults)
-    method.add_argument("--calibration-fraction", type=fraction, default=defaults.calibration_fraction,
+    method.add_argument("--calibration-fraction", type=common.fraction, default=defaults.calibration_fraction,
                         help="share of the --clean-data images held out to set the threshold, when no "
                              "--calibration-data is given (default %(default)s)")
-    method.add_argument("--selection-fraction", type=fraction, default=defaults.selection_fraction,
+    method.add_argument("--selection-fraction", type=common.fraction, default=defaults.selection_fraction,
                         help="share of the --clean-data images held out to choose the learning rates "
                              "(default %(default)s)")
-    method.add_argument("--alpha", type=alpha_value, default=defaults.alpha,
+    method.add_argument("--alpha", type=common.alpha, default=defaults.alpha,
                         help="score parameter alpha, in (0, 1] (default %(default)s)")
     method.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split and the finetunings (default %(default)s)")
-    method.add_argument("--unlearn-lr", type=learning_rate, default=None, metavar="auto|LR",
+    method.add_argument("--unlearn-lr", type=common.learning_rate, default=None, metavar="auto|LR",
                         help="backdoor expert's Adam learning rate; auto picks the smallest rate at which its "
                              "D_select accuracy falls to --unlearn-target-ratio of M's (default auto)")
-    method.add_argument("--unlearn-target-ratio", type=fraction, default=defaults.unlearn_target_ratio,
+    method.add_argument("--unlearn-target-ratio", type=common.fraction, default=defaults.unlearn_target_ratio,
                         help="(default %(default)s)")
     method.add_argument("--unlearn-epochs", type=int, default=defaults.unlearn_epochs, help="(default %(default)s)")
     method.add_argument("--unlearn-batch-size", type=int, default=defaults.unlearn_batch_size, help="(default %(default)s)")
-    method.add_argument("--finetune-lr", type=learning_rate, default=None, metavar="auto|LR",
+    method.add_argument("--finetune-lr", type=common.learning_rate, default=None, metavar="auto|LR",
                         help="auxiliary model's SGD learning rate; auto tries 0.1 downwards and keeps the first "
                              "rate that stays finite and recovers --finetune-recover-ratio of M's accuracy (default auto)")
-    method.add_argument("--finetune-recover-ratio", type=fraction, default=defaults.finetune_recover_ratio,
+    method.add_argument("--finetune-recover-ratio", type=common.fraction, default=defaults.finetune_recover_ratio,
                         help="--finetune-lr auto: the largest rate whose M' keeps this share of M's D_select accuracy "
                              "(default %(default)s)")
-    method.add_argument("--pseudo-label-agreement", type=fraction, default=defaults.pseudo_label_agreement_goal,
+    method.add_argument("--pseudo-label-agreement", type=common.fraction, default=defaults.pseudo_label_agreement_goal,
                         help="--no-labels with --finetune-lr auto: the largest rate whose M' agrees with M on this "
                              "share of D_select (default %(default)s)")
     method.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs, help="(default %(default)s)")
@@ -111,7 +111,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     auxiliary.add_argument("--bcu-batch-size", type=int, default=defaults.bcu_batch_size, help="(default %(default)s)")
     auxiliary.add_argument("--bcu-momentum", type=float, default=defaults.bcu_momentum, help="(default %(default)s)")
     auxiliary.add_argument("--bcu-weight-decay", type=float, default=defaults.bcu_weight_decay, help="(default %(default)s)")
-    auxiliary.add_argument("--bcu-reinit-probabilities", type=probability, nargs="+", metavar="P",
+    auxiliary.add_argument("--bcu-reinit-probabilities", type=common.probability, nargs="+", metavar="P",
                            default=list(defaults.bcu_reinit_probabilities),
                            help="re-initialization probability of the stem, each depth stage, and the classifier "
                                 "(conv/linear layers in order; default %(default)s)")

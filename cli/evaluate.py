@@ -19,7 +19,6 @@ paper's Fig. 6).
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,19 +48,7 @@ def add_parser(commands) -> None:
     evaluate.set_defaults(handler=run_evaluate)
 
 
-def run_evaluate(args) -> int:
-    import torch
-
-    from defense.bootstrap import BOOTSTRAP_SEED, CONFIDENCE, bootstrap_metrics, percentile_interval
-    from defense.bundle import load_bundle
-    from defense.data import load_image_folder
-    from defense.evaluation import METRIC_LABELS, detection_metrics
-    from defense.plots import plot_confidence_plane, plot_histograms, plot_roc
-    from defense.report import format_metric, json_number, write_markdown
-    from defense.evaluation_inputs import check_clean_folder, resolve_target_class, triggered_sources
-    from defense.score import rejects
-
-    started = time.monotonic()
+def check_arguments(args) -> None:
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap {args.bootstrap}: must be 0 (no intervals) or a positive number of resamples")
     for option, folder in (("--clean", args.clean), ("--triggered", args.triggered)):
@@ -69,6 +56,22 @@ def run_evaluate(args) -> int:
             raise UserError(f"{option} {folder}: no such folder")
     if args.report.exists() and not args.report.is_dir():
         raise UserError(f"--report {args.report}: exists and is not a folder")
+
+
+def run_evaluate(args) -> int:
+    import torch
+
+    from defense.bootstrap import BOOTSTRAP_SEED, CONFIDENCE, bootstrap_metrics, percentile_interval
+    from defense.bundle import load_bundle
+    from defense.data import load_image_folder
+    from defense.evaluation import METRIC_LABELS, detection_metrics
+    from defense.evaluation_inputs import check_clean_folder, resolve_target_class, triggered_sources
+    from defense.plots import draw_report_plots
+    from defense.report import json_number, metric_lines, write_report
+    from defense.score import rejects
+
+    started = time.monotonic()
+    check_arguments(args)
     device = resolve_device(args.device)
     guard, manifest = load_bundle(args.bundle, device, verify_key=getattr(args, "verify_key", None),
                                   allowed_factory_modules=[name.strip() for name in
@@ -129,20 +132,8 @@ def run_evaluate(args) -> int:
     report_dir.mkdir(parents=True, exist_ok=True)
     auroc_clean = clean_out.score[clean_correct]
     auroc_triggered = triggered_out.score[successful]
-    plots = {
-        "ROC curve": "roc.png",
-        "Score histograms": "score_histogram.png",
-        "Confidence plane (b, a)": "confidence_plane.png",
-    }
-    if successful.any():
-        plot_roc(report_dir / plots["ROC curve"], auroc_clean, auroc_triggered, tau, manifest.target_fpr, metrics.auroc)
-    else:
-        del plots["ROC curve"]
-    plot_histograms(report_dir / plots["Score histograms"], auroc_clean, auroc_triggered, tau)
-    plot_confidence_plane(report_dir / plots["Confidence plane (b, a)"],
-                          clean_out.expert_agreement[clean_correct], clean_out.auxiliary_agreement[clean_correct],
-                          triggered_out.expert_agreement[successful], triggered_out.auxiliary_agreement[successful],
-                          tau, guard.alpha)
+    plots = draw_report_plots(report_dir, clean_out, triggered_out, clean_correct, successful, tau,
+                              manifest.target_fpr, metrics.auroc, guard.alpha)
 
     report = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -171,17 +162,13 @@ def run_evaluate(args) -> int:
         "device": device,
         "seconds": round(time.monotonic() - started, 2),
     }
-    (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(report_dir / "report.md", report)
+    write_report(report_dir, report)
 
     for warning in warnings:
         print(f"warning: {warning}")
     log(f"{len(clean)} clean and {len(triggered)} triggered images; target class {target} ({class_names[target]}); "
         f"tau {tau:.4g}")
-    for name, label in METRIC_LABELS.items():
-        entry = metric_report[name]
-        percent = name != "auroc"
-        interval = "" if entry["ci_low"] is None else f"  [{format_metric(entry['ci_low'], percent)}, {format_metric(entry['ci_high'], percent)}]"
-        log(f"  {label:34s} {format_metric(entry['value'], percent):>8s}{interval}")
+    for line in metric_lines(metric_report):
+        log(line)
     print(f"report written to {report_dir}/ (report.md, report.json, {', '.join(plots.values())})")
     return 0

@@ -9,8 +9,16 @@ The public verbs live in small modules, each with one job:
 - :mod:`defense.threshold`     calibrating the rejection threshold
 - :mod:`defense.finetune`      backdoor expert (unlearning) and auxiliary model (clean finetuning)
 - :mod:`defense.guard`         the three models together, scoring batches
-- :mod:`defense.bundle`        saving and loading bundles (schema: `manifest`; digests, signing, checks: `bundle_trust`)
+- :mod:`defense.manifest`      what a bundle says about itself (the manifest's schema)
+- :mod:`defense.bundle_trust`  the manifest's digest, signing and verification, checks of its values
+- :mod:`defense.bundle`        saving and loading bundles
 - :mod:`defense.build`         the offline job end to end
+- :mod:`defense.evaluation`    detection metrics; :mod:`defense.bootstrap` their intervals;
+  :mod:`defense.plots` and :mod:`defense.report` the evaluation report
+- :mod:`defense.device`        which torch device to run on (the server uses it too)
+
+The ``badexpert`` command is the :mod:`cli` package, above this one and :mod:`service`; this
+package imports neither.
 """
 
 __version__ = "0.1.0"

@@ -193,3 +193,27 @@ def plot_confidence_plane(path: Path, clean_b, clean_a, triggered_b, triggered_a
         ax.grid(alpha=0.25)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def draw_report_plots(report_dir: Path, clean_out, triggered_out, clean_correct, successful, tau: float,
+                      target_fpr: float, auroc: float, alpha: float) -> dict[str, str]:
+    """The report's plots of the AUROC's populations (clean correct, triggered successful): {title: file name}.
+
+    No ROC curve when no triggered image reaches the target."""
+    auroc_clean = clean_out.score[clean_correct]
+    auroc_triggered = triggered_out.score[successful]
+    plots = {
+        "ROC curve": "roc.png",
+        "Score histograms": "score_histogram.png",
+        "Confidence plane (b, a)": "confidence_plane.png",
+    }
+    if successful.any():
+        plot_roc(report_dir / plots["ROC curve"], auroc_clean, auroc_triggered, tau, target_fpr, auroc)
+    else:
+        del plots["ROC curve"]
+    plot_histograms(report_dir / plots["Score histograms"], auroc_clean, auroc_triggered, tau)
+    plot_confidence_plane(report_dir / plots["Confidence plane (b, a)"],
+                          clean_out.expert_agreement[clean_correct], clean_out.auxiliary_agreement[clean_correct],
+                          triggered_out.expert_agreement[successful], triggered_out.auxiliary_agreement[successful],
+                          tau, alpha)
+    return plots

@@ -1,8 +1,9 @@
-"""The evaluation report's text: the Markdown summary (``report.md``) and the number formats it and
-the console share. ``report.json`` is the same dictionary, written as JSON."""
+"""The evaluation report's text: ``report.json`` (the report dictionary), ``report.md`` (its
+Markdown summary) and the console's metric lines, with the number formats they share."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -57,3 +58,20 @@ def json_number(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def write_report(report_dir: Path, report: dict) -> None:
+    (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report_dir / "report.md", report)
+
+
+def metric_lines(metric_report: dict) -> list[str]:
+    """One console line per metric: label, value and interval."""
+    lines = []
+    for name, label in METRIC_LABELS.items():
+        entry = metric_report[name]
+        percent = name != "auroc"
+        interval = ("" if entry["ci_low"] is None else
+                    f"  [{format_metric(entry['ci_low'], percent)}, {format_metric(entry['ci_high'], percent)}]")
+        lines.append(f"  {label:34s} {format_metric(entry['value'], percent):>8s}{interval}")
+    return lines
