@@ -17,6 +17,16 @@ def format_metric(value: float | None, percent: bool) -> str:
     return f"{100 * value:.2f}%" if percent else f"{value:.4f}"
 
 
+def formatted_metrics(metric_report: dict):
+    """(label, value, (low, high) or None) of each metric, as text: AUROC as a number, the rates in percent."""
+    for name, label in METRIC_LABELS.items():
+        entry = metric_report[name]
+        percent = name != "auroc"
+        bounds = (None if entry["ci_low"] is None else
+                  (format_metric(entry["ci_low"], percent), format_metric(entry["ci_high"], percent)))
+        yield label, format_metric(entry["value"], percent), bounds
+
+
 def write_markdown(path: Path, report: dict) -> None:
     metrics, data, bundle = report["metrics"], report["data"], report["bundle"]
     lines = [
@@ -31,12 +41,9 @@ def write_markdown(path: Path, report: dict) -> None:
         f"| metric | value | {int(100 * CONFIDENCE)}% CI |",
         "|---|---|---|",
     ]
-    for name, label in METRIC_LABELS.items():
-        entry = metrics[name]
-        percent = name != "auroc"
-        interval = ("n/a" if entry["ci_low"] is None else
-                    f"[{format_metric(entry['ci_low'], percent)}, {format_metric(entry['ci_high'], percent)}]")
-        lines.append(f"| {label} | {format_metric(entry['value'], percent)} | {interval} |")
+    for label, value, bounds in formatted_metrics(metrics):
+        interval = "n/a" if bounds is None else f"[{bounds[0]}, {bounds[1]}]"
+        lines.append(f"| {label} | {value} | {interval} |")
     counts = report["counts"]
     lines += [
         "",
@@ -68,10 +75,7 @@ def write_report(report_dir: Path, report: dict) -> None:
 def metric_lines(metric_report: dict) -> list[str]:
     """One console line per metric: label, value and interval."""
     lines = []
-    for name, label in METRIC_LABELS.items():
-        entry = metric_report[name]
-        percent = name != "auroc"
-        interval = ("" if entry["ci_low"] is None else
-                    f"  [{format_metric(entry['ci_low'], percent)}, {format_metric(entry['ci_high'], percent)}]")
-        lines.append(f"  {label:34s} {format_metric(entry['value'], percent):>8s}{interval}")
+    for label, value, bounds in formatted_metrics(metric_report):
+        interval = "" if bounds is None else f"  [{bounds[0]}, {bounds[1]}]"
+        lines.append(f"  {label:34s} {value:>8s}{interval}")
     return lines
