@@ -8,13 +8,15 @@ ever sets thresholds (no labels used), and 5,000 *evaluation* images, on which e
 is measured (clean, and triggered for the counted non-target ones). For each attack's cached model
 (bench.train_attacked), the 2,000 reserved training images are the user's labeled clean set, and:
 
-- ``default``: ``badexpert build`` with its defaults on the 2,000 labeled images alone (D_fit 1,000,
-  D_select 200 for the learning rates, D_cal 800 for the threshold, conformal rule);
-- ``split_80_20``: ``--calibration-fraction 0.2`` (D_fit 1,400, D_cal 400), the split before this
-  one, to see what the larger calibration share buys;
+- ``cal20``: ``badexpert build`` on the 2,000 labeled images alone with its defaults
+  (``--calibration-fraction 0.2``: D_fit 1,400, D_select 200 for the learning rates, D_cal 400 for
+  the threshold, conformal rule);
+- ``cal40``: ``--calibration-fraction 0.4`` (D_fit 1,000, D_cal 800): more calibration images
+  from the same 2,000, fewer for finetuning;
 - ``calibration_data``: ``build --calibration-data`` with the 5,000-image pool (D_fit 1,800,
   D_select 200, D_cal 5,000);
-- ``recalibrated``: ``badexpert calibrate`` of the ``default`` bundle on the same pool (scoring only).
+- ``recalibrated_cal20`` / ``recalibrated_cal40``: ``badexpert calibrate`` of those bundles on the
+  same pool (scoring only, same models).
 
 For the two builds without extra data the threshold is also recomputed with the ``ucb`` rule from
 the bundle's own D_cal scores (same models, scoring only), so both rules are compared on the same
@@ -49,10 +51,13 @@ ROOT = CACHE / "bench" / "operating_point"
 POOL_SIZE = 5000
 FPR = 0.01
 VARIANTS = {
-    "default": [],
-    "split_80_20": ["--calibration-fraction", "0.2"],
+    "cal20": ["--calibration-fraction", "0.2"],
+    "cal40": ["--calibration-fraction", "0.4"],
     "calibration_data": None,  # --calibration-data POOL, added below
 }
+RECALIBRATED = {"recalibrated_cal20": "cal20", "recalibrated_cal40": "cal40"}
+# Result files written before the variants were named by their split.
+RENAMED = {"default": "cal40", "split_80_20": "cal20", "recalibrated": "recalibrated_cal40"}
 
 
 def split_test_set(n_test: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,16 +138,17 @@ def run_attack(name: str, arch: str, seed: int, data: dict, device: str) -> dict
     for variant, extra in VARIANTS.items():
         extra = ["--calibration-data", str(pool)] if extra is None else extra
         build(folder / variant, common + extra)
-    if not (folder / "recalibrated" / "manifest.json").is_file():
-        badexpert(["calibrate", str(folder / "default"), "--clean", str(pool), "--out", str(folder / "recalibrated"),
-                   "--overwrite", "--quiet", "--device", device])
+    for variant, source in RECALIBRATED.items():
+        if not (folder / variant / "manifest.json").is_file():
+            badexpert(["calibrate", str(folder / source), "--clean", str(pool), "--out", str(folder / variant),
+                       "--overwrite", "--quiet", "--device", device])
 
     images, labels = data["test_images"][eval_index], data["test_labels"][eval_index]
     triggered_images = attack.apply(images)
-    reserved_set = load_image_folder(reserved, _preprocessing(folder), progress=False)
+    reserved_set = load_image_folder(reserved, _preprocessing(folder / "cal20"), progress=False)
     result = {"attack": name, "arch": arch, "seed": seed, "model": model_info, "n_eval_clean": len(labels),
               "n_eval_triggered": int(attack.counted(labels).sum()), "variants": {}}
-    for variant in (*VARIANTS, "recalibrated"):
+    for variant in (*VARIANTS, *RECALIBRATED):
         guard, manifest = load_bundle(folder / variant, device)
         clean, clean_old = score_with_logits(guard, images)
         triggered, _ = score_with_logits(guard, triggered_images)
@@ -152,7 +158,7 @@ def run_attack(name: str, arch: str, seed: int, data: dict, device: str) -> dict
                "at_tau": operating_point(guard.rejection_threshold, clean, triggered, labels, attack)}
         low, high = row["threshold"]["fpr_range"]
         row["at_tau"]["fpr_in_predicted_range"] = bool(low <= row["at_tau"]["fpr"] <= high)
-        if variant in ("default", "split_80_20"):  # the other rule on the same guard and the same D_cal
+        if variant in ("cal20", "cal40"):  # the other rule on the same guard and the same D_cal
             settings = manifest.settings
             fit_select_cal = stratified_split(reserved_set.labels, (settings["selection_fraction"],
                                                                     settings["calibration_fraction"]), seed)
@@ -168,11 +174,11 @@ def run_attack(name: str, arch: str, seed: int, data: dict, device: str) -> dict
     return result
 
 
-def _preprocessing(folder: Path):
+def _preprocessing(bundle: Path):
     from defense.bundle import read_manifest
     from defense.preprocessing import Preprocessing
 
-    return Preprocessing.from_dict(read_manifest(folder / "default").preprocessing)
+    return Preprocessing.from_dict(read_manifest(bundle).preprocessing)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,12 +188,18 @@ def _pct(value: float, digits: int = 1) -> str:
     return f"{100 * value:.{digits}f}"
 
 
+def load_result(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    result["variants"] = {RENAMED.get(name, name): row for name, row in result["variants"].items()}
+    return result
+
+
 def table(results: list[dict]) -> list[str]:
     order = list(ATTACKS)
     results = sorted(results, key=lambda r: (ATTACKS[r["attack"]].adaptive, order.index(r["attack"])))
-    columns = [("default", None), ("default", "ucb"), ("split_80_20", None), ("split_80_20", "ucb"),
-               ("calibration_data", None), ("recalibrated", None)]
-    lines = ["| attack | model ASR | AUROC (default) | " + " | ".join(
+    columns = [("cal20", None), ("cal20", "ucb"), ("cal40", None), ("cal40", "ucb"),
+               ("calibration_data", None), ("recalibrated_cal20", None), ("recalibrated_cal40", None)]
+    lines = ["| attack | model ASR | AUROC (cal20 / cal40 / calibration_data) | " + " | ".join(
         f"{variant}{' (ucb)' if rule else ''}: FPR / ASR" for variant, rule in columns) + " |",
         "|" + "---|" * (3 + len(columns))]
     sums = {column: [0.0, 0.0, 0] for column in columns}
@@ -196,20 +208,23 @@ def table(results: list[dict]) -> list[str]:
         name = r["attack"] + (" (adaptive)" if ATTACKS[r["attack"]].adaptive else "") + ("" if counted else " (not counted)")
         cells = []
         for variant, rule in columns:
-            row = r["variants"][variant]
+            row = r["variants"].get(variant)
+            if row is None:
+                cells.append("n/a")
+                continue
             point = row[rule]["at_tau"] if rule else row["at_tau"]
             cells.append(f"{_pct(point['fpr'], 2)} / {_pct(point['asr_with_guard'])}")
             if counted and not ATTACKS[r["attack"]].adaptive:
                 sums[(variant, rule)][0] += point["fpr"]
                 sums[(variant, rule)][1] += point["asr_with_guard"]
                 sums[(variant, rule)][2] += 1
-        default = r["variants"]["default"]["at_tau"]
-        lines.append(f"| {name} | {_pct(default['asr_without_guard'])} | {_pct(default['auroc'], 2)} | "
-                     + " | ".join(cells) + " |")
+        default = r["variants"]["cal20"]["at_tau"]
+        aurocs = " / ".join(_pct(r["variants"][v]["at_tau"]["auroc"], 2) for v in VARIANTS)
+        lines.append(f"| {name} | {_pct(default['asr_without_guard'])} | {aurocs} | " + " | ".join(cells) + " |")
     count = max(v[2] for v in sums.values()) if sums else 0
     if count:
-        lines.append(f"| **mean, {count} counted standard** | | | " + " | ".join(
-            f"**{_pct(s[0] / s[2], 2)} / {_pct(s[1] / s[2])}**" for s in sums.values()) + " |")
+        lines.append(f"| **mean, counted standard** | | | " + " | ".join(
+            f"**{_pct(s[0] / s[2], 2)} / {_pct(s[1] / s[2])}** ({s[2]})" if s[2] else "n/a" for s in sums.values()) + " |")
     return lines
 
 
@@ -253,13 +268,13 @@ def main() -> None:
         for name in args.attacks:
             started = time.monotonic()
             result = run_attack(name, args.arch, args.seed, data, args.device)
-            default = result["variants"]["default"]["at_tau"]
+            default = result["variants"]["cal20"]["at_tau"]
             extra = result["variants"]["calibration_data"]["at_tau"]
             print(f"{name:18s} AUROC {default['auroc']:.4f} | default: FPR {default['fpr']:.4f} ASR "
                   f"{default['asr_with_guard']:.3f} | +5,000 calibration: FPR {extra['fpr']:.4f} ASR "
                   f"{extra['asr_with_guard']:.3f} | {time.monotonic() - started:.0f} s")
     if args.table:
-        results = [json.loads(p.read_text()) for p in sorted((ROOT / "results").glob(f"*_{args.arch}_seed{args.seed}.json"))]
+        results = [load_result(p) for p in sorted((ROOT / "results").glob(f"*_{args.arch}_seed{args.seed}.json"))]
         print("\n".join(table(results)))
         print()
         print("\n".join(calibration_table(results)))

@@ -62,7 +62,7 @@ def run_demo(out: Path, device: str = "cpu", quiet: bool = False) -> int:
     bundle = out / "bundle"
     argv = ["build", "--model", "tiny_cnn", "--weights", str(weights), "--clean-data", str(clean_dir),
             "--out", str(bundle), "--overwrite", "--preset", "none", "--input-size", str(SIZE), str(SIZE), "--fpr", "0.05",
-            "--device", device] + (["--quiet"] if quiet else [])
+            "--calibration-fraction", "0.25", "--device", device] + (["--quiet"] if quiet else [])
     print("    badexpert " + " ".join(argv))
     args = build_command_parser().parse_args(argv)
     status = args.handler(args)
