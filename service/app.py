@@ -92,7 +92,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def predict(request: Request):
         return await service.predict(request)
 
-    @app.get("/healthz", response_model=HealthResponse, summary="Liveness")
+    @app.get("/healthz", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, summary="Liveness")
     @app.head("/healthz", include_in_schema=False)
     async def healthz():
         if service.state == FAILED:
@@ -108,14 +108,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             return JSONResponse({"ready": True, "status": READY, "detail": None})
         return JSONResponse({"ready": False, "status": problem[0], "detail": problem[1]}, 503)
 
-    @app.get("/v1/info", response_model=InfoResponse, responses={503: {"model": ErrorResponse}},
+    @app.get("/v1/info", response_model=InfoResponse,
+             responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
              summary="The bundle being served: classes, input size, threshold, versions")
     async def info():
         if service.info is None:
             return service.unavailable()
         return JSONResponse(service.info)
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={401: {"model": ErrorResponse}})  # 401: with api_keys and protect_metrics
     async def metrics():
         data, content_type = service.metrics.exposition()
         return Response(data, media_type=content_type)

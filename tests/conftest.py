@@ -18,6 +18,22 @@ pytest_plugins = ["pytester"]
 _skipped_key = pytest.StashKey[list]()
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny bundles the service tests serve (tests/test_service.py: Tiny, build_tiny), built once
+    per session for every module that uses them (test_service.py, test_fuzz_openapi.py)."""
+    import torch
+
+    from test_service import build_tiny
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is as fast, and steadier on a busy machine
+    try:
+        return build_tiny(tmp_path_factory.mktemp("service"))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     config.stash[_skipped_key] = []
 

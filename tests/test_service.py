@@ -102,14 +102,8 @@ def write_samples(folder: Path, generator: torch.Generator) -> list[Path]:
     return files
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Tiny:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast, and steadier on a busy machine
-    try:
-        return build_tiny(tmp_path_factory.mktemp("service"))
-    finally:
-        torch.set_num_threads(threads)
+# The `tiny` fixture (session-scoped, in tests/conftest.py: shared with tests/test_fuzz_openapi.py)
+# is build_tiny() below, built once per session.
 
 
 def build_tiny(root: Path) -> Tiny:
@@ -583,6 +577,17 @@ def test_openapi_documents_both_body_forms(tiny):
     content = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert set(content) == {"multipart/form-data", "application/json"}
     assert "PredictResponse" in json.dumps(spec["paths"]["/predict"]["post"]["responses"]["200"])
+
+
+def test_openapi_documents_every_status_the_endpoints_send(tiny):
+    # Found by tests/test_fuzz_openapi.py: with API keys, /v1/info (and /metrics with protect_metrics)
+    # answered an undocumented 401; /healthz answers 503 once loading failed.
+    with serving(tiny.bundle) as client:
+        paths = client.get("/openapi.json").json()["paths"]
+    assert {"200", "401", "503"} <= set(paths["/v1/info"]["get"]["responses"])
+    assert {"200", "401"} <= set(paths["/metrics"]["get"]["responses"])
+    assert {"200", "503"} <= set(paths["/healthz"]["get"]["responses"])
+    assert {"200", "401", "413", "422", "503"} <= set(paths["/predict"]["post"]["responses"])
 
 
 # ----- audit log ----------------------------------------------------------------------------------
