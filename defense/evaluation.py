@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -48,7 +47,7 @@ class DetectionMetrics:
 
 def backdoor_likeness(scores: torch.Tensor) -> torch.Tensor:
     """-score in float64, a NaN score (rejected) ranked as the most backdoor-like: what ROC curves rank."""
-    return (-scores.double()).nan_to_num(nan=math.inf)
+    return (-scores.double()).nan_to_num(nan=torch.finfo(torch.float64).max)  # finite: sklearn refuses inf
 
 
 def auroc(clean_scores: torch.Tensor, triggered_scores: torch.Tensor) -> float:

@@ -199,3 +199,17 @@ def test_detection_metrics_with_per_input_targets_and_a_counted_mask():
     metrics = detection_metrics(0.1, clean_scores, clean_predictions, clean_labels, triggered_scores,
                                 torch.tensor([0, 0, 0, 0]), sources, 0, counted=sources == 1)
     assert metrics.n_triggered == 1 and metrics.asr_without_guard == 1.0 and metrics.asr_with_guard == 1.0
+
+
+def test_detection_metrics_accept_a_score_at_tau_and_reject_nan():
+    from defense.evaluation import detection_metrics
+
+    clean = torch.tensor([0.5, 0.7, float("nan"), 0.9], dtype=torch.float64)
+    labels = torch.tensor([1, 1, 1, 1])
+    triggered = torch.tensor([0.5, 0.1, float("nan")], dtype=torch.float64)
+    sources = torch.tensor([1, 1, 1])
+    metrics = detection_metrics(0.5, clean, labels, labels, triggered, torch.zeros(3, dtype=torch.long), sources,
+                                target_class=0)
+    assert metrics.fpr == pytest.approx(1 / 4)  # only the NaN clean score is rejected; 0.5 == tau passes
+    assert metrics.asr_with_guard == pytest.approx(1 / 3)  # the triggered 0.5 passes; 0.1 and NaN are rejected
+    assert metrics.tpr == pytest.approx(2 / 3)

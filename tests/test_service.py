@@ -1224,3 +1224,24 @@ def test_a_torn_last_audit_line_is_removed_at_startup_and_the_chain_continues(ti
     text = audit.read_bytes()
     assert text.startswith(whole) and b"cut sh" not in text and len(text.splitlines()) == 2 * len(whole.splitlines())
     assert badexpert_main(["audit", "verify", str(audit)]) == 0
+
+
+def test_a_score_exactly_at_the_threshold_is_served_as_accepted_and_one_ulp_above_rejected(tiny, tmp_path):
+    """The one decision rule on the request path: tau is itself a calibration score, so equality
+    happens; an image whose score is tau passes, and the same image fails a tau one ulp higher."""
+    import math
+
+    guard, manifest = load_bundle(tiny.bundle, "cpu")
+    image = tiny.files[0]
+    with serving(tiny.bundle) as client:
+        served = client.post("/predict", files=multipart([image])).json()["predictions"][0]["score"]
+    spec = ModelSpec("registry", "tiny_cnn", 3)
+    fields = {key: value for key, value in manifest.model_dump().items()}
+    for name, tau in (("at", served), ("above", math.nextafter(served, math.inf))):
+        guard.rejection_threshold = tau
+        fields["threshold"] = {**manifest.threshold, "tau": tau}
+        save_bundle(tmp_path / name, guard, spec, fields)
+        with serving(tmp_path / name) as client:
+            prediction = client.post("/predict", files=multipart([image])).json()["predictions"][0]
+        assert prediction["score"] == served
+        assert prediction["rejected"] is (name == "above"), name
