@@ -204,7 +204,8 @@ def test_detection_metrics_with_per_input_targets_and_a_counted_mask():
 def test_detection_metrics_accept_a_score_at_tau_and_reject_nan():
     from defense.evaluation import detection_metrics
 
-    clean = torch.tensor([0.5, 0.7, float("nan"), 0.9], dtype=torch.float64)
+    # two clean scores at tau and one NaN: "<=" would reject 2 of 4, "<" none, the rule exactly the NaN
+    clean = torch.tensor([0.5, 0.5, float("nan"), 0.9], dtype=torch.float64)
     labels = torch.tensor([1, 1, 1, 1])
     triggered = torch.tensor([0.5, 0.1, float("nan")], dtype=torch.float64)
     sources = torch.tensor([1, 1, 1])
