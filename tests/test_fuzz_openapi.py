@@ -43,6 +43,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
+from live_server import wait_until_ready  # noqa: E402
 from test_service import b64, badexpert_command, free_port  # noqa: E402  (`tiny`: the fixture in conftest.py)
 
 pytestmark = pytest.mark.integration
@@ -65,16 +66,7 @@ def live_server(bundle, log: Path, extra_env: dict[str, str] | None = None):
             env=environment, stdout=output, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.2)
+        wait_until_ready(base, process, log.read_text)
         yield base
     finally:
         if process.poll() is None:

@@ -45,6 +45,7 @@ from service.batcher import MicroBatcher, Overloaded, ShuttingDown
 from service.metrics import score_buckets
 from service.schemas import PredictResponse
 from service.settings import ServiceSettings
+from live_server import wait_until_ready
 from synthetic import fit
 
 CLASS_NAMES = ["red", "green", "blue"]
@@ -652,16 +653,7 @@ def test_real_badexpert_serve_process(tiny, tmp_path):
         env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.2)
+        wait_until_ready(base, process, process.stdout.read)
         assert httpx.get(base + "/healthz").json() == {"status": "ok"}
         response = httpx.post(base + "/predict", files=multipart(tiny.files[:2]))
         assert response.status_code == 200
@@ -1101,16 +1093,7 @@ def test_real_server_is_not_starved_by_stalled_uploads_or_many_parts_and_stays_b
     base = f"http://127.0.0.1:{port}"
     sockets = []
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.2)
+        wait_until_ready(base, process, process.stdout.read)
         files = multipart(tiny.files[:1])
 
         def normal_request() -> float:
