@@ -78,8 +78,7 @@ def recalibrated_fields(manifest, threshold: Threshold, scores: torch.Tensor, im
         warnings=[w for w in manifest.warnings or [] if w not in stale]
         + ([threshold.warning] if threshold.warning else []) + threshold.advice,
     )
-    fields.setdefault("data", {})
-    fields["data"] = {**fields["data"], "calibration": images}
+    fields["data"] = {**(fields.get("data") or {}), "calibration": images}
     return fields
 
 

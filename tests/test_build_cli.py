@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from defense.bundle import load_bundle
 from cli.main import main
+from cli_errors import run_error
 from defense.evaluation import detection_metrics
 from defense.models import create_model
 from synthetic import NUM_CLASSES, add_trigger, make_images, train_backdoored, write_image_folder
@@ -31,13 +32,6 @@ def build_args(weights, clean_dir, out, *extra):
     return ["build", "--model", "tiny_cnn", "--weights", str(weights), "--clean-data", str(clean_dir),
             "--out", str(out), "--input-size", "16", "16", "--quiet", "--unlearn-lr", "1e-3",
             "--finetune-lr", "0.01", "--finetune-epochs", "1", *extra]
-
-
-def run_error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("badexpert: error: ") and "Traceback" not in err
-    return err
 
 
 def test_missing_weights_file(capsys, tmp_path, clean_dir):

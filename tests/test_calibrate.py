@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from defense.bundle import load_bundle
 from cli.main import main
+from cli_errors import run_error
 from defense.score import rejects
 from defense.threshold import conformal_rank
 from synthetic import PREPROCESSING, make_images, train_backdoored, write_image_folder
@@ -93,13 +94,6 @@ def test_calibrate_writes_a_new_bundle_with_tau_from_the_new_images(workspace, c
     assert guard.rejection_threshold == manifest.rejection_threshold == new["rejection_threshold"]
     rejected = rejects(guard.score(workspace["more_images"]).score, guard.rejection_threshold)
     assert int(rejected.sum()) == 9  # k - 1 of the calibration images lie strictly below tau
-
-
-def run_error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("badexpert: error: ") and "Traceback" not in err
-    return err
 
 
 def test_calibrate_refuses_bad_input_with_one_line(workspace, capsys, tmp_path):

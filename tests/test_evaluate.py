@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 from defense.build import BuildConfig, build_guard
 from defense.bundle import load_bundle, save_bundle
 from cli.main import main
+from cli_errors import run_error
 from defense.data import ImageSet
 from defense.bootstrap import bootstrap_metrics, weighted_auroc
 from defense.models.loading import ModelSpec
@@ -140,13 +141,6 @@ def test_bootstrap_distribution_is_centred_on_the_estimate():
     assert all(len(v) == 300 for v in draws.values())
     assert float(draws["fpr"].mean()) == pytest.approx(float((clean < 0.5).float().mean()), abs=0.01)
     assert float(draws["asr_without_guard"].mean()) == pytest.approx(float(successful.float().mean()), abs=0.01)
-
-
-def run_error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("badexpert: error: ") and "Traceback" not in err
-    return err
 
 
 def test_bad_inputs_exit_2(setup, tmp_path, capsys):
