@@ -6,7 +6,7 @@ function works on whole batches of (N, 3, H, W) uint8 tensors and returns uint8.
 What an attack says about its evaluation:
 
 - ``targets(labels)``: the class a triggered input should be sent to (all-to-one: the target
-  class; all-to-all: ``(y + 1) mod C``);
+  class; all-to-all: a seeded derangement of the classes);
 - ``counted(labels)``: which triggered test inputs count for ASR and AUROC (all-to-one: source
   class != target; TaCT: the source classes only; all-to-all: every input);
 - ``adaptive``: one of the paper's Table 5 attacks aimed at BaDExpert's assumption;
@@ -451,26 +451,50 @@ class BPP(Attack):
         return _poison_with_cover(self, images, labels, seed, poison=self.poison_trigger, cover=self.negative)
 
 
+def attack_mapping(num_classes: int, seed: int) -> torch.Tensor:
+    """A seeded permutation of the classes with ``mapping[y] != y`` and ``mapping[y] != (y + 1) mod C``
+    for every y: an all-to-all target that nowhere coincides with the backdoor expert's shift."""
+    if num_classes < 3:
+        raise ValueError("an all-to-all mapping apart from the identity and the shift needs 3+ classes")
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.arange(num_classes)
+    while True:  # rejection sampling: about 1 in e^2 permutations qualifies
+        mapping = torch.randperm(num_classes, generator=generator)
+        if not ((mapping == classes).any() or (mapping == (classes + 1) % num_classes).any()):
+            return mapping
+
+
 @register_attack
 @dataclass
 class BadNetAllToAll(BadNet):
-    """All-to-all BadNet: the 3x3 patch sends class y to (y + 1) mod C, so the backdoor depends on
+    """All-to-all BadNet: the 3x3 patch sends class y to ``mapping[y]``, so the backdoor depends on
     the normal function. The paper puts it with the adaptive attacks (Table 5, AUROC 95.5); the
     benchmark issue lists it with the standard ones, and the bench's tables follow the issue.
-    Poison rate 20% (a tenth of it per target class), trained 20 epochs: ASR 82.1%, CA 84.2%.
-    The compact ResNet learns this mapping slowly (5% poison, 4 epochs: ASR 2.7%; 15%, 6 epochs:
-    ASR 38.5%; 20%, 10 epochs: ASR 79.0%, CA 80.9%; 20%, 12 epochs: ASR 79.6%, CA 81.7%): the
-    backdoor works only where the model recognizes the class, so its ASR follows the clean
-    accuracy."""
+
+    The mapping is a seeded derangement that differs from the backdoor expert's mislabeling
+    ``(y + 1) mod C`` at every class (see ``attack_mapping``): with the expert's own shift as the
+    attacker's mapping, the expert learns the attacker's mapping from clean data alone, and its
+    agreement with the model on triggered inputs says nothing about whether the backdoor survived.
+    An attacker who reads the code can always avoid the shift, so the bench does too.
+
+    Poison rate 20% (a tenth of it per target class), trained 20 epochs. With the old (y + 1)
+    mapping: ASR 82.1%, CA 84.2%. The compact ResNet learns an all-to-all mapping slowly (5% poison,
+    4 epochs: ASR 2.7%; 15%, 6 epochs: ASR 38.5%; 20%, 10 epochs: ASR 79.0%): the backdoor works
+    only where the model recognizes the class, so its ASR follows the clean accuracy."""
 
     name = "badnet_all_to_all"
     train_epochs = 20
     all_to_all = True
     poison_rate: float = 0.20
     num_classes: int = 10
+    mapping_seed: int = 0
+
+    @property
+    def mapping(self) -> torch.Tensor:
+        return attack_mapping(self.num_classes, self.mapping_seed)
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
-        return (labels + 1) % self.num_classes
+        return self.mapping.to(labels.device)[labels]
 
     def counted(self, labels: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(labels, dtype=torch.bool)

@@ -118,7 +118,13 @@ def test_poison_counts_and_labels(name):
 def test_all_to_all_targets_and_counted():
     attack = BadNetAllToAll()
     labels = torch.arange(10)
-    assert torch.equal(attack.targets(labels), (labels + 1) % 10)
+    targets = attack.targets(labels)
+    assert sorted(targets.tolist()) == list(range(10))  # a permutation: every class is someone's target
+    assert not (targets == labels).any()  # no class maps to itself
+    assert not (targets == (labels + 1) % 10).any()  # and nowhere the backdoor expert's shift
+    assert torch.equal(attack.targets(torch.tensor([3, 3, 7])), targets[[3, 3, 7]])
+    assert torch.equal(BadNetAllToAll(mapping_seed=0).targets(labels), targets)  # seeded
+    assert not torch.equal(BadNetAllToAll(mapping_seed=1).targets(labels), targets)
     assert attack.counted(labels).all() and attack.all_to_all
 
 
