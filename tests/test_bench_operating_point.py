@@ -28,3 +28,33 @@ def test_the_float32_formula_ties_saturated_experts_and_the_exact_one_does_not()
     model[:, 0] = 5.0
     assert ties(float32_scores(model, expert, auxiliary, 0.5)) == 3
     assert ties(guard_scores(model, expert, auxiliary).score) == 0
+
+
+def test_calibration_draws_measure_each_tau_on_the_evaluation_images():
+    """Pool scores 1..10, n = 10 (every draw is the whole pool), conformal at 10%: k = floor(0.1 * 11)
+    = 1, tau = 1. Clean evaluation scores 0.5, 1, 2, 3: only 0.5 < 1 is rejected, FPR 1/4. Triggered:
+    0.2 (successful), 1.5 (successful), 0.1 (not successful): only 1.5 passes, ASR 1/3."""
+    from bench.calibration_draws import draw_operating_points, summarize
+
+    pool = torch.arange(1, 11, dtype=torch.float64)
+    clean = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
+    triggered = torch.tensor([0.2, 1.5, 0.1], dtype=torch.float64)
+    successful = torch.tensor([True, True, False])
+    fprs, asrs, refused = draw_operating_points(pool, clean, triggered, successful, 3, n=10, fpr=0.1,
+                                                rule="conformal", draws=5)
+    assert refused == 0 and fprs.tolist() == [0.25] * 5 and asrs.tolist() == [1 / 3] * 5
+    summary = summarize(fprs, asrs, refused, n=10, k=1, rule="conformal", n_eval=4, build_fpr=0.5)
+    assert summary.fpr_mean == 0.25 and summary.asr_mean == summary.asr_p05 == summary.asr_p95 == 1 / 3
+    assert summary.build_fpr_percentile == 1.0  # every draw rejects fewer clean inputs than the build's 0.5
+
+
+def test_calibration_draws_count_a_tau_on_a_tie_as_refused():
+    """Two pool scores tie at 0; every draw is the whole pool, k = floor(0.2 * 5) = 1, so tau = 0 sits
+    on the tie and the draw is refused, as the build would refuse it."""
+    from bench.calibration_draws import draw_operating_points
+
+    pool = torch.tensor([0.0, 0.0, 5.0, 6.0], dtype=torch.float64)
+    clean = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    fprs, asrs, refused = draw_operating_points(pool, clean, clean, torch.tensor([True, True]), 2, n=4, fpr=0.2,
+                                                rule="conformal", draws=3)
+    assert refused == 3 and len(fprs) == len(asrs) == 0
