@@ -23,7 +23,7 @@ import torch.nn as nn
 from defense.bcu import DEFAULT_STAGE_PROBABILITIES, bcu_auxiliary
 from defense.data import ImageSet, iter_image_batches
 from defense.errors import UserError
-from defense.finetune import Diverged, accuracy, clean_finetune, predict_logits, unlearn
+from defense.finetune import Diverged, accuracy, clean_finetune, mislabeling, predict_logits, unlearn
 from defense.guard import Guard
 from defense.preprocessing import Preprocessing
 from defense.calibrate import calibration_record, image_record, require_finite, score_batches
@@ -57,6 +57,7 @@ class BuildConfig:
     unlearn_epochs: int = 1
     unlearn_batch_size: int = 128
     unlearn_target_ratio: float = 0.5  # B's D_select accuracy at or below this fraction of M's
+    expert_labels: str = "shift"  # the expert's mislabeling: "shift" (y + 1 mod C) or "derangement" (seeded)
     finetune_lr: float | None = None  # None: choose from D_select
     finetune_epochs: int = 10
     finetune_batch_size: int = 64
@@ -115,14 +116,17 @@ def _finite(logits: torch.Tensor) -> bool:
 def choose_unlearning_rate(model, fit: ImageSet, cal_images, cal_reference, num_classes, normalizer,
                            reference_accuracy: float, config: BuildConfig, log) -> tuple[nn.Module, dict]:
     """The smallest rate at which B's D_select accuracy falls to ``target_ratio`` of M's."""
+    wrong_label_of = mislabeling(num_classes, config.expert_labels, config.seed)
+    labels_record = {"mislabeling": config.expert_labels, "wrong_label_of": wrong_label_of.tolist()}
+
     def train(lr):
         return unlearn(model, fit.images, fit.labels, num_classes, normalizer, lr, config.unlearn_epochs,
-                       config.unlearn_batch_size, config.device, config.seed, config.progress)
+                       config.unlearn_batch_size, config.device, config.seed, config.progress, wrong_label_of)
 
     if config.unlearn_lr is not None:
         expert = train(config.unlearn_lr)
         acc = accuracy(predict_logits(expert, cal_images, normalizer, config.device), cal_reference)
-        return expert, {"method": "unlearning", "lr": config.unlearn_lr, "chosen_by": "user",
+        return expert, {"method": "unlearning", **labels_record, "lr": config.unlearn_lr, "chosen_by": "user",
                         "calibration_accuracy": acc}
     goal = config.unlearn_target_ratio * reference_accuracy
     search, fallback = [], None
@@ -141,12 +145,12 @@ def choose_unlearning_rate(model, fit: ImageSet, cal_images, cal_reference, num_
         log(f"  unlearning lr {lr:g}: backdoor expert D_select accuracy {acc:.3f} (goal <= {goal:.3f})")
         fallback = (expert, lr, acc)
         if acc <= goal:
-            return expert, {"method": "unlearning", "lr": lr, "chosen_by": "auto", "goal_accuracy": goal,
-                            "calibration_accuracy": acc, "search": search}
+            return expert, {"method": "unlearning", **labels_record, "lr": lr, "chosen_by": "auto",
+                            "goal_accuracy": goal, "calibration_accuracy": acc, "search": search}
     if fallback is None:
         raise UserError("unlearning diverged at the smallest learning rate; pass --unlearn-lr explicitly")
     expert, lr, acc = fallback
-    return expert, {"method": "unlearning", "lr": lr, "chosen_by": "auto", "goal_accuracy": goal,
+    return expert, {"method": "unlearning", **labels_record, "lr": lr, "chosen_by": "auto", "goal_accuracy": goal,
                     "calibration_accuracy": acc, "search": search,
                     "warning": f"no rate in the grid brought the expert to the goal; used the largest stable one ({lr:g})"}
 
@@ -282,7 +286,7 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
         warnings.append(f"M is near chance on the clean images ({model_accuracy:.3f}): check the class order "
                         "(--class-names) and the preprocessing (--preset/--mean/--std)")
 
-    log("backdoor expert: unlearning on shifted labels")
+    log(f"backdoor expert: unlearning on wrong labels ({config.expert_labels})")
     expert, expert_record = choose_unlearning_rate(model, fit, select.images, select.labels, num_classes, normalizer,
                                                    model_accuracy, config, log)
     auxiliary, auxiliary_record = make_auxiliary(model, auxiliary_model, fit, select, normalizer, model_accuracy,

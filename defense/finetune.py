@@ -1,7 +1,8 @@
 """The two finetunings of BaDExpert, each a short readable loop.
 
 - :func:`unlearn` makes the backdoor expert B: M finetuned on deliberately wrong labels
-  (y + 1 mod C), Adam, one epoch, BatchNorm in train mode (paper Alg. 1).
+  (by default y + 1 mod C, paper Alg. 1; or a seeded random derangement, :func:`mislabeling`),
+  Adam, one epoch, BatchNorm in train mode.
 - :func:`clean_finetune` makes the auxiliary model M': M finetuned on true labels, SGD with
   Nesterov momentum, step decay, random crop and flip.
 
@@ -24,9 +25,32 @@ class Diverged(RuntimeError):
     """The loss or the weights stopped being finite: the learning rate is too large."""
 
 
+MISLABELINGS = ("shift", "derangement")
+
+
 def shifted_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Alg. 1's mislabeling: every label moves to its neighbour, y' = (y + 1) mod C."""
     return (labels + 1) % num_classes
+
+
+def mislabeling(num_classes: int, kind: str = "shift", seed: int = 0) -> torch.Tensor:
+    """The expert's wrong label for each class, as a permutation with no fixed point.
+
+    ``shift``: y' = (y + 1) mod C (paper Alg. 1), public, so an attacker can pick the same mapping
+    for an all-to-all backdoor. ``derangement``: drawn uniformly from the permutations without a
+    fixed point, seeded (the build's ``--seed``), recorded in the bundle."""
+    if num_classes < 2:
+        raise ValueError("mislabeling needs at least 2 classes")
+    classes = torch.arange(num_classes)
+    if kind == "shift":
+        return (classes + 1) % num_classes
+    if kind != "derangement":
+        raise ValueError(f"unknown mislabeling {kind!r}; expected one of {MISLABELINGS}")
+    generator = torch.Generator().manual_seed(seed)
+    while True:  # rejection sampling: about 1 in e draws has no fixed point
+        mapping = torch.randperm(num_classes, generator=generator)
+        if not (mapping == classes).any():
+            return mapping
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -72,11 +96,15 @@ def unlearn(
     device: torch.device | str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    wrong_label_of: torch.Tensor | None = None,
 ) -> nn.Module:
-    """Backdoor expert: a copy of ``model`` finetuned on labels shifted by one (Adam)."""
+    """Backdoor expert: a copy of ``model`` finetuned on wrong labels (Adam): class y is trained
+    as ``wrong_label_of[y]`` (default: the shift, y + 1 mod C)."""
     expert = copy.deepcopy(model).to(device).train()
     normalizer = normalizer.to(device)
-    wrong_labels = shifted_labels(labels, num_classes)
+    if wrong_label_of is None:
+        wrong_label_of = mislabeling(num_classes, "shift")
+    wrong_labels = wrong_label_of[labels.cpu()]
     optimizer = torch.optim.Adam(expert.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * -(-len(labels) // batch_size)

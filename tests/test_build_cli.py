@@ -141,3 +141,17 @@ def test_build_signs_with_sign_key_and_a_bad_key_fails_before_training(capsys, t
     assert main(build_args(weights, clean_dir, tmp_path / "out", "--sign-key", str(tmp_path / "sign.pem"))) == 0
     _, manifest = load_bundle(tmp_path / "out", verify_key=private.public_key())
     assert manifest.signature is not None
+
+
+def test_expert_labels_derangement_is_drawn_from_the_seed_and_recorded(tmp_path, weights, clean_dir):
+    from defense.finetune import mislabeling
+
+    assert main(build_args(weights, clean_dir, tmp_path / "shift")) == 0
+    assert main(build_args(weights, clean_dir, tmp_path / "deranged", "--expert-labels", "derangement", "--seed", "3")) == 0
+    shift = json.loads((tmp_path / "shift" / "manifest.json").read_text())["backdoor_expert"]
+    deranged = json.loads((tmp_path / "deranged" / "manifest.json").read_text())["backdoor_expert"]
+    assert shift["mislabeling"] == "shift" and shift["wrong_label_of"] == [(c + 1) % NUM_CLASSES for c in range(NUM_CLASSES)]
+    assert deranged["mislabeling"] == "derangement"
+    assert deranged["wrong_label_of"] == mislabeling(NUM_CLASSES, "derangement", 3).tolist()
+    assert deranged["wrong_label_of"] != shift["wrong_label_of"] or NUM_CLASSES == 2
+    load_bundle(tmp_path / "deranged")  # the manifest with the new fields verifies and loads

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import defense.finetune as finetune
-from defense.finetune import clean_finetune, random_crop_flip, shifted_labels, unlearn
+from defense.finetune import clean_finetune, mislabeling, random_crop_flip, shifted_labels, unlearn
 from defense.preprocessing import Normalizer
 
 
@@ -20,6 +20,18 @@ def test_shifted_labels_move_every_label_to_its_next_class():
     labels = torch.arange(100) % 7
     shifted = shifted_labels(labels, 7)
     assert not (shifted == labels).any() and shifted.dtype == labels.dtype
+
+
+def test_mislabeling_shift_is_the_papers_and_derangement_is_a_seeded_permutation_without_fixed_points():
+    assert mislabeling(4, "shift").tolist() == [1, 2, 3, 0]
+    mappings = {tuple(mislabeling(10, "derangement", seed).tolist()) for seed in range(20)}
+    for mapping in mappings:
+        assert sorted(mapping) == list(range(10)) and all(mapping[c] != c for c in range(10))
+    assert len(mappings) == 20  # 1,334,961 derangements of 10: twenty seeds give twenty mappings
+    assert torch.equal(mislabeling(10, "derangement", 3), mislabeling(10, "derangement", 3))
+    assert mislabeling(2, "derangement", 5).tolist() == [1, 0]  # the only one for two classes
+    with pytest.raises(ValueError, match="unknown mislabeling"):
+        mislabeling(10, "reverse")
 
 
 class Linear(nn.Module):
@@ -52,6 +64,14 @@ def test_unlearning_trains_towards_the_next_class():
                      batch_size=3, progress=False)
     assert expert(Normalizer((0.5,) * 3, (0.5,) * 3)(images)).argmax(1).tolist() == [1, 2, 0]
     assert torch.equal(model.fc.weight, torch.zeros(3, 12))  # the suspect model itself is untouched
+
+
+def test_unlearning_follows_the_given_wrong_label_of_each_class():
+    images, labels = _one_image_per_class()
+    normalizer = Normalizer((0.5,) * 3, (0.5,) * 3)
+    expert = unlearn(Linear(12, 3), images, labels, 3, normalizer, lr=0.1, epochs=30, batch_size=3,
+                     progress=False, wrong_label_of=torch.tensor([2, 0, 1]))
+    assert expert(normalizer(images)).argmax(1).tolist() == [2, 0, 1]  # y - 1 here, not the default y + 1
 
 
 def _candidates(images: np.ndarray, pad: int) -> np.ndarray:
