@@ -56,6 +56,8 @@ VARIANTS = {
     "calibration_data": None,  # --calibration-data POOL, added below
 }
 RECALIBRATED = {"recalibrated_cal20": "cal20", "recalibrated_cal40": "cal40"}
+# Built only with --derangement: cal20 with the expert trained on a seeded random derangement.
+OPTIONAL_VARIANTS = {"derangement": ["--calibration-fraction", "0.2", "--expert-labels", "derangement"]}
 # Result files written before the variants were named by their split.
 RENAMED = {"default": "cal40", "split_80_20": "cal20", "recalibrated": "recalibrated_cal40"}
 
@@ -123,7 +125,7 @@ def build(bundle: Path, argv: list[str]) -> None:
     print(f"  {bundle.name}: {time.monotonic() - started:.0f} s")
 
 
-def run_attack(name: str, arch: str, seed: int, data: dict, device: str) -> dict:
+def run_attack(name: str, arch: str, seed: int, data: dict, device: str, optional: tuple[str, ...] = ()) -> dict:
     attack = ATTACKS[name]()
     model_attack = attack.model_attack or name
     _, model_info = train_backdoored(model_attack, arch, seed=seed, device=device)
@@ -135,7 +137,8 @@ def run_attack(name: str, arch: str, seed: int, data: dict, device: str) -> dict
     common = ["build", "--model", arch, "--weights", str(model_path(model_attack, arch, seed)), "--clean-data",
               str(reserved), "--preset", "cifar", "--seed", str(seed), "--device", device]
     folder = ROOT / "bundles" / f"{model_attack}_{arch}_seed{seed}"
-    for variant, extra in VARIANTS.items():
+    built = {**VARIANTS, **{variant: OPTIONAL_VARIANTS[variant] for variant in optional}}
+    for variant, extra in built.items():
         extra = ["--calibration-data", str(pool)] if extra is None else extra
         build(folder / variant, common + extra)
     for variant, source in RECALIBRATED.items():
@@ -146,10 +149,17 @@ def run_attack(name: str, arch: str, seed: int, data: dict, device: str) -> dict
     images, labels = data["test_images"][eval_index], data["test_labels"][eval_index]
     triggered_images = attack.apply(images)
     reserved_set = load_image_folder(reserved, _preprocessing(folder / "cal20"), progress=False)
+    path = ROOT / "results" / f"{name}_{arch}_seed{seed}.json"
+    earlier = load_result(path)["variants"] if path.is_file() else {}
     result = {"attack": name, "arch": arch, "seed": seed, "model": model_info, "n_eval_clean": len(labels),
               "n_eval_triggered": int(attack.counted(labels).sum()), "variants": {}}
-    for variant in (*VARIANTS, *RECALIBRATED):
+    for variant in (*VARIANTS, *RECALIBRATED, *OPTIONAL_VARIANTS):
+        if not (folder / variant / "manifest.json").is_file():
+            continue
         guard, manifest = load_bundle(folder / variant, device)
+        if earlier.get(variant, {}).get("bundle_id") == manifest.bundle_id:
+            result["variants"][variant] = earlier[variant]  # measured in an earlier run: same bundle
+            continue
         clean, clean_old = score_with_logits(guard, images)
         triggered, _ = score_with_logits(guard, triggered_images)
         row = {"bundle_id": manifest.bundle_id, "threshold": bundle_threshold(manifest),
@@ -168,7 +178,6 @@ def run_attack(name: str, arch: str, seed: int, data: dict, device: str) -> dict
             row["ucb"] = {"k": ucb.k, "n": ucb.n, "fpr_range": list(realized_fpr_range(ucb.n, ucb.k)),
                           "at_tau": operating_point(ucb.tau, clean, triggered, labels, attack)}
         result["variants"][variant] = row
-    path = ROOT / "results" / f"{name}_{arch}_seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return result
@@ -198,7 +207,8 @@ def table(results: list[dict]) -> list[str]:
     order = list(ATTACKS)
     results = sorted(results, key=lambda r: (ATTACKS[r["attack"]].adaptive, order.index(r["attack"])))
     columns = [("cal20", None), ("cal20", "ucb"), ("cal40", None), ("cal40", "ucb"),
-               ("calibration_data", None), ("recalibrated_cal20", None), ("recalibrated_cal40", None)]
+               ("calibration_data", None), ("recalibrated_cal20", None), ("recalibrated_cal40", None),
+               ("derangement", None)]
     lines = ["| attack | model ASR | AUROC (cal20 / cal40 / calibration_data) | " + " | ".join(
         f"{variant}{' (ucb)' if rule else ''}: FPR / ASR" for variant, rule in columns) + " |",
         "|" + "---|" * (3 + len(columns))]
@@ -213,7 +223,8 @@ def table(results: list[dict]) -> list[str]:
                 cells.append("n/a")
                 continue
             point = row[rule]["at_tau"] if rule else row["at_tau"]
-            cells.append(f"{_pct(point['fpr'], 2)} / {_pct(point['asr_with_guard'])}")
+            auroc = f" (AUROC {_pct(point['auroc'], 2)})" if variant in OPTIONAL_VARIANTS else ""
+            cells.append(f"{_pct(point['fpr'], 2)} / {_pct(point['asr_with_guard'])}{auroc}")
             if counted and not ATTACKS[r["attack"]].adaptive:
                 sums[(variant, rule)][0] += point["fpr"]
                 sums[(variant, rule)][1] += point["asr_with_guard"]
@@ -258,6 +269,8 @@ def main() -> None:
     parser.add_argument("--arch", default="cifar_resnet_compact")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--derangement", action="store_true",
+                        help="also build cal20 with --expert-labels derangement (the 'derangement' variant)")
     parser.add_argument("--table", action="store_true", help="print the Markdown tables of every result so far")
     args = parser.parse_args()
     if args.attacks:
@@ -267,7 +280,8 @@ def main() -> None:
         data = load_cifar10()
         for name in args.attacks:
             started = time.monotonic()
-            result = run_attack(name, args.arch, args.seed, data, args.device)
+            result = run_attack(name, args.arch, args.seed, data, args.device,
+                                ("derangement",) if args.derangement else ())
             default = result["variants"]["cal20"]["at_tau"]
             extra = result["variants"]["calibration_data"]["at_tau"]
             print(f"{name:18s} AUROC {default['auroc']:.4f} | default: FPR {default['fpr']:.4f} ASR "
