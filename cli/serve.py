@@ -1,4 +1,5 @@
-"""``badexpert serve BUNDLE``: the guard's HTTP server on uvicorn.
+"""``badexpert serve BUNDLE``: the guard's HTTP server on uvicorn. SIGHUP hot-swaps the bundle
+(re-reading the BUNDLE path, e.g. a symlink an operator re-pointed); SIGTERM/SIGINT stop it.
 
 Every setting of :class:`service.settings.ServiceSettings` has a flag here (``max_batch_size`` is
 ``--max-batch-size``) and an environment variable (``BADEXPERT_MAX_BATCH_SIZE``); a flag given on
@@ -113,6 +114,8 @@ def run_serve(args: argparse.Namespace) -> int:
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, lambda number, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP: hot swap to whatever the bundle path points at now (e.g. a re-pointed symlink)
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda number, frame: service.reload_soon("SIGHUP"))
     try:
         server.run()
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defense.bundle import package_versions
+from service.admin import add_admin_routes, admin_paths
 from service.guard_service import FAILED, READY, GuardService
 from service.inputs import InputError
 from service.middleware import ApiKeyMiddleware, ObservabilityMiddleware, protected_paths
@@ -65,6 +66,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.settings = settings
     if settings.api_key_list:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list, protected=protected_paths(settings))
+    if admin_paths(settings):  # the admin endpoints take admin keys only
+        app.add_middleware(ApiKeyMiddleware, keys=settings.admin_api_key_list, protected=admin_paths(settings))
     app.add_middleware(ObservabilityMiddleware, metrics=service.metrics,  # outermost: sees every response
                        max_header_bytes=settings.max_header_bytes)
 
@@ -122,4 +125,5 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         data, content_type = service.metrics.exposition()
         return Response(data, media_type=content_type)
 
+    add_admin_routes(app, service, settings)
     return app

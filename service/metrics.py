@@ -10,7 +10,8 @@ The names are a contract with the deployment (Prometheus rules, Grafana dashboar
     badexpert_queue_depth                                                 gauge (images waiting for the model)
     badexpert_http_requests_total{status}                                 counter
     badexpert_overload_total                                              counter (503: queue full)
-    badexpert_bundle_info{bundle_id,tau,target_fpr,mode}                  info
+    badexpert_bundle_info{bundle_id,tau,target_fpr,mode}                  info (follows a hot swap)
+    badexpert_bundle_reloads_total{outcome="success"|"failure"|"busy"}    counter (hot swaps tried)
     badexpert_quarantine_skipped_total{reason}                            counter (originals not kept)
 """
 
@@ -30,6 +31,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
 DURATION_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 DECISIONS = ("accepted", "rejected")
 QUARANTINE_REASONS = ("original_over_image_cap", "resized_over_image_cap", "quarantine_full")
+RELOAD_OUTCOMES = ("success", "failure", "busy")
 
 
 def score_buckets(tau: float) -> list[float]:
@@ -60,18 +62,37 @@ class ServiceMetrics:
         self.quarantine_skipped = Counter("badexpert_quarantine_skipped", "Flagged images whose original bytes "
                                           "were not quarantined, by reason", ["reason"], registry=r)
         self.quarantine_reasons = {reason: self.quarantine_skipped.labels(reason=reason) for reason in QUARANTINE_REASONS}
+        self.reloads = Counter("badexpert_bundle_reloads", "Hot swaps of the bundle by outcome (failure: the "
+                               "candidate did not load or verify and the running bundle kept serving; busy: "
+                               "refused while another reload ran)", ["outcome"], registry=r)
+        self.reload_outcomes = {outcome: self.reloads.labels(outcome=outcome) for outcome in RELOAD_OUTCOMES}
         self.score: Histogram | None = None
-        self.rejected_class_children: list = []
+        self._class_children: dict[tuple[int, str], object] = {}
+        self._class_names: list[str] = []
         self._status_children: dict[int, object] = {}
 
     def bind_bundle(self, bundle_id: str, tau: float, target_fpr: float, mode: str, class_names: Sequence[str]) -> None:
-        """Called once at load time: score buckets from tau, one rejected-by-class series per class, the info."""
+        """At load time and at each hot swap: score buckets from tau (the histogram starts again with the
+        new bundle's buckets), one rejected-by-class series per class, the info."""
+        if self.score is not None:
+            self.registry.unregister(self.score)
         self.score = Histogram("badexpert_score", "BaDExpert score of each image (low: backdoor-like; "
                                f"flagged below tau={tau:g})", buckets=score_buckets(tau), registry=self.registry)
-        self.rejected_class_children = [self.rejected_by_class.labels(predicted_class=str(index), class_name=name)
-                                        for index, name in enumerate(class_names)]
+        self._class_names = list(class_names)
+        for index, name in enumerate(class_names):
+            self._class_child(index, name)
         self.bundle_info.info({"bundle_id": bundle_id, "tau": repr(float(tau)), "target_fpr": repr(float(target_fpr)),
                                "mode": mode})
+
+    def _class_child(self, index: int, name: str):
+        child = self._class_children.get((index, name))
+        if child is None:
+            child = self._class_children[(index, name)] = self.rejected_by_class.labels(
+                predicted_class=str(index), class_name=name)
+        return child
+
+    def count_reload(self, outcome: str) -> None:
+        self.reload_outcomes[outcome].inc()
 
     def count_quarantine_skipped(self, reason: str) -> None:
         self.quarantine_reasons[reason].inc()
@@ -82,12 +103,15 @@ class ServiceMetrics:
             child = self._status_children[status] = self.http_requests.labels(status=str(status))
         child.inc()
 
-    def record_inputs(self, labels: Sequence[int], scores: Sequence[float], flagged: Sequence[bool]) -> None:
+    def record_inputs(self, labels: Sequence[int], scores: Sequence[float], flagged: Sequence[bool],
+                      class_names: Sequence[str] | None = None) -> None:
+        """Count one request's images; ``class_names``: of the bundle that decided (default: the bound one)."""
+        class_names = self._class_names if class_names is None else class_names
         accepted = rejected = 0
         for label, score, flag in zip(labels, scores, flagged):
             if flag:
                 rejected += 1
-                self.rejected_class_children[label].inc()
+                self._class_child(label, class_names[label]).inc()
             else:
                 accepted += 1
             if self.score is not None and math.isfinite(score):
