@@ -5,7 +5,7 @@ The names are a contract with the deployment (Prometheus rules, Grafana dashboar
     badexpert_inputs_total{decision="accepted"|"rejected"}                counter
     badexpert_rejected_by_class_total{predicted_class,class_name}         counter
     badexpert_score                                                       histogram, buckets dense around tau
-    badexpert_request_duration_seconds                                    histogram (POST /predict)
+    badexpert_request_duration_seconds                                    histogram (POST /predict and v2 infer)
     badexpert_batch_size                                                  histogram (images per model forward)
     badexpert_queue_depth                                                 gauge (images waiting for the model)
     badexpert_http_requests_total{status}                                 counter
@@ -52,7 +52,7 @@ class ServiceMetrics:
         self.decision = {name: self.inputs.labels(decision=name) for name in DECISIONS}
         self.rejected_by_class = Counter("badexpert_rejected_by_class", "Flagged images by the model's predicted "
                                          "class (the class under attack)", ["predicted_class", "class_name"], registry=r)
-        self.request_duration = Histogram("badexpert_request_duration_seconds", "Duration of POST /predict requests",
+        self.request_duration = Histogram("badexpert_request_duration_seconds", "Duration of POST /predict and v2 infer requests",
                                           buckets=DURATION_BUCKETS, registry=r)
         self.batch_size = Histogram("badexpert_batch_size", "Images per model forward", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("badexpert_queue_depth", "Images waiting for the model", registry=r)

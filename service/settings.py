@@ -45,6 +45,9 @@ class ServiceSettings(BaseSettings):
                                                       "with its private key (badexpert build --sign-key)")
     allow_factory_modules: str = Field("", description="comma-separated modules whose 'module:factory' architecture "
                                                       "named in a bundle may be imported and called")
+    v2_model_name: str = Field("badexpert-guard", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                               description="the model name of the Open Inference Protocol v2 routes "
+                                           "(/v2/models/NAME/infer)")
     # hot swap (SIGHUP re-reads the bundle path; the admin endpoint loads a folder under admin_bundle_root)
     admin_bundle_root: Path | None = Field(None, description="folder under which POST /v1/admin/bundle may load "
                                            "bundles (unset: the admin endpoints are off, 404)")
