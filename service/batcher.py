@@ -155,5 +155,5 @@ class MicroBatcher:
             for item in batch:
                 stop = start + item.size
                 if not item.future.done():
-                    item.future.set_result(GuardScores(**{name: value[start:stop] for name, value in columns.items()}))
+                    item.future.set_result(type(scores)(**{name: value[start:stop] for name, value in columns.items()}))
                 start = stop

@@ -15,7 +15,6 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,12 +26,15 @@ from defense.device import resolve_device
 from defense.score import GuardScores, rejects
 from service.audit import AuditTrail, finite_or_none
 from service.batcher import MicroBatcher, Overloaded, ShuttingDown
+from service.decisions import Decisions, predict_answer
 from service.bundle_reload import BundleReloader
 from service.inputs import (MULTIPART, ByteBudget, InputError, Limits, Reservation, body_budget_exhausted,
                             check_content_length, check_media_type, decode_images, media_type, parse_json,
                             parse_multipart, read_body)
 from service.metrics import ServiceMetrics
 from service.served_bundle import ServedBundle, load_served_bundle
+from service.shadow import (CandidateDecisions, Lineup, candidate_decisions, candidate_fields, check_candidate,
+                            lineup_info, score_lineup)
 from service.settings import ServiceSettings
 
 log = logging.getLogger("badexpert.serve")
@@ -41,18 +43,6 @@ LOADING, READY, FAILED, SHUTTING_DOWN = "loading", "ready", "failed", "shutting_
 
 # (media type, Content-Type header, body, bundle) -> (the encoded images, or b"" each, and (N, 3, H, W) uint8)
 Parse = Callable[[str, str, bytes, ServedBundle], tuple[list[bytes], torch.Tensor]]
-
-
-@dataclass
-class Decisions:
-    """The guard's answer for one request's images, from the bundle that decided."""
-
-    bundle: ServedBundle
-    labels: list[int]
-    confidences: list[float]
-    scores: list[float]
-    flagged: list[bool]  # score < tau, whatever the mode
-    rejected: list[bool]  # flagged and in enforce mode
 
 
 class GuardService:
@@ -76,7 +66,7 @@ class GuardService:
         self.state = LOADING
         self.error: str | None = None
         self.on_fatal: Callable[[str], None] | None = None  # set by `badexpert serve`: stop the server
-        self.live: ServedBundle | None = None  # replaced as a whole by a hot swap, never edited
+        self.lineup: Lineup | None = None  # live bundle and candidate; replaced as a whole, never edited
         self.batcher: MicroBatcher | None = None
         self.device = "cpu"
         self.reloader = BundleReloader(lambda folder: self.load_candidate(folder), self.switch,
@@ -87,9 +77,13 @@ class GuardService:
         self._audit_pool = concurrent.futures.ThreadPoolExecutor(1, "badexpert-audit")
 
     @property
+    def live(self) -> ServedBundle | None:
+        return None if self.lineup is None else self.lineup.live
+
+    @property
     def info(self) -> dict | None:
         """``/v1/info`` of the live bundle (None until one is loaded)."""
-        return None if self.live is None else self.live.info
+        return None if self.lineup is None else lineup_info(self.lineup, self.show_scores)
 
     # ----- loading and swapping ------------------------------------------------------------------
 
@@ -99,12 +93,18 @@ class GuardService:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         self.device = resolve_device(self.settings.device)
-        self.live = self.load_candidate(self.settings.bundle_dir)
-        self.metrics.bind_bundle(self.live.bundle_id, self.live.tau, self.live.manifest.target_fpr,
-                                 self.settings.mode, self.live.class_names)
+        live = self.load_candidate(self.settings.bundle_dir)
+        candidate = None
+        if self.settings.shadow_bundle is not None:
+            candidate = self.load_candidate(self.settings.shadow_bundle)
+            check_candidate(live, candidate)
+        self.lineup = Lineup(live, candidate)
+        self.metrics.bind_bundle(live.bundle_id, live.tau, live.manifest.target_fpr, self.settings.mode,
+                                 live.class_names)
         self.audit.open()
-        log.info("bundle %s loaded on %s in %.1f s (tau %.6g, mode %s)", self.live.bundle_id, self.device,
-                 time.monotonic() - started, self.live.tau, self.settings.mode)
+        log.info("bundle %s loaded on %s in %.1f s (tau %.6g, mode %s%s)", live.bundle_id, self.device,
+                 time.monotonic() - started, live.tau, self.settings.mode,
+                 f"; candidate {candidate.bundle_id} in shadow" if candidate else "")
 
     def load_candidate(self, folder: Path) -> ServedBundle:
         """Blocking: a bundle verified, loaded and warmed up exactly as at startup (not switched in)."""
@@ -113,10 +113,41 @@ class GuardService:
     def switch(self, candidate: ServedBundle) -> ServedBundle:
         """On the event loop: make ``candidate`` the live bundle (one assignment); returns the previous one.
         Requests in flight keep the bundle they started on."""
-        previous, self.live = self.live, candidate
+        previous, shadow = self.lineup.live, self.lineup.candidate
+        if shadow is not None and shadow.guard.preprocessing.input_size != candidate.guard.preprocessing.input_size:
+            log.warning("candidate %s dropped: its input size differs from the new live bundle's", shadow.bundle_id)
+            shadow = None
+        self.lineup = Lineup(candidate, None if shadow is candidate else shadow)
         self.metrics.bind_bundle(candidate.bundle_id, candidate.tau, candidate.manifest.target_fpr,
                                  self.settings.mode, candidate.class_names)
         return previous
+
+    def set_candidate(self, candidate: ServedBundle | None) -> None:
+        """On the event loop: put ``candidate`` in shadow beside the live bundle (None: no candidate)."""
+        if candidate is not None:
+            check_candidate(self.lineup.live, candidate)
+        self.lineup = Lineup(self.lineup.live, candidate)
+
+    def promote(self, trigger: str) -> tuple[str, str]:
+        """On the event loop: the candidate in shadow becomes live. Returns (new, previous) bundle ids."""
+        candidate = self.lineup.candidate if self.lineup is not None else None
+        if candidate is None:
+            raise LookupError("no candidate bundle in shadow to promote")
+        previous = self.switch(candidate)
+        self.metrics.count_reload("success")
+        log.info("candidate %s promoted (%s): now live (was %s)", candidate.bundle_id, trigger, previous.bundle_id)
+        return candidate.bundle_id, previous.bundle_id
+
+    def _promote_logged(self, trigger: str) -> None:
+        try:
+            self.promote(trigger)
+        except LookupError as error:
+            log.warning("promotion (%s) ignored: %s", trigger, error)
+
+    def promote_soon(self, trigger: str) -> None:
+        """From a signal handler: promote the candidate on the event loop."""
+        if self._loop is not None and self.state == READY:
+            self._loop.call_soon_threadsafe(self._promote_logged, trigger)
 
     def reload_soon(self, trigger: str) -> None:
         """From a signal handler (any thread): reload the configured bundle path in the background."""
@@ -161,8 +192,8 @@ class GuardService:
 
     # ----- inference (runs in the batcher's inference thread) -----------------------------------
 
-    def infer(self, images: torch.Tensor, bundle: ServedBundle | None = None) -> GuardScores:
-        return (bundle or self.live).infer(images)
+    def infer(self, images: torch.Tensor, lineup: Lineup | None = None) -> GuardScores:
+        return score_lineup(lineup or self.lineup, images, self.metrics.candidate_failures.inc)
 
     # ----- one request ---------------------------------------------------------------------------
 
@@ -207,7 +238,8 @@ class GuardService:
 
     async def predict(self, request: Request) -> Response:
         """POST /predict: multipart or JSON base64 images in, the guard's decisions out."""
-        return await self.handle(request, check_media_type, self.prepare, self._predict_answer)
+        return await self.handle(request, check_media_type, self.prepare,
+                                 lambda decisions: predict_answer(decisions, self.settings))
 
     async def handle(self, request: Request, check_kind: Callable[[str], None], parse: Parse,
                      answer: Callable[[Decisions], Response]) -> Response:
@@ -217,7 +249,7 @@ class GuardService:
         problem = self.readiness_problem()
         if problem is not None:
             return self.unavailable(problem)
-        bundle = self.live  # a hot swap from here on does not change this request's guard
+        lineup = self.lineup  # a hot swap from here on does not change this request's guard
         kind = media_type(request)
         check_kind(kind)
         length = check_content_length(request, self.limits)
@@ -230,7 +262,7 @@ class GuardService:
             return self.overloaded(body_budget_exhausted(self._retry_after).detail)
         reservation = Reservation()
         try:
-            return await self._admitted(request, kind, reservation, bundle, parse, answer)
+            return await self._admitted(request, kind, reservation, lineup, parse, answer)
         except InputError as error:
             if error.code == "overloaded":
                 self.metrics.overload.inc()
@@ -238,8 +270,9 @@ class GuardService:
         finally:
             self.body_budget.give_back(reservation.bytes)
 
-    async def _admitted(self, request: Request, kind: str, reservation: Reservation, bundle: ServedBundle,
+    async def _admitted(self, request: Request, kind: str, reservation: Reservation, lineup: Lineup,
                         parse: Parse, answer: Callable[[Decisions], Response]) -> Response:
+        bundle = lineup.live
         try:
             body = await asyncio.wait_for(
                 read_body(request, self.limits, self.body_budget, reservation, self._retry_after),
@@ -259,7 +292,7 @@ class GuardService:
             self.decode_backlog -= 1
         del body
         try:
-            scores = await self.batcher.submit(images, bundle)
+            scores = await self.batcher.submit(images, lineup)
         except Overloaded:
             return self.overloaded()
         except ShuttingDown:
@@ -267,47 +300,35 @@ class GuardService:
         flagged = rejects(scores.score, bundle.tau).tolist()  # the guard's one rule: a NaN score is flagged
         decisions = Decisions(bundle, scores.label.tolist(), scores.confidence.tolist(), scores.score.tolist(),
                               flagged, [flag and self.enforce for flag in flagged])
-        if any(flagged) and self.audit.enabled:
-            failure = await self._audit(request, bundle, scores, flagged, blobs, images)
+        candidate = candidate_decisions(lineup, scores)
+        if (any(flagged) or (candidate is not None and any(candidate.flagged))) and self.audit.enabled:
+            failure = await self._audit(request, bundle, scores, flagged, blobs, images, candidate)
             if failure is not None:
                 return failure
         self.metrics.record_inputs(decisions.labels, decisions.scores, flagged, bundle.class_names)
+        if candidate is not None:
+            self.metrics.record_candidate(bundle.bundle_id, flagged, candidate.bundle.bundle_id, candidate.flagged)
         return answer(decisions)
 
-    def _predict_answer(self, decisions: Decisions) -> Response:
-        names = decisions.bundle.class_names
-        hide = self.enforce and not self.settings.reveal_rejected
-        predictions = []
-        for index, (label, confidence, value, flag, rejected) in enumerate(zip(
-                decisions.labels, decisions.confidences, decisions.scores, decisions.flagged, decisions.rejected)):
-            withheld = rejected and hide
-            prediction = {
-                "index": index, "label": None if withheld else label, "class_name": None if withheld else names[label],
-                "confidence": None if withheld else confidence, "score": finite_or_none(value),
-                "rejected": rejected, "flagged": flag,
-            }
-            if not self.show_scores:
-                del prediction["score"]
-            predictions.append(prediction)
-        answer = {"bundle": decisions.bundle.bundle_id, "threshold": decisions.bundle.tau, "mode": self.settings.mode,
-                  "predictions": predictions}
-        if not self.show_scores:
-            del answer["threshold"]
-        return JSONResponse(answer)
-
     async def _audit(self, request: Request, bundle: ServedBundle, scores: GuardScores, flagged: list[bool],
-                     blobs: list[bytes], images: torch.Tensor) -> JSONResponse | None:
+                     blobs: list[bytes], images: torch.Tensor,
+                     candidate: CandidateDecisions | None = None) -> JSONResponse | None:
         """Write the flagged inputs' records (off the event loop). None when they are on disk; a 503
-        (and not ready until the disk has room again) when the disk refused them."""
+        (and not ready until the disk has room again) when the disk refused them. With a candidate in
+        shadow, the images it alone flags are recorded too; each line then says both decisions."""
         labels, values = scores.label.tolist(), scores.score.tolist()
         experts, auxiliaries = scores.expert_agreement.tolist(), scores.auxiliary_agreement.tolist()
-        chosen = [i for i, flag in enumerate(flagged) if flag]
+        chosen = [i for i, flag in enumerate(flagged) if flag or (candidate is not None and candidate.flagged[i])]
         records = [{"request_id": request.state.request_id, "client_request_id": request.state.client_request_id,
                     "index": i, "predicted_class": labels[i], "class_name": bundle.class_names[labels[i]],
                     "score": finite_or_none(values[i]), "b": finite_or_none(experts[i]),
                     "a": finite_or_none(auxiliaries[i]), "alpha": bundle.guard.alpha, "tau": bundle.tau,
                     "mode": self.settings.mode, "bundle": bundle.bundle_id}
                    for i in chosen]
+        if candidate is not None:
+            for record in records:
+                record["flagged"] = flagged[record["index"]]
+                record["candidate"] = candidate_fields(candidate, record["index"])
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._audit_pool, self.audit.record, records, [blobs[i] for i in chosen], [images[i] for i in chosen])

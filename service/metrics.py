@@ -13,6 +13,9 @@ The names are a contract with the deployment (Prometheus rules, Grafana dashboar
     badexpert_bundle_info{bundle_id,tau,target_fpr,mode}                  info (follows a hot swap)
     badexpert_bundle_reloads_total{outcome="success"|"failure"|"busy"}    counter (hot swaps tried)
     badexpert_quarantine_skipped_total{reason}                            counter (originals not kept)
+    badexpert_bundle_decisions_total{bundle,role="live"|"candidate",decision}  counter (with a candidate in shadow)
+    badexpert_candidate_disagreements_total{live_bundle,candidate_bundle} counter (flagged by one of the two only)
+    badexpert_candidate_failures_total                                    counter (batches the candidate failed on)
 """
 
 from __future__ import annotations
@@ -66,6 +69,14 @@ class ServiceMetrics:
                                "candidate did not load or verify and the running bundle kept serving; busy: "
                                "refused while another reload ran)", ["outcome"], registry=r)
         self.reload_outcomes = {outcome: self.reloads.labels(outcome=outcome) for outcome in RELOAD_OUTCOMES}
+        self.bundle_decisions = Counter("badexpert_bundle_decisions", "With a candidate bundle in shadow: the images "
+                                        "both bundles scored, by bundle, role (live decides; candidate would have) "
+                                        "and decision", ["bundle", "role", "decision"], registry=r)
+        self.disagreements = Counter("badexpert_candidate_disagreements", "Images the live bundle and the candidate "
+                                     "decided differently (one flagged, the other not)",
+                                     ["live_bundle", "candidate_bundle"], registry=r)
+        self.candidate_failures = Counter("badexpert_candidate_failures", "Batches the candidate bundle failed on "
+                                          "(the live answers stood)", registry=r)
         self.score: Histogram | None = None
         self._class_children: dict[tuple[int, str], object] = {}
         self._class_names: list[str] = []
@@ -90,6 +101,16 @@ class ServiceMetrics:
             child = self._class_children[(index, name)] = self.rejected_by_class.labels(
                 predicted_class=str(index), class_name=name)
         return child
+
+    def record_candidate(self, live_bundle: str, live_flagged: Sequence[bool], candidate_bundle: str,
+                         candidate_flagged: Sequence[bool]) -> None:
+        """One request's images as decided by the live bundle and as the candidate in shadow would have."""
+        for bundle, role, flags in ((live_bundle, "live", live_flagged), (candidate_bundle, "candidate", candidate_flagged)):
+            rejected = sum(bool(flag) for flag in flags)
+            self.bundle_decisions.labels(bundle=bundle, role=role, decision="rejected").inc(rejected)
+            self.bundle_decisions.labels(bundle=bundle, role=role, decision="accepted").inc(len(flags) - rejected)
+        differ = sum(bool(a) != bool(b) for a, b in zip(live_flagged, candidate_flagged))
+        self.disagreements.labels(live_bundle=live_bundle, candidate_bundle=candidate_bundle).inc(differ)
 
     def count_reload(self, outcome: str) -> None:
         self.reload_outcomes[outcome].inc()

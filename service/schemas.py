@@ -83,3 +83,9 @@ class BundleSwapResponse(BaseModel):
     previous_bundle_id: str = Field(description="the bundle it replaced (requests in flight finish on it)")
     path: str = Field(description="the resolved folder it was loaded from")
     seconds: float = Field(description="time to load, verify and warm it up")
+
+
+class ShadowResponse(BaseModel):
+    live_bundle_id: str = Field(description="the bundle that decides")
+    candidate_bundle_id: str | None = Field(description="the bundle in shadow (null: none)")
+    seconds: float | None = Field(None, description="time to load, verify and warm up the candidate")

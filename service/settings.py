@@ -48,6 +48,9 @@ class ServiceSettings(BaseSettings):
     v2_model_name: str = Field("badexpert-guard", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
                                description="the model name of the Open Inference Protocol v2 routes "
                                            "(/v2/models/NAME/infer)")
+    shadow_bundle: Path | None = Field(None, description="a candidate bundle scoring the same batches in shadow: only "
+                                       "the live bundle decides; the candidate's would-be decisions go to metrics and "
+                                       "the audit log (SIGUSR1 or POST /v1/admin/promote makes it live)")
     # hot swap (SIGHUP re-reads the bundle path; the admin endpoint loads a folder under admin_bundle_root)
     admin_bundle_root: Path | None = Field(None, description="folder under which POST /v1/admin/bundle may load "
                                            "bundles (unset: the admin endpoints are off, 404)")

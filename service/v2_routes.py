@@ -18,7 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from defense.bundle import package_versions
-from service.guard_service import FAILED, Decisions, GuardService
+from service.decisions import Decisions, withheld
+from service.guard_service import FAILED, GuardService
 from service.inference_v2 import HEADER_LENGTH, header_length, model_metadata, parse_request, read_images, response_body
 from service.inputs import JSON, InputError
 from service.schemas import ErrorResponse
@@ -104,11 +105,9 @@ async def infer_v2(service: GuardService, request: Request, model_name: str) -> 
         return read_images(v2_request, binary, service.limits, bundle.guard.preprocessing)
 
     def answer(decisions: Decisions) -> Response:
-        hide = service.enforce and not service.settings.reveal_rejected
-        withheld = [rejected and hide for rejected in decisions.rejected]
-        outputs = {"label": [-1 if hidden else label for label, hidden in zip(decisions.labels, withheld)],
-                   "confidence": [-1.0 if hidden else confidence
-                                  for confidence, hidden in zip(decisions.confidences, withheld)],
+        hidden = withheld(decisions, service.settings)
+        outputs = {"label": [-1 if hide else label for label, hide in zip(decisions.labels, hidden)],
+                   "confidence": [-1.0 if hide else confidence for confidence, hide in zip(decisions.confidences, hidden)],
                    "rejected": decisions.rejected, "flagged": decisions.flagged}
         parameters = {"mode": service.settings.mode}
         if service.show_scores:

@@ -536,6 +536,7 @@ def exported_metric_names() -> set[str]:
     metrics.bind_bundle("b", 0.5, 0.01, "enforce", ["a", "b"])
     metrics.count_status(200)
     metrics.record_inputs([0, 1], [0.1, 0.9], [True, False])
+    metrics.record_candidate("b", [True, False], "c", [True, True])  # the shadow candidate's series
     names = set()
     for family in metrics.registry.collect():
         names |= {sample.name for sample in family.samples}
