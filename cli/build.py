@@ -43,7 +43,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("inputs and output")
     io.add_argument("--model", required=True, metavar="SPEC",
                     help="architecture name (cifar_resnet18, resnet18, vgg16_bn, ...: see 'badexpert models'), "
-                         "'package.module:factory' on PYTHONPATH, or a TorchScript file")
+                         "'package.module:factory' on PYTHONPATH, a TorchScript file, or a torch.export .pt2 file")
     io.add_argument("--weights", type=Path, metavar="FILE",
                     help="weights: .safetensors, or a PyTorch state dict (.pt/.pth, read with weights_only=True)")
     io.add_argument("--num-classes", type=int, help="outputs of the model (default: the number of class folders)")
