@@ -260,3 +260,36 @@ def test_one_reload_at_a_time(tiny):
     assert served.status_code == 200 and served.json()["bundle"] == first.json()["previous_bundle_id"]
     assert 'badexpert_bundle_reloads_total{outcome="busy"} 1.0' in text
     assert 'badexpert_bundle_reloads_total{outcome="success"} 1.0' in text
+
+
+def test_a_candidate_refused_by_the_startup_checks_leaves_the_old_bundle_serving(tiny, tmp_path):
+    """Unsigned (with a verify key) and a non-allowlisted factory architecture: the same checks as at startup."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from defense.bundle import load_bundle, save_bundle
+    from defense.models.loading import ModelSpec
+    from test_service import edited_copy, serving
+
+    private = Ed25519PrivateKey.generate()
+    (tmp_path / "verify.pem").write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    root = tmp_path / "bundles"
+    guard, _ = load_bundle(tiny.bundle)
+    document = json.loads((tiny.bundle / "manifest.json").read_text())
+    fields = {key: document[key] for key in ("created_at", "class_names", "num_classes", "target_fpr", "threshold",
+                                             "calibration", "accuracy_on_selection", "backdoor_expert",
+                                             "auxiliary_model", "settings", "build_seconds")}
+    save_bundle(root / "signed", guard, ModelSpec("registry", "tiny_cnn", 3), fields, sign_key=private)
+    shutil.copytree(tiny.strict, root / "unsigned")
+    edited_copy(tiny.bundle, root / "factory", lambda d: d["architecture"].update(kind="factory", name="os:getpid"))
+    servers = ((root / "signed", {"verify_key": tmp_path / "verify.pem"}, "unsigned", "not signed"),
+               (tiny.bundle, {}, "factory", "BADEXPERT_ALLOW_FACTORY_MODULES"))
+    for bundle, options, candidate, reason in servers:
+        with serving(bundle, admin_bundle_root=root, admin_api_keys=ADMIN_KEY, **options) as client:
+            running = client.get("/v1/info").json()["bundle_id"]
+            refused = client.post("/v1/admin/bundle", json={"path": candidate}, headers=ADMIN)
+            assert refused.status_code == 422 and reason in refused.json()["detail"], refused.json()
+            assert client.post("/predict", files=multipart(tiny.files[:1])).json()["bundle"] == running
+            assert 'badexpert_bundle_reloads_total{outcome="failure"} 1.0' in client.get("/metrics").text
+            assert client.get("/v1/info").json()["bundle_id"] == running
