@@ -98,7 +98,7 @@ class GuardService:
         if self.settings.shadow_bundle is not None:
             candidate = self.load_candidate(self.settings.shadow_bundle)
             check_candidate(live, candidate)
-        self.lineup = Lineup(live, candidate)
+        self._set_lineup(Lineup(live, candidate))
         self.metrics.bind_bundle(live.bundle_id, live.tau, live.manifest.target_fpr, self.settings.mode,
                                  live.class_names)
         self.audit.open()
@@ -117,7 +117,7 @@ class GuardService:
         if shadow is not None and shadow.guard.preprocessing.input_size != candidate.guard.preprocessing.input_size:
             log.warning("candidate %s dropped: its input size differs from the new live bundle's", shadow.bundle_id)
             shadow = None
-        self.lineup = Lineup(candidate, None if shadow is candidate else shadow)
+        self._set_lineup(Lineup(candidate, None if shadow is candidate else shadow))
         self.metrics.bind_bundle(candidate.bundle_id, candidate.tau, candidate.manifest.target_fpr,
                                  self.settings.mode, candidate.class_names)
         return previous
@@ -126,7 +126,12 @@ class GuardService:
         """On the event loop: put ``candidate`` in shadow beside the live bundle (None: no candidate)."""
         if candidate is not None:
             check_candidate(self.lineup.live, candidate)
-        self.lineup = Lineup(self.lineup.live, candidate)
+        self._set_lineup(Lineup(self.lineup.live, candidate))
+
+    def _set_lineup(self, lineup: Lineup) -> None:
+        self.lineup = lineup
+        if lineup.candidate is not None:
+            self.metrics.bind_candidate(lineup.live.bundle_id, lineup.candidate.bundle_id)
 
     def promote(self, trigger: str) -> tuple[str, str]:
         """On the event loop: the candidate in shadow becomes live. Returns (new, previous) bundle ids."""

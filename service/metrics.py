@@ -102,6 +102,13 @@ class ServiceMetrics:
                 predicted_class=str(index), class_name=name)
         return child
 
+    def bind_candidate(self, live_bundle: str, candidate_bundle: str) -> None:
+        """When a candidate goes in shadow: its series exist at zero from then on (rates start from them)."""
+        for bundle, role in ((live_bundle, "live"), (candidate_bundle, "candidate")):
+            for decision in DECISIONS:
+                self.bundle_decisions.labels(bundle=bundle, role=role, decision=decision)
+        self.disagreements.labels(live_bundle=live_bundle, candidate_bundle=candidate_bundle)
+
     def record_candidate(self, live_bundle: str, live_flagged: Sequence[bool], candidate_bundle: str,
                          candidate_flagged: Sequence[bool]) -> None:
         """One request's images as decided by the live bundle and as the candidate in shadow would have."""
