@@ -43,7 +43,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("inputs and output")
     io.add_argument("--model", required=True, metavar="SPEC",
                     help="architecture name (cifar_resnet18, resnet18, vgg16_bn, ...: see 'badexpert models'), "
-                         "'package.module:factory' on PYTHONPATH, or a TorchScript file")
+                         "'package.module:factory' on PYTHONPATH, a TorchScript file, or a torch.export .pt2 file")
     io.add_argument("--weights", type=Path, metavar="FILE",
                     help="weights: .safetensors, or a PyTorch state dict (.pt/.pth, read with weights_only=True)")
     io.add_argument("--num-classes", type=int, help="outputs of the model (default: the number of class folders)")
@@ -141,6 +141,8 @@ def resolve_preprocessing(args, architecture: str):
 def check_model_outputs(model, preprocessing, num_classes: int, spec_text: str, option: str = "--model") -> None:
     import torch
 
+    from defense.models.exported import check_dynamic_batch
+
     height, width = preprocessing.input_size
     probe = torch.zeros(2, 3, height, width)
     try:
@@ -152,6 +154,7 @@ def check_model_outputs(model, preprocessing, num_classes: int, spec_text: str, 
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] != num_classes:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise UserError(f"{option} {spec_text}: outputs {shape}, expected (batch, {num_classes}) logits; check --num-classes")
+    check_dynamic_batch(model, preprocessing.input_size, f"{option} {spec_text}")
 
 
 def resolve_auxiliary_method(args) -> str:
@@ -174,6 +177,7 @@ def load_supplied_auxiliary(args, spec, preprocessing, num_classes: int):
     """The user's repaired model, which must share M's architecture: the bundle stores one."""
     from defense.manifest import sha256_of
     from defense.models import load_user_model, parse_model_spec
+    from defense.models.loading import ARCHIVE_KINDS
 
     text = args.auxiliary_model or args.model
 
@@ -184,13 +188,13 @@ def load_supplied_auxiliary(args, spec, preprocessing, num_classes: int):
         auxiliary_spec = parse_model_spec(text, num_classes)
     except UserError as error:
         raise renamed(error) from None
-    same = (auxiliary_spec.kind == spec.kind == "torchscript"
-            or (auxiliary_spec.kind, auxiliary_spec.name) == (spec.kind, spec.name))
+    archive = auxiliary_spec.kind == spec.kind and spec.kind in ARCHIVE_KINDS  # TorchScript or .pt2: any file
+    same = archive or (auxiliary_spec.kind, auxiliary_spec.name) == (spec.kind, spec.name)
     if not same:
         raise UserError(f"--auxiliary-model {text}: not the architecture of --model {args.model}; the bundle stores one "
                         "architecture, so bring a repaired copy of the same model (or use --auxiliary bcu)")
     try:
-        auxiliary = load_user_model(auxiliary_spec if auxiliary_spec.kind == "torchscript" else spec, args.auxiliary_weights)
+        auxiliary = load_user_model(auxiliary_spec if archive else spec, args.auxiliary_weights)
     except UserError as error:
         raise renamed(error) from None
     check_model_outputs(auxiliary, preprocessing, num_classes, text, option="--auxiliary-model")

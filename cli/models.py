@@ -13,5 +13,5 @@ def run_models(args) -> int:
 
     print("architectures of this package:", ", ".join(registered_models()))
     print("also any torchvision.models builder (resnet18, vgg16_bn, mobilenet_v2, vit_b_16, ...),")
-    print("a 'package.module:factory' on PYTHONPATH, or a TorchScript file")
+    print("a 'package.module:factory' on PYTHONPATH, a TorchScript file, or a torch.export .pt2 file")
     return 0

@@ -1,4 +1,6 @@
-"""``badexpert serve BUNDLE``: the guard's HTTP server on uvicorn.
+"""``badexpert serve BUNDLE``: the guard's HTTP server on uvicorn. SIGHUP hot-swaps the bundle
+(re-reading the BUNDLE path, e.g. a symlink an operator re-pointed); SIGUSR1 promotes the candidate
+bundle in shadow; SIGTERM/SIGINT stop it.
 
 Every setting of :class:`service.settings.ServiceSettings` has a flag here (``max_batch_size`` is
 ``--max-batch-size``) and an environment variable (``BADEXPERT_MAX_BATCH_SIZE``); a flag given on
@@ -88,6 +90,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if settings.verify_key is not None:
         load_verify_key(settings.verify_key, f"--verify-key / {env_name('verify_key')}")
     read_manifest(settings.bundle_dir)  # a missing, edited or invalid bundle fails here, before anything listens
+    if settings.shadow_bundle is not None:
+        read_manifest(settings.shadow_bundle)
     resolve_device(settings.device)
     from uvicorn.logging import DefaultFormatter
 
@@ -113,6 +117,10 @@ def run_serve(args: argparse.Namespace) -> int:
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, lambda number, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP: hot swap to whatever the bundle path points at now (e.g. a re-pointed symlink)
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda number, frame: service.reload_soon("SIGHUP"))
+        # SIGUSR1: the candidate bundle in shadow (--shadow-bundle, or set by the admin endpoint) becomes live
+        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, lambda number, frame: service.promote_soon("SIGUSR1"))
     try:
         server.run()
     except KeyboardInterrupt:

@@ -44,6 +44,7 @@ from defense.errors import BundleIntegrityError, UserError
 from defense.guard import Guard
 from defense.manifest import (FILE_STEMS, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, ROLES, Manifest, WeightFile,
                               sha256_of)
+from defense.models.exported import save_exported
 from defense.models.loading import ModelSpec, instantiate
 from defense.preprocessing import Preprocessing
 
@@ -80,10 +81,15 @@ COMPUTED_FIELDS = frozenset({"format_version", "bundle_id", "content_sha256", "s
 VALIDATED_FIELDS = ("rejection_threshold", "alpha", "target_fpr")  # never rewritten: a NaN there is refused
 
 
-def _write_weights(module: nn.Module, path: Path, torchscript: bool) -> None:
+WEIGHT_SUFFIX = {"torchscript": ".pt", "exported": ".pt2"}  # an archive per role; otherwise safetensors
+
+
+def _write_weights(module: nn.Module, path: Path, kind: str, input_size: tuple[int, int]) -> None:
     module = module.cpu().eval()
-    if torchscript:
+    if kind == "torchscript":
         torch.jit.save(module, str(path))
+    elif kind == "exported":
+        save_exported(module, path, input_size)  # re-exported with the finetuned weights
     else:
         save_model(module, str(path))
 
@@ -101,16 +107,15 @@ def save_bundle(out_dir: Path, guard: Guard, spec: ModelSpec, fields: dict[str, 
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"--out {out_dir}: the folder exists and is not empty; choose another or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    torchscript = spec.kind == "torchscript"
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         files = {}
         for role in ROLES:
-            name = FILE_STEMS[role] + (".pt" if torchscript else ".safetensors")
-            _write_weights(getattr(guard, role), staging / name, torchscript)
+            name = FILE_STEMS[role] + WEIGHT_SUFFIX.get(spec.kind, ".safetensors")
+            _write_weights(getattr(guard, role), staging / name, spec.kind, guard.preprocessing.input_size)
             files[role] = WeightFile(path=name, sha256=sha256_of(staging / name))
         architecture = spec.to_dict()
-        if torchscript:
+        if spec.kind in WEIGHT_SUFFIX:
             architecture["name"] = Path(spec.name).name
         fields = {key: value for key, value in fields.items() if key not in COMPUTED_FIELDS}
         manifest = Manifest(
@@ -237,7 +242,7 @@ def _load_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def _load_module(bundle_dir: Path, spec: ModelSpec, entry: WeightFile, data: bytes) -> nn.Module:
     where = f"bundle {bundle_dir}: {entry.path}"
-    if spec.kind == "torchscript":
+    if spec.kind in WEIGHT_SUFFIX:  # an archive: TorchScript or torch.export
         try:
             return instantiate(spec, torchscript_bytes=data).float().eval()
         except UserError as error:

@@ -17,7 +17,7 @@ FILE_STEMS = {"model": "model", "backdoor_expert": "backdoor_expert", "auxiliary
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 UNSIGNED_FIELDS = ("bundle_id", "content_sha256", "signature")  # not part of the content digest
 SIGNATURE_CONTEXT = b"badexpert-bundle-v2\x00"  # signed message: this prefix + the 32-byte content digest
-ARCHITECTURE_KINDS = ("registry", "factory", "torchscript")
+ARCHITECTURE_KINDS = ("registry", "factory", "torchscript", "exported")
 
 
 class WeightFile(BaseModel):

@@ -4,6 +4,12 @@ The ``badexpert serve`` command that starts it is :mod:`cli.serve`.
 - :mod:`service.settings` every setting (``BADEXPERT_*`` environment variables and ``serve`` flags)
 - :mod:`service.app`      ``create_app(settings)``: the app factory, its routes and lifespan
 - :mod:`service.guard_service` what one app serves with: loading the bundle, handling one request
+- :mod:`service.served_bundle` one bundle as served: the one loading path (startup and hot swap)
+- :mod:`service.bundle_reload` hot swap: load beside the running bundle, then switch
+- :mod:`service.admin`    the admin endpoints (``/v1/admin/*``), off unless configured
+- :mod:`service.inference_v2`, :mod:`service.v2_routes` the Open Inference Protocol v2 (KServe) routes
+- :mod:`service.shadow`   a candidate bundle in shadow beside the live one
+- :mod:`service.decisions` one request's decisions and the ``/predict`` answer
 - :mod:`service.middleware` request ids, status counts, API keys
 - :mod:`service.inputs`   reading one request's images (multipart or JSON base64), with limits
 - :mod:`service.batcher`  the micro-batcher that coalesces concurrent requests for the device

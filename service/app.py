@@ -19,12 +19,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defense.bundle import package_versions
+from service.admin import add_admin_routes, admin_paths
 from service.guard_service import FAILED, READY, GuardService
 from service.inputs import InputError
 from service.middleware import ApiKeyMiddleware, ObservabilityMiddleware, protected_paths
 from service.schemas import (ErrorResponse, HealthResponse, InfoResponse, PredictJSONRequest, PredictResponse,
                              ReadyResponse)
 from service.settings import ServiceSettings
+from service.v2_routes import add_v2_routes, v2_paths
 
 log = logging.getLogger("badexpert.serve")
 
@@ -64,9 +66,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.service = service
     app.state.settings = settings
     if settings.api_key_list:
-        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list, protected=protected_paths(settings))
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list,
+                           protected=protected_paths(settings) | v2_paths(settings))
+    if admin_paths(settings):  # the admin endpoints take admin keys only
+        app.add_middleware(ApiKeyMiddleware, keys=settings.admin_api_key_list, protected=admin_paths(settings))
     app.add_middleware(ObservabilityMiddleware, metrics=service.metrics,  # outermost: sees every response
-                       max_header_bytes=settings.max_header_bytes)
+                       max_header_bytes=settings.max_header_bytes,
+                       timed_paths=frozenset({f"/v2/models/{settings.v2_model_name}/infer"}))
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, error: InputError):
@@ -122,4 +128,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         data, content_type = service.metrics.exposition()
         return Response(data, media_type=content_type)
 
+    add_v2_routes(app, service, settings)
+    add_admin_routes(app, service, settings)
     return app

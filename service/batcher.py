@@ -4,7 +4,9 @@ Requests put their images (one uint8 tensor per request, never split) on a bound
 worker task takes the oldest request, waits up to ``max_wait_ms`` (counted from that request's
 arrival) for others to fill the batch up to ``max_batch_size`` images, then runs the forward in a
 single inference thread, off the event loop, and hands each request its rows of the result. A
-request larger than ``max_batch_size`` runs alone, as one batch.
+request larger than ``max_batch_size`` runs alone, as one batch. A request may name a ``group`` (the
+server's: the bundle it started on): requests of different groups never share a batch, and
+``infer(images, group)`` gets the group, so a hot swap never mixes two guards in one forward.
 
 A full queue refuses at once (:class:`Overloaded`, the server's 503 with Retry-After); it never
 waits. :meth:`MicroBatcher.close` stops accepting and finishes what is queued.
@@ -37,6 +39,7 @@ class _Item:
     images: torch.Tensor
     future: asyncio.Future
     arrived: float
+    group: object = None
 
     @property
     def size(self) -> int:
@@ -44,7 +47,7 @@ class _Item:
 
 
 class MicroBatcher:
-    def __init__(self, infer: Callable[[torch.Tensor], GuardScores], max_batch_size: int, max_wait_ms: float,
+    def __init__(self, infer: Callable[..., GuardScores], max_batch_size: int, max_wait_ms: float,
                  max_queue: int, on_batch: Callable[[int], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None):
         self._infer = infer
@@ -77,13 +80,14 @@ class MicroBatcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="badexpert-infer")
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="badexpert-batcher")
 
-    async def submit(self, images: torch.Tensor) -> GuardScores:
-        """Scores of ``images`` (N, 3, H, W) uint8, from a batch shared with concurrent requests."""
+    async def submit(self, images: torch.Tensor, group: object = None) -> GuardScores:
+        """Scores of ``images`` (N, 3, H, W) uint8, from a batch shared with concurrent requests of the
+        same ``group`` (scored by ``infer(images)``, or ``infer(images, group)`` when a group is given)."""
         if self._closing or self._worker is None:
             raise ShuttingDown()
         if not self.has_room(len(images)):
             raise Overloaded()
-        item = _Item(images, asyncio.get_running_loop().create_future(), time.monotonic())
+        item = _Item(images, asyncio.get_running_loop().create_future(), time.monotonic(), group)
         self._queue.append(item)
         self._queued_images += item.size
         self._on_queue_depth(self._queued_images)
@@ -113,7 +117,8 @@ class MicroBatcher:
     def _take(self) -> list[_Item]:
         batch = [self._queue.popleft()]
         size = batch[0].size
-        while self._queue and size + self._queue[0].size <= self.max_batch_size:
+        while self._queue and size + self._queue[0].size <= self.max_batch_size and \
+                self._queue[0].group is batch[0].group:
             item = self._queue.popleft()
             batch.append(item)
             size += item.size
@@ -136,7 +141,9 @@ class MicroBatcher:
                 continue
             images = batch[0].images if len(batch) == 1 else torch.cat([item.images for item in batch])
             try:
-                scores = await loop.run_in_executor(self._executor, self._infer, images)
+                group = batch[0].group
+                arguments = (images,) if group is None else (images, group)
+                scores = await loop.run_in_executor(self._executor, self._infer, *arguments)
                 self._on_batch(len(images))
             except Exception as error:  # the requests get the error; the worker goes on
                 for item in batch:
@@ -148,5 +155,5 @@ class MicroBatcher:
             for item in batch:
                 stop = start + item.size
                 if not item.future.done():
-                    item.future.set_result(GuardScores(**{name: value[start:stop] for name, value in columns.items()}))
+                    item.future.set_result(type(scores)(**{name: value[start:stop] for name, value in columns.items()}))
                 start = stop

@@ -1,41 +1,48 @@
-"""``GuardService``: everything one app serves with (the guard, the micro-batcher, the metrics, the
-audit trail), its loading and shutdown, and the handling of one ``/predict`` request. The routes
-are :mod:`service.app`'s.
+"""``GuardService``: everything one app serves with (the live bundle, the micro-batcher, the
+metrics, the audit trail), its loading, hot swaps and shutdown, and the handling of one image
+request (``/predict``, and the v2 inference protocol through :meth:`GuardService.handle`). The
+routes are :mod:`service.app`'s.
 
 Loading runs in the background (verify every hash, rebuild the three models, warm up), so the
 state goes loading -> ready (or failed), then shutting_down, when the server finishes what is
-queued.
+queued. A hot swap (:mod:`service.bundle_reload`) replaces the live bundle while ready; each
+request keeps the bundle it started on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import io
 import logging
-import math
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from defense.bundle import load_bundle, package_versions
 from defense.device import resolve_device
-from defense.score import GuardScores, guard_scores, rejects
+from defense.score import GuardScores, rejects
 from service.audit import AuditTrail, finite_or_none
 from service.batcher import MicroBatcher, Overloaded, ShuttingDown
+from service.decisions import Decisions, predict_answer
+from service.bundle_reload import BundleReloader
 from service.inputs import (MULTIPART, ByteBudget, InputError, Limits, Reservation, body_budget_exhausted,
                             check_content_length, check_media_type, decode_images, media_type, parse_json,
                             parse_multipart, read_body)
 from service.metrics import ServiceMetrics
-from service.schemas import InfoResponse
+from service.served_bundle import ServedBundle, load_served_bundle
+from service.shadow import (CandidateDecisions, Lineup, candidate_decisions, candidate_fields, check_candidate,
+                            lineup_info, score_lineup)
 from service.settings import ServiceSettings
 
 log = logging.getLogger("badexpert.serve")
 
 LOADING, READY, FAILED, SHUTTING_DOWN = "loading", "ready", "failed", "shutting_down"
+
+# (media type, Content-Type header, body, bundle) -> (the encoded images, or b"" each, and (N, 3, H, W) uint8)
+Parse = Callable[[str, str, bytes, ServedBundle], tuple[list[bytes], torch.Tensor]]
 
 
 class GuardService:
@@ -59,80 +66,106 @@ class GuardService:
         self.state = LOADING
         self.error: str | None = None
         self.on_fatal: Callable[[str], None] | None = None  # set by `badexpert serve`: stop the server
-        self.guard = self.manifest = self.batcher = None
-        self.info: dict | None = None
-        self.class_names: list[str] = []
-        self.tau = math.nan
+        self.lineup: Lineup | None = None  # live bundle and candidate; replaced as a whole, never edited
+        self.batcher: MicroBatcher | None = None
         self.device = "cpu"
-        self._streams = None
+        self.reloader = BundleReloader(lambda folder: self.load_candidate(folder), self.switch,
+                                       self.metrics.count_reload)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._retry_after = {"Retry-After": str(settings.retry_after_s)}
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(settings.decode_threads, "badexpert-decode")
         self._audit_pool = concurrent.futures.ThreadPoolExecutor(1, "badexpert-audit")
 
-    # ----- loading -------------------------------------------------------------------------------
+    @property
+    def live(self) -> ServedBundle | None:
+        return None if self.lineup is None else self.lineup.live
+
+    @property
+    def info(self) -> dict | None:
+        """``/v1/info`` of the live bundle (None until one is loaded)."""
+        return None if self.lineup is None else lineup_info(self.lineup, self.show_scores)
+
+    # ----- loading and swapping ------------------------------------------------------------------
 
     def load(self) -> None:
         """Blocking: verify and load the bundle, prepare everything per-request work needs, warm up."""
-        settings = self.settings
         started = time.monotonic()
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        self.device = resolve_device(settings.device)
-        guard, manifest = load_bundle(settings.bundle_dir, self.device, verify_key=settings.verify_key,
-                                      allowed_factory_modules=settings.factory_module_list)
-        self.guard, self.manifest = guard, manifest
-        self.tau = float(guard.rejection_threshold)
-        if not math.isfinite(self.tau):  # load_bundle refuses it; never serve one in any case
-            raise RuntimeError(f"bundle {settings.bundle_dir}: the threshold {self.tau} is not a finite number")
-        self.class_names = list(manifest.class_names)
-        if len(self.class_names) != manifest.num_classes:
-            raise RuntimeError(f"bundle {settings.bundle_dir}: {len(self.class_names)} class names for "
-                               f"{manifest.num_classes} classes")
-        if torch.device(self.device).type == "cuda" and settings.cuda_streams:
-            self._streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]
-        self.metrics.bind_bundle(manifest.bundle_id, self.tau, manifest.target_fpr, settings.mode, self.class_names)
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        self.device = resolve_device(self.settings.device)
+        live = self.load_candidate(self.settings.bundle_dir)
+        candidate = None
+        if self.settings.shadow_bundle is not None:
+            candidate = self.load_candidate(self.settings.shadow_bundle)
+            check_candidate(live, candidate)
+        self._set_lineup(Lineup(live, candidate))
+        self.metrics.bind_bundle(live.bundle_id, live.tau, live.manifest.target_fpr, self.settings.mode,
+                                 live.class_names)
         self.audit.open()
-        info = InfoResponse(
-            bundle_id=manifest.bundle_id, created_at=manifest.created_at, architecture=manifest.architecture,
-            class_names=self.class_names, num_classes=manifest.num_classes,
-            input_size=list(guard.preprocessing.input_size), mean=list(guard.preprocessing.mean),
-            std=list(guard.preprocessing.std), alpha=guard.alpha, threshold=self.tau, target_fpr=manifest.target_fpr,
-            calibration={**{k: manifest.threshold.get(k) for k in ("rule", "delta", "n", "k", "expected_fpr")},
-                         "calibration_fpr": manifest.threshold.get("calibration_fpr")},
-            mode=settings.mode, device=self.device,
-            limits={"max_images_per_request": settings.max_images_per_request,
-                    "max_image_bytes": settings.max_image_bytes, "max_request_bytes": settings.max_request_bytes,
-                    "max_pixels": settings.max_pixels, "max_parts": settings.max_parts,
-                    "max_header_bytes": settings.max_header_bytes, "body_timeout_s": settings.body_timeout_s,
-                    "image_formats": self.limits.formats},
-            batching={"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
-                      "max_queue": settings.max_queue},
-            versions={"bundle": manifest.versions, "server": package_versions()},
-            response_policy=settings.response_policy,
-        ).model_dump()
-        if not self.show_scores:  # decision_only: nothing that locates the threshold
-            for name in ("alpha", "threshold", "calibration"):
-                info.pop(name)
-        self.info = info
-        if settings.warmup:
-            self._warm_up()
-        log.info("bundle %s loaded on %s in %.1f s (tau %.6g, mode %s)", manifest.bundle_id, self.device,
-                 time.monotonic() - started, self.tau, settings.mode)
+        log.info("bundle %s loaded on %s in %.1f s (tau %.6g, mode %s%s)", live.bundle_id, self.device,
+                 time.monotonic() - started, live.tau, self.settings.mode,
+                 f"; candidate {candidate.bundle_id} in shadow" if candidate else "")
 
-    def _warm_up(self) -> None:
-        """One image through the whole path (decode, preprocess, forward, score), then a full batch."""
-        from PIL import Image
+    def load_candidate(self, folder: Path) -> ServedBundle:
+        """Blocking: a bundle verified, loaded and warmed up exactly as at startup (not switched in)."""
+        return load_served_bundle(self.settings, folder, self.device, self.limits)
 
-        height, width = self.guard.preprocessing.input_size
-        buffer = io.BytesIO()
-        Image.new("RGB", (width, height), (127, 127, 127)).save(buffer, format="PNG")
-        one = decode_images(self.guard.preprocessing, [buffer.getvalue()], self.settings.max_pixels, self.limits.formats)
-        self.infer(one)
-        self.infer(one.expand(self.settings.max_batch_size, -1, -1, -1).contiguous())
+    def switch(self, candidate: ServedBundle) -> ServedBundle:
+        """On the event loop: make ``candidate`` the live bundle (one assignment); returns the previous one.
+        Requests in flight keep the bundle they started on."""
+        previous, shadow = self.lineup.live, self.lineup.candidate
+        if shadow is not None and shadow.guard.preprocessing.input_size != candidate.guard.preprocessing.input_size:
+            log.warning("candidate %s dropped: its input size differs from the new live bundle's", shadow.bundle_id)
+            shadow = None
+        self._set_lineup(Lineup(candidate, None if shadow is candidate else shadow))
+        self.metrics.bind_bundle(candidate.bundle_id, candidate.tau, candidate.manifest.target_fpr,
+                                 self.settings.mode, candidate.class_names)
+        return previous
+
+    def set_candidate(self, candidate: ServedBundle | None) -> None:
+        """On the event loop: put ``candidate`` in shadow beside the live bundle (None: no candidate)."""
+        if candidate is not None:
+            check_candidate(self.lineup.live, candidate)
+        self._set_lineup(Lineup(self.lineup.live, candidate))
+
+    def _set_lineup(self, lineup: Lineup) -> None:
+        self.lineup = lineup
+        if lineup.candidate is not None:
+            self.metrics.bind_candidate(lineup.live.bundle_id, lineup.candidate.bundle_id)
+
+    def promote(self, trigger: str) -> tuple[str, str]:
+        """On the event loop: the candidate in shadow becomes live. Returns (new, previous) bundle ids."""
+        candidate = self.lineup.candidate if self.lineup is not None else None
+        if candidate is None:
+            raise LookupError("no candidate bundle in shadow to promote")
+        previous = self.switch(candidate)
+        self.metrics.count_reload("success")
+        log.info("candidate %s promoted (%s): now live (was %s)", candidate.bundle_id, trigger, previous.bundle_id)
+        return candidate.bundle_id, previous.bundle_id
+
+    def _promote_logged(self, trigger: str) -> None:
+        try:
+            self.promote(trigger)
+        except LookupError as error:
+            log.warning("promotion (%s) ignored: %s", trigger, error)
+
+    def promote_soon(self, trigger: str) -> None:
+        """From a signal handler: promote the candidate on the event loop."""
+        if self._loop is not None and self.state == READY:
+            self._loop.call_soon_threadsafe(self._promote_logged, trigger)
+
+    def reload_soon(self, trigger: str) -> None:
+        """From a signal handler (any thread): reload the configured bundle path in the background."""
+        loop = self._loop
+        if loop is None or self.state != READY:
+            log.warning("bundle reload (%s) ignored: the server is %s", trigger, self.state)
+            return
+        loop.call_soon_threadsafe(self.reloader.reload_in_background, self.settings.bundle_dir, trigger)
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.load)
+            await self._loop.run_in_executor(None, self.load)
             self.batcher = MicroBatcher(self.infer, self.settings.max_batch_size, self.settings.max_wait_ms,
                                         self.settings.max_queue, on_batch=self.metrics.batch_size.observe,
                                         on_queue_depth=self.metrics.queue_depth.set)
@@ -155,6 +188,7 @@ class GuardService:
                 await loading
             except (asyncio.CancelledError, Exception):
                 pass
+        await self.reloader.close()
         if self.batcher is not None:
             await self.batcher.close()
         self._decode_pool.shutdown(wait=True)
@@ -163,37 +197,20 @@ class GuardService:
 
     # ----- inference (runs in the batcher's inference thread) -----------------------------------
 
-    def infer(self, images: torch.Tensor) -> GuardScores:
-        if self._streams is None:
-            return self.guard.score_batch(images)
-        return self._infer_on_streams(images)
-
-    @torch.inference_mode()
-    def _infer_on_streams(self, images: torch.Tensor) -> GuardScores:
-        """CUDA: the three models on three streams, so that their kernels may overlap."""
-        guard = self.guard
-        current = torch.cuda.current_stream(guard.device)
-        inputs = guard.normalizer(images.to(guard.device, non_blocking=True))
-        outputs = []
-        for module, stream in zip((guard.model, guard.backdoor_expert, guard.auxiliary_model), self._streams):
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):
-                outputs.append(module(inputs))
-            inputs.record_stream(stream)
-        for stream, output in zip(self._streams, outputs):
-            current.wait_stream(stream)
-            output.record_stream(current)
-        return guard_scores(*outputs, alpha=guard.alpha).cpu()
+    def infer(self, images: torch.Tensor, lineup: Lineup | None = None) -> GuardScores:
+        return score_lineup(lineup or self.lineup, images, self.metrics.candidate_failures.inc)
 
     # ----- one request ---------------------------------------------------------------------------
 
-    def prepare(self, kind: str, content_type: str, body: bytes) -> tuple[list[bytes], torch.Tensor]:
-        """Blocking (decode thread): the request's image bytes and their (N, 3, H, W) uint8 tensor."""
+    def prepare(self, kind: str, content_type: str, body: bytes,
+                bundle: ServedBundle | None = None) -> tuple[list[bytes], torch.Tensor]:
+        """Blocking (decode thread): the /predict request's image bytes and their (N, 3, H, W) uint8 tensor."""
         if kind == MULTIPART:
             blobs = parse_multipart(content_type, body, self.limits)
         else:
             blobs = parse_json(body, self.limits)
-        return blobs, decode_images(self.guard.preprocessing, blobs, self.limits.max_pixels, self.limits.formats)
+        preprocessing = (bundle or self.live).guard.preprocessing
+        return blobs, decode_images(preprocessing, blobs, self.limits.max_pixels, self.limits.formats)
 
     def readiness_problem(self) -> tuple[str, str | None] | None:
         """(status, reason) when requests cannot be answered now, or None when they can."""
@@ -225,11 +242,21 @@ class GuardService:
         return None
 
     async def predict(self, request: Request) -> Response:
+        """POST /predict: multipart or JSON base64 images in, the guard's decisions out."""
+        return await self.handle(request, check_media_type, self.prepare,
+                                 lambda decisions: predict_answer(decisions, self.settings))
+
+    async def handle(self, request: Request, check_kind: Callable[[str], None], parse: Parse,
+                     answer: Callable[[Decisions], Response]) -> Response:
+        """One image request on any endpoint: admission, the body within the limits, ``parse`` in a decode
+        thread (body -> image bytes and uint8 tensor, through service.inputs), the batcher, the audit
+        trail, metrics; ``answer`` formats the decisions. The request keeps the bundle it starts on."""
         problem = self.readiness_problem()
         if problem is not None:
             return self.unavailable(problem)
+        lineup = self.lineup  # a hot swap from here on does not change this request's guard
         kind = media_type(request)
-        check_media_type(kind)
+        check_kind(kind)
         length = check_content_length(request, self.limits)
         full = self._no_room()  # admission before the body is read
         if full is not None:
@@ -240,7 +267,7 @@ class GuardService:
             return self.overloaded(body_budget_exhausted(self._retry_after).detail)
         reservation = Reservation()
         try:
-            return await self._admitted(request, kind, reservation)
+            return await self._admitted(request, kind, reservation, lineup, parse, answer)
         except InputError as error:
             if error.code == "overloaded":
                 self.metrics.overload.inc()
@@ -248,7 +275,9 @@ class GuardService:
         finally:
             self.body_budget.give_back(reservation.bytes)
 
-    async def _admitted(self, request: Request, kind: str, reservation: Reservation) -> Response:
+    async def _admitted(self, request: Request, kind: str, reservation: Reservation, lineup: Lineup,
+                        parse: Parse, answer: Callable[[Decisions], Response]) -> Response:
+        bundle = lineup.live
         try:
             body = await asyncio.wait_for(
                 read_body(request, self.limits, self.body_budget, reservation, self._retry_after),
@@ -262,57 +291,49 @@ class GuardService:
         loop = asyncio.get_running_loop()
         self.decode_backlog += 1
         try:
-            blobs, images = await loop.run_in_executor(self._decode_pool, self.prepare, kind,
-                                                       request.headers.get("content-type", ""), body)
+            blobs, images = await loop.run_in_executor(self._decode_pool, parse, kind,
+                                                       request.headers.get("content-type", ""), body, bundle)
         finally:
             self.decode_backlog -= 1
         del body
         try:
-            scores = await self.batcher.submit(images)
+            scores = await self.batcher.submit(images, lineup)
         except Overloaded:
             return self.overloaded()
         except ShuttingDown:
             return self.unavailable()
-        labels, confidences, values = scores.label.tolist(), scores.confidence.tolist(), scores.score.tolist()
-        tau, names = self.tau, self.class_names
-        flagged = rejects(scores.score, tau).tolist()  # the guard's one rule: a NaN score is flagged
-        hide = self.enforce and not self.settings.reveal_rejected
-        predictions = []
-        for index, (label, confidence, value, flag) in enumerate(zip(labels, confidences, values, flagged)):
-            rejected = flag and self.enforce
-            withheld = rejected and hide
-            prediction = {
-                "index": index, "label": None if withheld else label, "class_name": None if withheld else names[label],
-                "confidence": None if withheld else confidence, "score": finite_or_none(value),
-                "rejected": rejected, "flagged": flag,
-            }
-            if not self.show_scores:
-                del prediction["score"]
-            predictions.append(prediction)
-        if any(flagged) and self.audit.enabled:
-            failure = await self._audit(request, scores, flagged, blobs, images)
+        flagged = rejects(scores.score, bundle.tau).tolist()  # the guard's one rule: a NaN score is flagged
+        decisions = Decisions(bundle, scores.label.tolist(), scores.confidence.tolist(), scores.score.tolist(),
+                              flagged, [flag and self.enforce for flag in flagged])
+        candidate = candidate_decisions(lineup, scores)
+        if (any(flagged) or (candidate is not None and any(candidate.flagged))) and self.audit.enabled:
+            failure = await self._audit(request, bundle, scores, flagged, blobs, images, candidate)
             if failure is not None:
                 return failure
-        self.metrics.record_inputs(labels, values, flagged)
-        answer = {"bundle": self.manifest.bundle_id, "threshold": tau, "mode": self.settings.mode,
-                  "predictions": predictions}
-        if not self.show_scores:
-            del answer["threshold"]
-        return JSONResponse(answer)
+        self.metrics.record_inputs(decisions.labels, decisions.scores, flagged, bundle.class_names)
+        if candidate is not None:
+            self.metrics.record_candidate(bundle.bundle_id, flagged, candidate.bundle.bundle_id, candidate.flagged)
+        return answer(decisions)
 
-    async def _audit(self, request: Request, scores: GuardScores, flagged: list[bool], blobs: list[bytes],
-                     images: torch.Tensor) -> JSONResponse | None:
+    async def _audit(self, request: Request, bundle: ServedBundle, scores: GuardScores, flagged: list[bool],
+                     blobs: list[bytes], images: torch.Tensor,
+                     candidate: CandidateDecisions | None = None) -> JSONResponse | None:
         """Write the flagged inputs' records (off the event loop). None when they are on disk; a 503
-        (and not ready until the disk has room again) when the disk refused them."""
+        (and not ready until the disk has room again) when the disk refused them. With a candidate in
+        shadow, the images it alone flags are recorded too; each line then says both decisions."""
         labels, values = scores.label.tolist(), scores.score.tolist()
         experts, auxiliaries = scores.expert_agreement.tolist(), scores.auxiliary_agreement.tolist()
-        chosen = [i for i, flag in enumerate(flagged) if flag]
+        chosen = [i for i, flag in enumerate(flagged) if flag or (candidate is not None and candidate.flagged[i])]
         records = [{"request_id": request.state.request_id, "client_request_id": request.state.client_request_id,
-                    "index": i, "predicted_class": labels[i], "class_name": self.class_names[labels[i]],
+                    "index": i, "predicted_class": labels[i], "class_name": bundle.class_names[labels[i]],
                     "score": finite_or_none(values[i]), "b": finite_or_none(experts[i]),
-                    "a": finite_or_none(auxiliaries[i]), "alpha": self.guard.alpha, "tau": self.tau,
-                    "mode": self.settings.mode, "bundle": self.manifest.bundle_id}
+                    "a": finite_or_none(auxiliaries[i]), "alpha": bundle.guard.alpha, "tau": bundle.tau,
+                    "mode": self.settings.mode, "bundle": bundle.bundle_id}
                    for i in chosen]
+        if candidate is not None:
+            for record in records:
+                record["flagged"] = flagged[record["index"]]
+                record["candidate"] = candidate_fields(candidate, record["index"])
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._audit_pool, self.audit.record, records, [blobs[i] for i in chosen], [images[i] for i in chosen])

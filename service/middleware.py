@@ -20,10 +20,12 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 class ObservabilityMiddleware:
     """Request id (made by the server, X-Request-ID out; the client's X-Request-ID is kept beside it
-    and echoed as X-Client-Request-ID), responses by status, and /predict durations."""
+    and echoed as X-Client-Request-ID), responses by status, and the durations of /predict (and the
+    other ``timed_paths``: the v2 infer path)."""
 
-    def __init__(self, app, metrics: ServiceMetrics, max_header_bytes: int):
+    def __init__(self, app, metrics: ServiceMetrics, max_header_bytes: int, timed_paths: frozenset[str] = frozenset()):
         self.app, self.metrics, self.max_header_bytes = app, metrics, max_header_bytes
+        self.timed_paths = {"/predict"} | set(timed_paths)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -57,7 +59,7 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             self.metrics.count_status(status)
-            if scope["path"] == "/predict":
+            if scope["path"] in self.timed_paths:
                 self.metrics.request_duration.observe(time.perf_counter() - started)
 
 

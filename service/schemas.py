@@ -71,3 +71,21 @@ class InfoResponse(BaseModel):
     batching: dict
     response_policy: Literal["full", "decision_only"] = "full"
     versions: dict = Field(description="'bundle': the versions that built the bundle; 'server': the versions serving it")
+
+
+class BundleSwapRequest(BaseModel):
+    path: str = Field(description="bundle folder to serve: under the server's admin_bundle_root (absolute, or "
+                                  "relative to it)", examples=["bundles/2026-12-02"])
+
+
+class BundleSwapResponse(BaseModel):
+    bundle_id: str = Field(description="the bundle now serving")
+    previous_bundle_id: str = Field(description="the bundle it replaced (requests in flight finish on it)")
+    path: str = Field(description="the resolved folder it was loaded from")
+    seconds: float = Field(description="time to load, verify and warm it up")
+
+
+class ShadowResponse(BaseModel):
+    live_bundle_id: str = Field(description="the bundle that decides")
+    candidate_bundle_id: str | None = Field(description="the bundle in shadow (null: none)")
+    seconds: float | None = Field(None, description="time to load, verify and warm up the candidate")

@@ -45,6 +45,18 @@ class ServiceSettings(BaseSettings):
                                                       "with its private key (badexpert build --sign-key)")
     allow_factory_modules: str = Field("", description="comma-separated modules whose 'module:factory' architecture "
                                                       "named in a bundle may be imported and called")
+    v2_model_name: str = Field("badexpert-guard", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                               description="the model name of the Open Inference Protocol v2 routes "
+                                           "(/v2/models/NAME/infer)")
+    shadow_bundle: Path | None = Field(None, description="a candidate bundle scoring the same batches in shadow: only "
+                                       "the live bundle decides; the candidate's would-be decisions go to metrics and "
+                                       "the audit log (SIGUSR1 or POST /v1/admin/promote makes it live)")
+    # hot swap (SIGHUP re-reads the bundle path; the admin endpoint loads a folder under admin_bundle_root)
+    admin_bundle_root: Path | None = Field(None, description="folder under which POST /v1/admin/bundle may load "
+                                           "bundles (unset: the admin endpoints are off, 404)")
+    admin_api_keys: SecretStr | None = Field(None, description="comma-separated admin API keys (16+ characters "
+                                             "each), needed by /v1/admin/* ('Authorization: Bearer KEY' or "
+                                             "'X-API-Key: KEY'); required with admin_bundle_root")
     # access control and what responses reveal
     api_keys: SecretStr | None = Field(None, description="comma-separated API keys (16+ characters each): /predict and "
                                        "/v1/info then need 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (prefer the "
@@ -88,6 +100,11 @@ class ServiceSettings(BaseSettings):
         for key in self.api_key_list:
             if len(key) < 16:
                 raise ValueError("api_keys: each key needs at least 16 characters")
+        for key in self.admin_api_key_list:
+            if len(key) < 16:
+                raise ValueError("admin_api_keys: each key needs at least 16 characters")
+        if self.admin_bundle_root is not None and not self.admin_api_key_list:
+            raise ValueError("admin_bundle_root needs admin_api_keys: the admin endpoints never run without a key")
         unknown = [name for name in self.image_format_list if name not in _pillow_formats()]
         if unknown:
             raise ValueError(f"image_formats: unknown format {unknown[0]!r} (Pillow names, e.g. PNG, JPEG, WEBP)")
@@ -96,6 +113,11 @@ class ServiceSettings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         text = self.api_keys.get_secret_value() if self.api_keys is not None else ""
+        return [key.strip() for key in text.split(",") if key.strip()]
+
+    @property
+    def admin_api_key_list(self) -> list[str]:
+        text = self.admin_api_keys.get_secret_value() if self.admin_api_keys is not None else ""
         return [key.strip() for key in text.split(",") if key.strip()]
 
     @property

@@ -335,6 +335,8 @@ def test_dashboard_queries_return_data_from_real_prometheus_scraping_live_replic
                     value = str(volume_root / value.lstrip("/"))
                 env[name] = value
             env["BADEXPERT_TORCH_THREADS"] = "1"  # two replicas on a small machine
+            if index == 0:  # a candidate in shadow (the same bundle), for the dashboard's candidate panel
+                env["BADEXPERT_SHADOW_BUNDLE"] = str(bundle)
             env["BADEXPERT_ACCESS_LOG"] = "false"
             processes.start(f"guard-{index}", argv + guard_service["command"], env)
 

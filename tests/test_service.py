@@ -440,11 +440,11 @@ def test_full_queue_answers_503_with_retry_after_at_once(tiny):
         armed = []
         real_infer = service.infer
 
-        def gated_infer(images):
+        def gated_infer(images, *bundle):
             if armed:
                 entered.set()
                 release.wait(30)
-            return real_infer(images)
+            return real_infer(images, *bundle)
 
         service.infer = gated_infer
         async with app.router.lifespan_context(app):

@@ -1,10 +1,11 @@
 """Turn what the user hands over (an architecture spec and a weights file) into a model.
 
-Three kinds of spec, all finetunable:
+Four kinds of spec, all finetunable:
 
 - an architecture name: this package's registry or any ``torchvision.models`` builder;
 - ``package.module:callable``: a factory on the user's ``PYTHONPATH`` returning an ``nn.Module``;
-- a path to a TorchScript archive (weights included).
+- a path to a TorchScript archive (weights included);
+- a path to a ``.pt2`` file saved by ``torch.export.save`` (weights included; :mod:`defense.models.exported`).
 
 User files are never unpickled without restriction: weights load from safetensors, or from a
 PyTorch file with ``torch.load(weights_only=True)`` mapped to the CPU.
@@ -24,9 +25,11 @@ import torch.nn as nn
 from safetensors.torch import load_file as load_safetensors
 
 from defense.errors import UserError
+from defense.models.exported import is_exported_archive, load_exported
 from defense.models.registry import create_model, is_known_architecture
 
-SpecKind = Literal["registry", "factory", "torchscript"]
+SpecKind = Literal["registry", "factory", "torchscript", "exported"]
+ARCHIVE_KINDS = ("torchscript", "exported")  # the file is the architecture, with its weights
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class ModelSpec:
     """How to rebuild the architecture: stored in the bundle manifest as a plain dict."""
 
     kind: SpecKind
-    name: str  # architecture name, "module:callable", or the TorchScript file name
+    name: str  # architecture name, "module:callable", or the TorchScript / .pt2 file name
     num_classes: int | None = None
 
     def to_dict(self) -> dict:
@@ -46,9 +49,13 @@ class ModelSpec:
 
 
 def parse_model_spec(spec: str, num_classes: int | None) -> ModelSpec:
-    """Classify ``--model`` as a TorchScript file, a factory, or an architecture name."""
+    """Classify ``--model`` as a TorchScript file, a torch.export file, a factory, or an architecture name."""
     path = Path(spec)
     if path.is_file():
+        if path.suffix == ".pt2":
+            if not is_exported_archive(path):
+                raise UserError(f"--model {spec}: the file is not a torch.export archive (torch.export.save)")
+            return ModelSpec("exported", str(path), num_classes)
         if not _is_torchscript_archive(path):
             raise UserError(
                 f"--model {spec}: the file is not a TorchScript archive; pass an architecture "
@@ -57,7 +64,7 @@ def parse_model_spec(spec: str, num_classes: int | None) -> ModelSpec:
         return ModelSpec("torchscript", str(path), num_classes)
     if ":" in spec:
         return ModelSpec("factory", spec, num_classes)
-    if spec.endswith((".pt", ".pth", ".ts", ".zip", ".safetensors")) or "/" in spec:
+    if spec.endswith((".pt", ".pt2", ".pth", ".ts", ".zip", ".safetensors")) or "/" in spec:
         raise UserError(f"--model {spec}: no such file")
     if not is_known_architecture(spec):
         create_model(spec, 1)  # raises the UserError listing the choices
@@ -74,7 +81,8 @@ def _is_torchscript_archive(path: Path) -> bool:
 
 
 def instantiate(spec: ModelSpec, torchscript_bytes: bytes | None = None) -> nn.Module:
-    """Build a fresh (untrained, or TorchScript-loaded) model from a spec."""
+    """Build a fresh (untrained, or archive-loaded) model from a spec. ``torchscript_bytes``: the
+    archive's bytes (TorchScript or .pt2) when already read."""
     if spec.kind == "registry":
         return create_model(spec.name, spec.num_classes)
     if spec.kind == "factory":
@@ -85,6 +93,9 @@ def instantiate(spec: ModelSpec, torchscript_bytes: bytes | None = None) -> nn.M
             return torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as error:  # torch raises RuntimeError with C++ context
             raise UserError(f"--model {spec.name}: cannot load the TorchScript archive ({_first_line(error)})")
+    if spec.kind == "exported":
+        data = torchscript_bytes if torchscript_bytes is not None else Path(spec.name).read_bytes()
+        return load_exported(data, f"--model {spec.name}")
     raise ValueError(f"unknown model spec kind {spec.kind!r}")
 
 
@@ -161,8 +172,9 @@ def load_user_model(spec: ModelSpec, weights: Path | None) -> nn.Module:
     model = instantiate(spec)
     if weights is not None:
         load_weights(model, weights)
-    elif spec.kind != "torchscript":
-        raise UserError(f"--weights is required with --model {spec.name} (only TorchScript archives carry weights)")
+    elif spec.kind not in ARCHIVE_KINDS:
+        raise UserError(f"--weights is required with --model {spec.name} (only TorchScript and .pt2 archives "
+                        "carry weights)")
     return model.float()
 
 

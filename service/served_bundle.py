@@ -1,0 +1,124 @@
+"""One bundle as the server serves it: the guard, its manifest, threshold, class names, the
+``/v1/info`` document and (on CUDA) its streams. :func:`load_served_bundle` is the one way a bundle
+comes in, at startup and at every hot swap: verify (digest, weight hashes, signature with the
+verify key, factory allowlist, manifest values), rebuild the three models, warm up.
+
+A request keeps the :class:`ServedBundle` it started on until it is answered, so a swap never
+changes the guard under a request in flight.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from defense.bundle import load_bundle, package_versions
+from defense.guard import Guard
+from defense.manifest import Manifest
+from defense.score import GuardScores, guard_scores
+from service.inputs import Limits, decode_images
+from service.schemas import InfoResponse
+from service.settings import ServiceSettings
+
+
+@dataclass
+class ServedBundle:
+    path: Path  # the resolved folder it was read from (a symlink is followed once, before reading)
+    guard: Guard
+    manifest: Manifest
+    tau: float
+    class_names: list[str]
+    info: dict
+    streams: list | None = None
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest.bundle_id
+
+    def infer(self, images: torch.Tensor) -> GuardScores:
+        """Blocking (the batcher's inference thread): the scores of one batch of uint8 images."""
+        if self.streams is None:
+            return self.guard.score_batch(images)
+        return self._infer_on_streams(images)
+
+    @torch.inference_mode()
+    def _infer_on_streams(self, images: torch.Tensor) -> GuardScores:
+        """CUDA: the three models on three streams, so that their kernels may overlap."""
+        guard = self.guard
+        current = torch.cuda.current_stream(guard.device)
+        inputs = guard.normalizer(images.to(guard.device, non_blocking=True))
+        outputs = []
+        for module, stream in zip((guard.model, guard.backdoor_expert, guard.auxiliary_model), self.streams):
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                outputs.append(module(inputs))
+            inputs.record_stream(stream)
+        for stream, output in zip(self.streams, outputs):
+            current.wait_stream(stream)
+            output.record_stream(current)
+        return guard_scores(*outputs, alpha=guard.alpha).cpu()
+
+
+def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, limits: Limits) -> ServedBundle:
+    """Blocking (run it off the event loop): verify and load the bundle at ``folder``, warm it up.
+    Raises (UserError, BundleIntegrityError, ...) with a one-line reason when it cannot be served."""
+    folder = Path(folder).resolve()  # a re-pointed symlink is followed once: every file from one bundle
+    guard, manifest = load_bundle(folder, device, verify_key=settings.verify_key,
+                                  allowed_factory_modules=settings.factory_module_list)
+    tau = float(guard.rejection_threshold)
+    if not math.isfinite(tau):  # load_bundle refuses it; never serve one in any case
+        raise RuntimeError(f"bundle {folder}: the threshold {tau} is not a finite number")
+    class_names = list(manifest.class_names)
+    if len(class_names) != manifest.num_classes:
+        raise RuntimeError(f"bundle {folder}: {len(class_names)} class names for {manifest.num_classes} classes")
+    streams = None
+    if torch.device(device).type == "cuda" and settings.cuda_streams:
+        streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]
+    served = ServedBundle(folder, guard, manifest, tau, class_names,
+                          info_document(settings, limits, guard, manifest, device), streams)
+    if settings.warmup:
+        warm_up(served, settings, limits)
+    return served
+
+
+def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manifest: Manifest, device: str) -> dict:
+    """What ``GET /v1/info`` answers for this bundle."""
+    info = InfoResponse(
+        bundle_id=manifest.bundle_id, created_at=manifest.created_at, architecture=manifest.architecture,
+        class_names=list(manifest.class_names), num_classes=manifest.num_classes,
+        input_size=list(guard.preprocessing.input_size), mean=list(guard.preprocessing.mean),
+        std=list(guard.preprocessing.std), alpha=guard.alpha, threshold=float(guard.rejection_threshold),
+        target_fpr=manifest.target_fpr,
+        calibration={**{k: manifest.threshold.get(k) for k in ("rule", "delta", "n", "k", "expected_fpr")},
+                     "calibration_fpr": manifest.threshold.get("calibration_fpr")},
+        mode=settings.mode, device=device,
+        limits={"max_images_per_request": settings.max_images_per_request,
+                "max_image_bytes": settings.max_image_bytes, "max_request_bytes": settings.max_request_bytes,
+                "max_pixels": settings.max_pixels, "max_parts": settings.max_parts,
+                "max_header_bytes": settings.max_header_bytes, "body_timeout_s": settings.body_timeout_s,
+                "image_formats": limits.formats},
+        batching={"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
+                  "max_queue": settings.max_queue},
+        versions={"bundle": manifest.versions, "server": package_versions()},
+        response_policy=settings.response_policy,
+    ).model_dump()
+    if settings.response_policy != "full":  # decision_only: nothing that locates the threshold
+        for name in ("alpha", "threshold", "calibration"):
+            info.pop(name)
+    return info
+
+
+def warm_up(served: ServedBundle, settings: ServiceSettings, limits: Limits) -> None:
+    """One image through the whole path (decode, preprocess, forward, score), then a full batch."""
+    from PIL import Image
+
+    height, width = served.guard.preprocessing.input_size
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (127, 127, 127)).save(buffer, format="PNG")
+    one = decode_images(served.guard.preprocessing, [buffer.getvalue()], settings.max_pixels, limits.formats)
+    served.infer(one)
+    served.infer(one.expand(settings.max_batch_size, -1, -1, -1).contiguous())
