@@ -28,7 +28,7 @@ import torch
 
 from bench.attacks import ATTACKS, MIN_ASR
 from bench.cifar10 import ARCHIVE, available, load_cifar10
-from bench.operating_point import ROOT, score_with_logits, split_test_set, test_set_range
+from bench.operating_point import RENAMED, ROOT, score_with_logits, split_test_set, test_set_range
 from defense.bundle import load_bundle
 from defense.score import rejects
 from defense.threshold import ThresholdError, calibrate_threshold
@@ -84,6 +84,13 @@ def summarize(fprs: np.ndarray, asrs: np.ndarray, refused: int, n: int, k: int, 
         build_fpr=build_fpr, build_fpr_percentile=float((fprs < build_fpr).mean()))
 
 
+def _bundle_folder(folder: Path, variant: str) -> Path:
+    """The variant's bundle, also under the name an earlier version of bench.operating_point gave it."""
+    if (folder / variant).is_dir():
+        return folder / variant
+    return folder / next((old for old, new in RENAMED.items() if new == variant), variant)
+
+
 def run_attack(name: str, arch: str, seed: int, data: dict, device: str, draws: int) -> dict:
     attack = ATTACKS[name]()
     folder = ROOT / "bundles" / f"{attack.model_attack or name}_{arch}_seed{seed}"
@@ -93,7 +100,7 @@ def run_attack(name: str, arch: str, seed: int, data: dict, device: str, draws: 
     counted = attack.counted(labels)
     result = {"attack": name, "arch": arch, "seed": seed, "variants": {}}
     for variant in VARIANTS:
-        guard, manifest = load_bundle(folder / variant, device)
+        guard, manifest = load_bundle(_bundle_folder(folder, variant), device)
         pool, _ = score_with_logits(guard, data["test_images"][pool_index])
         clean, _ = score_with_logits(guard, images)
         triggered, _ = score_with_logits(guard, triggered_images)
