@@ -1,10 +1,14 @@
 """The micro-batcher: concurrent requests are coalesced into one model forward.
 
 Requests put their images (one uint8 tensor per request, never split) on a bounded queue. One
-worker task takes the oldest request, waits up to ``max_wait_ms`` (counted from that request's
-arrival) for others to fill the batch up to ``max_batch_size`` images, then runs the forward in a
-single inference thread, off the event loop, and hands each request its rows of the result. A
-request larger than ``max_batch_size`` runs alone, as one batch.
+worker task takes what is queued, up to ``max_batch_size`` images, runs the forward in a single
+inference thread, off the event loop, and hands each request its rows of the result. A request
+larger than ``max_batch_size`` runs alone, as one batch.
+
+Batches form while the model is busy: requests that arrive during a forward are taken together
+when it ends. The first request of an idle period runs at once (no fixed wait for a lone
+request); only a queue that built up during a forward waits up to ``max_wait_ms`` (counted from
+its oldest request's arrival) for more to fill the batch.
 
 A full queue refuses at once (:class:`Overloaded`, the server's 503 with Retry-After); it never
 waits. :meth:`MicroBatcher.close` stops accepting and finishes what is queued.
@@ -124,12 +128,13 @@ class MicroBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            idle = not self._queue  # nothing arrived during the last forward: run the next request at once
             while not self._queue:
                 if self._closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.max_wait > 0:
+            if self.max_wait > 0 and not idle:
                 await self._wait_for_more(self._queue[0].arrived + self.max_wait)
             batch = [item for item in self._take() if not item.future.done()]  # done: the client went away
             if not batch:
