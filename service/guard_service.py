@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 
 from defense.bundle import load_bundle, package_versions
 from defense.device import resolve_device
+from defense.engine import GuardEngine, build_engine
 from defense.score import GuardScores, guard_scores, rejects
 from service.audit import AuditTrail, finite_or_none
 from service.batcher import MicroBatcher, Overloaded, ShuttingDown
@@ -65,6 +66,8 @@ class GuardService:
         self.tau = math.nan
         self.device = "cpu"
         self._streams = None
+        self.engine: GuardEngine | None = None
+        self._threads = (1, 1)  # torch threads for (small, large) batches, set by load()
         self._retry_after = {"Retry-After": str(settings.retry_after_s)}
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(settings.decode_threads, "badexpert-decode")
         self._audit_pool = concurrent.futures.ThreadPoolExecutor(1, "badexpert-audit")
@@ -88,7 +91,11 @@ class GuardService:
         if len(self.class_names) != manifest.num_classes:
             raise RuntimeError(f"bundle {settings.bundle_dir}: {len(self.class_names)} class names for "
                                f"{manifest.num_classes} classes")
-        if torch.device(self.device).type == "cuda" and settings.cuda_streams:
+        self._threads = (settings.small_batch_threads, torch.get_num_threads())
+        on_cuda = torch.device(self.device).type == "cuda"
+        engine = settings.engine if settings.engine != "auto" else "eager" if on_cuda else "jit"
+        self.engine = build_engine(guard, engine, self._check_batches(), on_fallback=log.warning)
+        if on_cuda and settings.cuda_streams and self.engine.name == "eager":
             self._streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]
         self.metrics.bind_bundle(manifest.bundle_id, self.tau, manifest.target_fpr, settings.mode, self.class_names)
         self.audit.open()
@@ -106,7 +113,8 @@ class GuardService:
                     "max_header_bytes": settings.max_header_bytes, "body_timeout_s": settings.body_timeout_s,
                     "image_formats": self.limits.formats},
             batching={"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
-                      "max_queue": settings.max_queue},
+                      "max_queue": settings.max_queue, "engine": self.engine.name,
+                      "small_batch_size": settings.small_batch_size, "torch_threads": list(self._threads)},
             versions={"bundle": manifest.versions, "server": package_versions()},
             response_policy=settings.response_policy,
         ).model_dump()
@@ -116,8 +124,16 @@ class GuardService:
         self.info = info
         if settings.warmup:
             self._warm_up()
-        log.info("bundle %s loaded on %s in %.1f s (tau %.6g, mode %s)", manifest.bundle_id, self.device,
-                 time.monotonic() - started, self.tau, settings.mode)
+        log.info("bundle %s loaded on %s in %.1f s (tau %.6g, mode %s, engine %s)", manifest.bundle_id, self.device,
+                 time.monotonic() - started, self.tau, settings.mode, self.engine.name)
+
+    def _check_batches(self) -> list[torch.Tensor]:
+        """Random uint8 batches of 2, 1 and 5 images at the input size: a non-eager engine must score them
+        as the eager guard does (two sizes catch a batch size baked into a trace)."""
+        height, width = self.guard.preprocessing.input_size
+        generator = torch.Generator().manual_seed(0)
+        return [torch.randint(0, 256, (size, 3, height, width), dtype=torch.uint8, generator=generator)
+                for size in (2, 1, 5)]
 
     def _warm_up(self) -> None:
         """One image through the whole path (decode, preprocess, forward, score), then a full batch."""
@@ -164,8 +180,12 @@ class GuardService:
     # ----- inference (runs in the batcher's inference thread) -----------------------------------
 
     def infer(self, images: torch.Tensor) -> GuardScores:
+        small, large = self._threads
+        threads = small if len(images) <= self.settings.small_batch_size else large
+        if torch.get_num_threads() != threads:  # the inference thread's own setting (one thread runs every forward)
+            torch.set_num_threads(threads)
         if self._streams is None:
-            return self.guard.score_batch(images)
+            return self.engine(images)
         return self._infer_on_streams(images)
 
     @torch.inference_mode()
