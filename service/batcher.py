@@ -63,6 +63,7 @@ class MicroBatcher:
         self._worker: asyncio.Task | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._closing = False
+        self._busy = False
 
     @property
     def queued_images(self) -> int:
@@ -71,6 +72,11 @@ class MicroBatcher:
     @property
     def running(self) -> bool:
         return self._worker is not None and not self._worker.done() and not self._closing
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no forward running."""
+        return not self._queue and not self._busy
 
     def has_room(self, images: int) -> bool:
         return self._queued_images + images <= self.max_queue
@@ -140,6 +146,7 @@ class MicroBatcher:
             if not batch:
                 continue
             images = batch[0].images if len(batch) == 1 else torch.cat([item.images for item in batch])
+            self._busy = True
             try:
                 scores = await loop.run_in_executor(self._executor, self._infer, images)
                 self._on_batch(len(images))
@@ -148,6 +155,8 @@ class MicroBatcher:
                     if not item.future.done():
                         item.future.set_exception(error)
                 continue
+            finally:
+                self._busy = False
             start = 0
             columns = vars(scores)
             for item in batch:

@@ -29,7 +29,7 @@ from service.audit import AuditTrail, finite_or_none
 from service.batcher import MicroBatcher, Overloaded, ShuttingDown
 from service.inputs import (MULTIPART, ByteBudget, InputError, Limits, Reservation, body_budget_exhausted,
                             check_content_length, check_media_type, decode_images, media_type, parse_json,
-                            parse_multipart, read_body)
+                            parse_multipart, pixels_within, read_body)
 from service.metrics import ServiceMetrics
 from service.schemas import InfoResponse
 from service.settings import ServiceSettings
@@ -37,6 +37,7 @@ from service.settings import ServiceSettings
 log = logging.getLogger("badexpert.serve")
 
 LOADING, READY, FAILED, SHUTTING_DOWN = "loading", "ready", "failed", "shutting_down"
+INLINE_PIXELS = 512 * 512  # most pixels (all images of a request) decoded on the event loop of an idle server
 
 
 class GuardService:
@@ -207,12 +208,12 @@ class GuardService:
 
     # ----- one request ---------------------------------------------------------------------------
 
-    def prepare(self, kind: str, content_type: str, body: bytes) -> tuple[list[bytes], torch.Tensor]:
-        """Blocking (decode thread): the request's image bytes and their (N, 3, H, W) uint8 tensor."""
-        if kind == MULTIPART:
-            blobs = parse_multipart(content_type, body, self.limits)
-        else:
-            blobs = parse_json(body, self.limits)
+    def prepare(self, kind: str, content_type: str, body: bytes, inline: bool = False) -> tuple | None:
+        """Blocking (decode thread): the request's image bytes and their (N, 3, H, W) uint8 tensor. ``inline``
+        (on the event loop): None instead when the headers say more than INLINE_PIXELS."""
+        blobs = parse_multipart(content_type, body, self.limits) if kind == MULTIPART else parse_json(body, self.limits)
+        if inline and not pixels_within(blobs, INLINE_PIXELS, self.limits.formats):
+            return None
         return blobs, decode_images(self.guard.preprocessing, blobs, self.limits.max_pixels, self.limits.formats)
 
     def readiness_problem(self) -> tuple[str, str | None] | None:
@@ -279,13 +280,17 @@ class GuardService:
         full = self._no_room()
         if full is not None:
             return self.overloaded(full)
-        loop = asyncio.get_running_loop()
-        self.decode_backlog += 1
-        try:
-            blobs, images = await loop.run_in_executor(self._decode_pool, self.prepare, kind,
-                                                       request.headers.get("content-type", ""), body)
-        finally:
-            self.decode_backlog -= 1
+        content_type, prepared = request.headers.get("content-type", ""), None
+        if len(body) <= self.settings.inline_decode_bytes and self.decode_backlog == 0 and self.batcher.idle:
+            prepared = self.prepare(kind, content_type, body, inline=True)  # idle server, small images: no thread hop
+        if prepared is None:
+            self.decode_backlog += 1
+            try:
+                prepared = await asyncio.get_running_loop().run_in_executor(
+                    self._decode_pool, self.prepare, kind, content_type, body)
+            finally:
+                self.decode_backlog -= 1
+        blobs, images = prepared
         del body
         try:
             scores = await self.batcher.submit(images)

@@ -147,3 +147,33 @@ def test_the_cuda_streams_path_scores_like_the_eager_guard_without_a_gpu(tiny, m
     assert torch.allclose(got.score, tiny.scores.double(), rtol=1e-5) and torch.equal(got.label, tiny.labels)
     service._decode_pool.shutdown()
     service._audit_pool.shutdown()
+
+
+def test_an_idle_server_decodes_small_images_on_the_event_loop_and_large_ones_in_the_threads(tiny):
+    import concurrent.futures
+    import io
+
+    from PIL import Image
+    from test_service import multipart, serving
+
+    from service.guard_service import INLINE_PIXELS
+
+    class CountingPool(concurrent.futures.ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args, **kwargs):
+            CountingPool.submitted += 1
+            return super().submit(*args, **kwargs)
+
+    with serving(tiny.bundle) as client:
+        service = client.app.state.service
+        service._decode_pool.shutdown()
+        service._decode_pool = CountingPool(1)
+        small = client.post("/predict", files=multipart(tiny.files[:1]))
+        assert small.status_code == 200 and CountingPool.submitted == 0
+        buffer = io.BytesIO()
+        Image.new("RGB", (1024, INLINE_PIXELS // 1024 + 1), (90, 20, 200)).save(buffer, format="PNG")
+        large = client.post("/predict", files=[("file", ("big.png", buffer.getvalue(), "image/png"))])
+        assert large.status_code == 200 and CountingPool.submitted == 1
+        assert client.post("/predict", files=[("file", ("bad.png", b"not an image", "image/png"))]).status_code == 422
+        assert CountingPool.submitted == 2  # what Pillow cannot open is left to the threads, which give the error

@@ -1040,7 +1040,7 @@ def test_admission_comes_before_the_body_is_read_when_the_decode_backlog_is_full
     gate = threading.Event()
 
     async def scenario():
-        app = create_app(settings(tiny.bundle, max_decode_backlog=1, decode_threads=1))
+        app = create_app(settings(tiny.bundle, max_decode_backlog=1, decode_threads=1, inline_decode_bytes=0))
         service = app.state.service
         real_prepare = service.prepare
 
