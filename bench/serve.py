@@ -35,6 +35,7 @@ import torch
 from bench.cifar10 import CACHE
 from bench.load import batch_counts, get, json_body, multipart_body, png_bytes, run_load
 from defense.bundle import load_bundle, save_bundle
+from defense.engine import ENGINES, build_engine
 from defense.guard import Guard
 from defense.models import create_model
 from defense.models.loading import ModelSpec
@@ -120,7 +121,7 @@ def _median(values: list[float]) -> float:
 
 
 def in_process(bundle: Path, setup: ModelSetup, duration_s: float) -> dict:
-    """Bare model (normalizer + M) and guard, batch 64 and batch 1, in this process."""
+    """Bare model (normalizer + M), the eager guard and the other engines, batch 64 and batch 1, in this process."""
     guard, _ = load_bundle(bundle, "cpu")
     batch, one = sample_images(setup, 64), sample_images(setup, 1)
 
@@ -128,11 +129,17 @@ def in_process(bundle: Path, setup: ModelSetup, duration_s: float) -> dict:
     def bare(images):
         return guard.model(guard.normalizer(images))
 
+    checks = [sample_images(setup, 2), sample_images(setup, 1), sample_images(setup, 5)]
+    engines = {name: build_engine(guard, name, checks) for name in ENGINES if name != "eager"}
     for images in (batch, one):  # warm up
         bare(images)
         guard.score_batch(images)
+        for engine in engines.values():
+            engine(images)
     results = {}
-    for name, function in (("bare", bare), ("guard", guard.score_batch)):
+    paths = [("bare", bare), ("guard", guard.score_batch)]
+    paths += [(f"guard_{name}", engine) for name, engine in engines.items() if engine.name == name]
+    for name, function in paths:
         big = _median(_timed(lambda: function(batch), duration_s))
         small = _median(_timed(lambda: function(one), duration_s / 2, minimum=10))
         results[name] = {"batch64_images_per_s": 64 / big, "batch1_ms": 1000 * small}
@@ -227,6 +234,12 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {model} | guard in-process, batch 1 | {1000 / guard['batch1_ms']:,.0f} | "
                      f"{1000 / guard['batch1_ms'] / reference:.2f} | {guard['batch1_ms']:.2f} | | "
                      f"{guard['batch1_ms'] / single:.1f} | 1 | |")
+        for engine in ENGINES:
+            timing = result["in_process"].get(f"guard_{engine}")
+            if timing is not None:
+                lines.append(f"| {model} | guard in-process, {engine} engine, batch 64 / batch 1 | "
+                             f"{timing['batch64_images_per_s']:,.0f} | {timing['batch64_images_per_s'] / reference:.2f} | "
+                             f"{timing['batch1_ms']:.2f} | | {timing['batch1_ms'] / single:.1f} | 64 / 1 | |")
         for row in result["http"]:
             statuses = ", ".join(f"{code}: {count}" for code, count in sorted(row["statuses"].items()))
             lines.append(f"| {model} | {row['scenario']} | {row['images_per_s']:,.0f} | "

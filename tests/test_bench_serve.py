@@ -17,11 +17,12 @@ def test_quick_serving_bench_runs_and_writes_its_table(tmp_path, monkeypatch):
     markdown = (tmp_path / "out" / "serve.md").read_text()
     summary = json.loads((tmp_path / "out" / "serve.json").read_text())
     for path in ("bare model in-process, batch 64", "bare model in-process, batch 1", "guard in-process, batch 64",
+                 "guard in-process, jit engine, batch 64 / batch 1",
                  "batching gain (64 clients / 1 client)", *(scenario.name for scenario in serve.SCENARIOS)):
         assert f"| {path} |" in markdown, path
     rows = summary["results"][0]["http"]
     assert len(rows) == len(serve.SCENARIOS)
     for row in rows:
         assert row["statuses"].get("200", 0) > 0, row
-        assert set(row["statuses"]) <= {"200", "503"}, row  # 503: the server's own overload answer, never a failure
+        assert set(row["statuses"]) == {"200"}, row  # not one refusal or error, 64 clients included
         assert row["mean_batch"] is not None and row["mean_batch"] >= 1
