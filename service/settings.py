@@ -49,6 +49,8 @@ class ServiceSettings(BaseSettings):
     cuda_streams: bool = Field(True, description="on CUDA, run the three models on separate streams")
     warmup: bool = Field(True, description="run warm-up forwards before reporting ready")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to wait for requests in flight")
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="uvicorn's event loop; auto: uvloop when it is installed, else asyncio")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
     access_log: bool = Field(True, description="uvicorn's per-request access log")
     # bundle trust
