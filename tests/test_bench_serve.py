@@ -26,3 +26,14 @@ def test_quick_serving_bench_runs_and_writes_its_table(tmp_path, monkeypatch):
         assert row["statuses"].get("200", 0) > 0, row
         assert set(row["statuses"]) == {"200"}, row  # not one refusal or error, 64 clients included
         assert row["mean_batch"] is not None and row["mean_batch"] >= 1
+
+
+@pytest.mark.integration
+def test_side_by_side_comparison_runs_every_configuration(tmp_path, monkeypatch, capsys):
+    from bench import serve_ab
+
+    monkeypatch.setattr(serve, "BUNDLES", tmp_path / "bundles")
+    assert serve_ab.main(["--model", "tiny", "--duration", "0.3", "--rounds", "1", "eager=--engine eager", "jit="]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["eager", "jit"]
+    assert all(" failed 0 " in line for line in lines[1:])
