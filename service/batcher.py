@@ -6,9 +6,10 @@ inference thread, off the event loop, and hands each request its rows of the res
 larger than ``max_batch_size`` runs alone, as one batch.
 
 Batches form while the model is busy: requests that arrive during a forward are taken together
-when it ends. The first request of an idle period runs at once (no fixed wait for a lone
-request); only a queue that built up during a forward waits up to ``max_wait_ms`` (counted from
-its oldest request's arrival) for more to fill the batch.
+when it ends, and may wait up to ``max_wait_ms`` (counted from the oldest one's arrival) for more
+to fill the batch. The first request of an idle period runs at once unless other requests are
+already on their way (``upstream``: being decoded), and then it waits for those only: a lone
+request never waits.
 
 A full queue refuses at once (:class:`Overloaded`, the server's 503 with Retry-After); it never
 waits. :meth:`MicroBatcher.close` stops accepting and finishes what is queued.
@@ -50,13 +51,14 @@ class _Item:
 class MicroBatcher:
     def __init__(self, infer: Callable[[torch.Tensor], GuardScores], max_batch_size: int, max_wait_ms: float,
                  max_queue: int, on_batch: Callable[[int], None] | None = None,
-                 on_queue_depth: Callable[[int], None] | None = None):
+                 on_queue_depth: Callable[[int], None] | None = None, upstream: Callable[[], int] | None = None):
         self._infer = infer
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self._on_batch = on_batch or (lambda size: None)
         self._on_queue_depth = on_queue_depth or (lambda depth: None)
+        self._upstream = upstream or (lambda: 0)  # requests on their way to the queue (being decoded)
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_images = 0
         self._wakeup: asyncio.Event | None = None
@@ -109,8 +111,10 @@ class MicroBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    async def _wait_for_more(self, deadline: float) -> None:
+    async def _wait_for_more(self, deadline: float, idle: bool) -> None:
         while self._queued_images < self.max_batch_size and not self._closing:
+            if idle and not self._upstream():  # an idle model waits only for requests known to be coming
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -140,8 +144,8 @@ class MicroBatcher:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.max_wait > 0 and not idle:
-                await self._wait_for_more(self._queue[0].arrived + self.max_wait)
+            if self.max_wait > 0:
+                await self._wait_for_more(self._queue[0].arrived + self.max_wait, idle)
             batch = [item for item in self._take() if not item.future.done()]  # done: the client went away
             if not batch:
                 continue

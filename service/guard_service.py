@@ -129,8 +129,7 @@ class GuardService:
                  time.monotonic() - started, self.tau, settings.mode, self.engine.name)
 
     def _check_batches(self) -> list[torch.Tensor]:
-        """Random uint8 batches of 2, 1 and 5 images at the input size: a non-eager engine must score them
-        as the eager guard does (two sizes catch a batch size baked into a trace)."""
+        """Random batches of 2, 1 and 5 images that an engine must score as eager does (sizes: a baked-in batch)."""
         height, width = self.guard.preprocessing.input_size
         generator = torch.Generator().manual_seed(0)
         return [torch.randint(0, 256, (size, 3, height, width), dtype=torch.uint8, generator=generator)
@@ -152,7 +151,8 @@ class GuardService:
             await asyncio.get_running_loop().run_in_executor(None, self.load)
             self.batcher = MicroBatcher(self.infer, self.settings.max_batch_size, self.settings.max_wait_ms,
                                         self.settings.max_queue, on_batch=self.metrics.batch_size.observe,
-                                        on_queue_depth=self.metrics.queue_depth.set)
+                                        on_queue_depth=self.metrics.queue_depth.set,
+                                        upstream=lambda: self.decode_backlog)
             self.batcher.start()
             self.state = READY
         except asyncio.CancelledError:

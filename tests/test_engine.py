@@ -177,3 +177,34 @@ def test_an_idle_server_decodes_small_images_on_the_event_loop_and_large_ones_in
         assert large.status_code == 200 and CountingPool.submitted == 1
         assert client.post("/predict", files=[("file", ("bad.png", b"not an image", "image/png"))]).status_code == 422
         assert CountingPool.submitted == 2  # what Pillow cannot open is left to the threads, which give the error
+
+
+def test_an_idle_batcher_waits_only_for_requests_on_their_way():
+    import asyncio
+
+    from defense.score import GuardScores
+    from service.batcher import MicroBatcher
+
+    def infer(images):
+        batches.append(len(images))
+        zeros = torch.zeros(len(images))
+        return GuardScores(zeros.long(), zeros, zeros.double(), zeros.double(), zeros.double())
+
+    async def scenario(upstream: int) -> float:
+        on_the_way = [upstream]
+        batcher = MicroBatcher(infer, max_batch_size=8, max_wait_ms=2000, max_queue=64, upstream=lambda: on_the_way[0])
+        batcher.start()
+        started = asyncio.get_running_loop().time()
+        first = asyncio.create_task(batcher.submit(torch.zeros(1, 3, 2, 2, dtype=torch.uint8)))
+        await asyncio.sleep(0.2)
+        on_the_way[0] = 0  # the request being decoded arrives
+        second = asyncio.create_task(batcher.submit(torch.zeros(2, 3, 2, 2, dtype=torch.uint8)))
+        await asyncio.gather(first, second)
+        await batcher.close()
+        return asyncio.get_running_loop().time() - started
+
+    batches = []
+    assert asyncio.run(scenario(upstream=0)) < 1.5 and batches == [1, 2]  # a lone request runs at once
+    batches = []
+    elapsed = asyncio.run(scenario(upstream=1))  # one request is being decoded: the first waits for it
+    assert batches == [3] and 0.2 <= elapsed < 1.5
