@@ -78,8 +78,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                              "D_select accuracy falls to --unlearn-target-ratio of M's (default auto)")
     method.add_argument("--expert-labels", choices=("shift", "derangement"), default=defaults.expert_labels,
                         help="the backdoor expert's wrong labels: shift (y + 1 mod C, the paper's) or derangement "
-                             "(a random permutation without fixed points, drawn from --seed and recorded in the "
+                             "(a random permutation without fixed points, drawn at random and recorded in the "
                              "bundle, so an attacker cannot know it) (default %(default)s)")
+    method.add_argument("--expert-labels-seed", type=int, default=None, metavar="N",
+                        help="--expert-labels derangement: draw the permutation from this seed instead of at "
+                             "random (for a reproducible build; anyone who knows N knows the mapping)")
     method.add_argument("--unlearn-target-ratio", type=common.fraction, default=defaults.unlearn_target_ratio,
                         help="(default %(default)s)")
     method.add_argument("--unlearn-epochs", type=int, default=defaults.unlearn_epochs, help="(default %(default)s)")
@@ -237,7 +240,8 @@ def run_build(args) -> int:
         calibration_fraction=args.calibration_fraction, selection_fraction=args.selection_fraction, fpr=args.fpr, threshold_rule=args.threshold_rule,
         threshold_delta=args.threshold_delta, alpha=args.alpha, seed=args.seed, unlearn_lr=args.unlearn_lr,
         unlearn_epochs=args.unlearn_epochs, unlearn_batch_size=args.unlearn_batch_size,
-        unlearn_target_ratio=args.unlearn_target_ratio, expert_labels=args.expert_labels, finetune_lr=args.finetune_lr,
+        unlearn_target_ratio=args.unlearn_target_ratio, expert_labels=args.expert_labels,
+        expert_labels_seed=args.expert_labels_seed, finetune_lr=args.finetune_lr,
         finetune_epochs=args.finetune_epochs, finetune_batch_size=args.finetune_batch_size,
         finetune_milestones=tuple(args.finetune_milestones), finetune_momentum=args.finetune_momentum,
         finetune_weight_decay=args.finetune_weight_decay, finetune_recover_ratio=args.finetune_recover_ratio,

@@ -103,7 +103,7 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.access_log, lifespan="on", http=JSONErrorH11Protocol,
-                            h11_max_incomplete_event_size=settings.max_header_bytes,
+                            loop=settings.event_loop, h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s)
     server = uvicorn.Server(config)
     service = app.state.service

@@ -11,6 +11,8 @@ exchangeable with fresh clean scores) holds. docs/method.md explains the choices
 
 from __future__ import annotations
 
+import secrets
+
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,7 +59,8 @@ class BuildConfig:
     unlearn_epochs: int = 1
     unlearn_batch_size: int = 128
     unlearn_target_ratio: float = 0.5  # B's D_select accuracy at or below this fraction of M's
-    expert_labels: str = "shift"  # the expert's mislabeling: "shift" (y + 1 mod C) or "derangement" (seeded)
+    expert_labels: str = "shift"  # the expert's mislabeling: "shift" (y + 1 mod C) or "derangement"
+    expert_labels_seed: int | None = None  # derangement: None draws the seed at random (secrets), so it is not public
     finetune_lr: float | None = None  # None: choose from D_select
     finetune_epochs: int = 10
     finetune_batch_size: int = 64
@@ -116,7 +119,10 @@ def _finite(logits: torch.Tensor) -> bool:
 def choose_unlearning_rate(model, fit: ImageSet, cal_images, cal_reference, num_classes, normalizer,
                            reference_accuracy: float, config: BuildConfig, log) -> tuple[nn.Module, dict]:
     """The smallest rate at which B's D_select accuracy falls to ``target_ratio`` of M's."""
-    wrong_label_of = mislabeling(num_classes, config.expert_labels, config.seed)
+    labels_seed = config.expert_labels_seed
+    if labels_seed is None and config.expert_labels == "derangement":
+        labels_seed = secrets.randbits(62)  # not --seed: a public default seed would give a public mapping
+    wrong_label_of = mislabeling(num_classes, config.expert_labels, labels_seed or 0)
     labels_record = {"mislabeling": config.expert_labels, "wrong_label_of": wrong_label_of.tolist()}
 
     def train(lr):

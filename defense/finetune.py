@@ -38,7 +38,8 @@ def mislabeling(num_classes: int, kind: str = "shift", seed: int = 0) -> torch.T
 
     ``shift``: y' = (y + 1) mod C (paper Alg. 1), public, so an attacker can pick the same mapping
     for an all-to-all backdoor. ``derangement``: drawn uniformly from the permutations without a
-    fixed point, seeded (the build's ``--seed``), recorded in the bundle."""
+    fixed point by a generator seeded with ``seed`` (the build draws that seed at random unless told,
+    and records the mapping in the bundle)."""
     if num_classes < 2:
         raise ValueError("mislabeling needs at least 2 classes")
     classes = torch.arange(num_classes)

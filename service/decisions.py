@@ -1,5 +1,5 @@
-"""The guard's decisions on one request's images (:class:`Decisions`), and the ``POST /predict``
-answer made of them. The v2 protocol formats the same decisions as tensors (:mod:`service.v2_routes`)."""
+"""The guard's decisions on one request's images (:class:`Decisions`), the ``POST /predict``
+answer made of them, and the audit trail's records of the flagged ones. The v2 protocol formats the same decisions as tensors (:mod:`service.v2_routes`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse, Response
 
+from defense.score import GuardScores
 from service.audit import finite_or_none
 from service.served_bundle import ServedBundle
 from service.settings import ServiceSettings
+from service.shadow import CandidateDecisions, candidate_fields
 
 
 @dataclass
@@ -50,3 +52,22 @@ def predict_answer(decisions: Decisions, settings: ServiceSettings) -> Response:
     if not show_scores:
         del answer["threshold"]
     return JSONResponse(answer)
+
+
+def audit_records(request_state, bundle: ServedBundle, scores: GuardScores, flagged: list[bool], chosen: list[int],
+                  mode: str, candidate: CandidateDecisions | None = None) -> list[dict]:
+    """The audit trail's records of a request's ``chosen`` images (those flagged by the live bundle or
+    the candidate). With a candidate in shadow, each record says both decisions."""
+    labels, values = scores.label.tolist(), scores.score.tolist()
+    experts, auxiliaries = scores.expert_agreement.tolist(), scores.auxiliary_agreement.tolist()
+    records = [{"request_id": request_state.request_id, "client_request_id": request_state.client_request_id,
+                "index": i, "predicted_class": labels[i], "class_name": bundle.class_names[labels[i]],
+                "score": finite_or_none(values[i]), "b": finite_or_none(experts[i]),
+                "a": finite_or_none(auxiliaries[i]), "alpha": bundle.guard.alpha, "tau": bundle.tau,
+                "mode": mode, "bundle": bundle.bundle_id}
+               for i in chosen]
+    if candidate is not None:
+        for record in records:
+            record["flagged"] = flagged[record["index"]]
+            record["candidate"] = candidate_fields(candidate, record["index"])
+    return records

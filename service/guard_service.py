@@ -24,22 +24,23 @@ from fastapi.responses import JSONResponse, Response
 
 from defense.device import resolve_device
 from defense.score import GuardScores, rejects
-from service.audit import AuditTrail, finite_or_none
+from service.audit import AuditTrail
 from service.batcher import MicroBatcher, Overloaded, ShuttingDown
-from service.decisions import Decisions, predict_answer
+from service.decisions import Decisions, audit_records, predict_answer
 from service.bundle_reload import BundleReloader
 from service.inputs import (MULTIPART, ByteBudget, InputError, Limits, Reservation, body_budget_exhausted,
                             check_content_length, check_media_type, decode_images, media_type, parse_json,
-                            parse_multipart, read_body)
+                            parse_multipart, pixels_within, read_body)
 from service.metrics import ServiceMetrics
 from service.served_bundle import ServedBundle, load_served_bundle
-from service.shadow import (CandidateDecisions, Lineup, candidate_decisions, candidate_fields, check_candidate,
-                            lineup_info, score_lineup)
+from service.shadow import (CandidateDecisions, Lineup, candidate_decisions, check_candidate, lineup_info,
+                            score_lineup)
 from service.settings import ServiceSettings
 
 log = logging.getLogger("badexpert.serve")
 
 LOADING, READY, FAILED, SHUTTING_DOWN = "loading", "ready", "failed", "shutting_down"
+INLINE_PIXELS = 512 * 512  # most pixels (all images of a request) decoded on the event loop of an idle server
 
 # (media type, Content-Type header, body, bundle) -> (the encoded images, or b"" each, and (N, 3, H, W) uint8)
 Parse = Callable[[str, str, bytes, ServedBundle], tuple[list[bytes], torch.Tensor]]
@@ -69,6 +70,7 @@ class GuardService:
         self.lineup: Lineup | None = None  # live bundle and candidate; replaced as a whole, never edited
         self.batcher: MicroBatcher | None = None
         self.device = "cpu"
+        self._threads = (1, 1)  # torch threads for (small, large) batches, set by load()
         self.reloader = BundleReloader(lambda folder: self.load_candidate(folder), self.switch,
                                        self.metrics.count_reload)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,6 +95,7 @@ class GuardService:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         self.device = resolve_device(self.settings.device)
+        self._threads = (self.settings.small_batch_threads, torch.get_num_threads())
         live = self.load_candidate(self.settings.bundle_dir)
         candidate = None
         if self.settings.shadow_bundle is not None:
@@ -168,7 +171,8 @@ class GuardService:
             await self._loop.run_in_executor(None, self.load)
             self.batcher = MicroBatcher(self.infer, self.settings.max_batch_size, self.settings.max_wait_ms,
                                         self.settings.max_queue, on_batch=self.metrics.batch_size.observe,
-                                        on_queue_depth=self.metrics.queue_depth.set)
+                                        on_queue_depth=self.metrics.queue_depth.set,
+                                        upstream=lambda: self.decode_backlog)
             self.batcher.start()
             self.state = READY
         except asyncio.CancelledError:
@@ -198,17 +202,21 @@ class GuardService:
     # ----- inference (runs in the batcher's inference thread) -----------------------------------
 
     def infer(self, images: torch.Tensor, lineup: Lineup | None = None) -> GuardScores:
+        small, large = self._threads
+        threads = small if len(images) <= self.settings.small_batch_size else large
+        if torch.get_num_threads() != threads:  # the inference thread's own setting (one thread runs every forward)
+            torch.set_num_threads(threads)
         return score_lineup(lineup or self.lineup, images, self.metrics.candidate_failures.inc)
 
     # ----- one request ---------------------------------------------------------------------------
 
-    def prepare(self, kind: str, content_type: str, body: bytes,
-                bundle: ServedBundle | None = None) -> tuple[list[bytes], torch.Tensor]:
-        """Blocking (decode thread): the /predict request's image bytes and their (N, 3, H, W) uint8 tensor."""
-        if kind == MULTIPART:
-            blobs = parse_multipart(content_type, body, self.limits)
-        else:
-            blobs = parse_json(body, self.limits)
+    def prepare(self, kind: str, content_type: str, body: bytes, bundle: ServedBundle | None = None,
+                inline: bool = False) -> tuple[list[bytes], torch.Tensor] | None:
+        """Blocking (decode thread): the /predict request's image bytes and their (N, 3, H, W) uint8 tensor.
+        ``inline`` (on the event loop): None instead when the headers say more than INLINE_PIXELS."""
+        blobs = parse_multipart(content_type, body, self.limits) if kind == MULTIPART else parse_json(body, self.limits)
+        if inline and not pixels_within(blobs, INLINE_PIXELS, self.limits.formats):
+            return None
         preprocessing = (bundle or self.live).guard.preprocessing
         return blobs, decode_images(preprocessing, blobs, self.limits.max_pixels, self.limits.formats)
 
@@ -244,13 +252,15 @@ class GuardService:
     async def predict(self, request: Request) -> Response:
         """POST /predict: multipart or JSON base64 images in, the guard's decisions out."""
         return await self.handle(request, check_media_type, self.prepare,
-                                 lambda decisions: predict_answer(decisions, self.settings))
+                                 lambda decisions: predict_answer(decisions, self.settings), inline=True)
 
     async def handle(self, request: Request, check_kind: Callable[[str], None], parse: Parse,
-                     answer: Callable[[Decisions], Response]) -> Response:
+                     answer: Callable[[Decisions], Response], inline: bool = False) -> Response:
         """One image request on any endpoint: admission, the body within the limits, ``parse`` in a decode
         thread (body -> image bytes and uint8 tensor, through service.inputs), the batcher, the audit
-        trail, metrics; ``answer`` formats the decisions. The request keeps the bundle it starts on."""
+        trail, metrics; ``answer`` formats the decisions. The request keeps the bundle it starts on.
+        ``inline``: ``parse`` takes ``inline=True`` and may then decode a small body of an idle server on
+        the event loop (it returns None when the images are too large for that)."""
         problem = self.readiness_problem()
         if problem is not None:
             return self.unavailable(problem)
@@ -267,7 +277,7 @@ class GuardService:
             return self.overloaded(body_budget_exhausted(self._retry_after).detail)
         reservation = Reservation()
         try:
-            return await self._admitted(request, kind, reservation, lineup, parse, answer)
+            return await self._admitted(request, kind, reservation, lineup, parse, answer, inline)
         except InputError as error:
             if error.code == "overloaded":
                 self.metrics.overload.inc()
@@ -276,7 +286,7 @@ class GuardService:
             self.body_budget.give_back(reservation.bytes)
 
     async def _admitted(self, request: Request, kind: str, reservation: Reservation, lineup: Lineup,
-                        parse: Parse, answer: Callable[[Decisions], Response]) -> Response:
+                        parse: Parse, answer: Callable[[Decisions], Response], inline: bool) -> Response:
         bundle = lineup.live
         try:
             body = await asyncio.wait_for(
@@ -288,13 +298,17 @@ class GuardService:
         full = self._no_room()
         if full is not None:
             return self.overloaded(full)
-        loop = asyncio.get_running_loop()
-        self.decode_backlog += 1
-        try:
-            blobs, images = await loop.run_in_executor(self._decode_pool, parse, kind,
-                                                       request.headers.get("content-type", ""), body, bundle)
-        finally:
-            self.decode_backlog -= 1
+        content_type, prepared = request.headers.get("content-type", ""), None
+        if inline and len(body) <= self.settings.inline_decode_bytes and self.decode_backlog == 0 and self.batcher.idle:
+            prepared = parse(kind, content_type, body, bundle, inline=True)  # idle server, small images: no thread hop
+        if prepared is None:
+            self.decode_backlog += 1
+            try:
+                prepared = await asyncio.get_running_loop().run_in_executor(
+                    self._decode_pool, parse, kind, content_type, body, bundle)
+            finally:
+                self.decode_backlog -= 1
+        blobs, images = prepared
         del body
         try:
             scores = await self.batcher.submit(images, lineup)
@@ -321,19 +335,8 @@ class GuardService:
         """Write the flagged inputs' records (off the event loop). None when they are on disk; a 503
         (and not ready until the disk has room again) when the disk refused them. With a candidate in
         shadow, the images it alone flags are recorded too; each line then says both decisions."""
-        labels, values = scores.label.tolist(), scores.score.tolist()
-        experts, auxiliaries = scores.expert_agreement.tolist(), scores.auxiliary_agreement.tolist()
         chosen = [i for i, flag in enumerate(flagged) if flag or (candidate is not None and candidate.flagged[i])]
-        records = [{"request_id": request.state.request_id, "client_request_id": request.state.client_request_id,
-                    "index": i, "predicted_class": labels[i], "class_name": bundle.class_names[labels[i]],
-                    "score": finite_or_none(values[i]), "b": finite_or_none(experts[i]),
-                    "a": finite_or_none(auxiliaries[i]), "alpha": bundle.guard.alpha, "tau": bundle.tau,
-                    "mode": self.settings.mode, "bundle": bundle.bundle_id}
-                   for i in chosen]
-        if candidate is not None:
-            for record in records:
-                record["flagged"] = flagged[record["index"]]
-                record["candidate"] = candidate_fields(candidate, record["index"])
+        records = audit_records(request.state, bundle, scores, flagged, chosen, self.settings.mode, candidate)
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._audit_pool, self.audit.record, records, [blobs[i] for i in chosen], [images[i] for i in chosen])

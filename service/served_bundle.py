@@ -10,6 +10,7 @@ changes the guard under a request in flight.
 from __future__ import annotations
 
 import io
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,15 @@ from pathlib import Path
 import torch
 
 from defense.bundle import load_bundle, package_versions
+from defense.engine import GuardEngine, build_engine
 from defense.guard import Guard
 from defense.manifest import Manifest
 from defense.score import GuardScores, guard_scores
 from service.inputs import Limits, decode_images
 from service.schemas import InfoResponse
 from service.settings import ServiceSettings
+
+log = logging.getLogger("badexpert.serve")
 
 
 @dataclass
@@ -33,6 +37,7 @@ class ServedBundle:
     tau: float
     class_names: list[str]
     info: dict
+    engine: GuardEngine
     streams: list | None = None
 
     @property
@@ -42,7 +47,7 @@ class ServedBundle:
     def infer(self, images: torch.Tensor) -> GuardScores:
         """Blocking (the batcher's inference thread): the scores of one batch of uint8 images."""
         if self.streams is None:
-            return self.guard.score_batch(images)
+            return self.engine(images)
         return self._infer_on_streams(images)
 
     @torch.inference_mode()
@@ -75,17 +80,29 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
     class_names = list(manifest.class_names)
     if len(class_names) != manifest.num_classes:
         raise RuntimeError(f"bundle {folder}: {len(class_names)} class names for {manifest.num_classes} classes")
+    on_cuda = torch.device(device).type == "cuda"
+    engine_name = settings.engine if settings.engine != "auto" else "eager" if on_cuda else "jit"
+    engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning)
     streams = None
-    if torch.device(device).type == "cuda" and settings.cuda_streams:
+    if on_cuda and settings.cuda_streams and engine.name == "eager":
         streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]
     served = ServedBundle(folder, guard, manifest, tau, class_names,
-                          info_document(settings, limits, guard, manifest, device), streams)
+                          info_document(settings, limits, guard, manifest, device, engine.name), engine, streams)
     if settings.warmup:
         warm_up(served, settings, limits)
     return served
 
 
-def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manifest: Manifest, device: str) -> dict:
+def check_batches(guard: Guard) -> list[torch.Tensor]:
+    """Random batches of 2, 1 and 5 images that an engine must score as eager does (sizes: a baked-in batch)."""
+    height, width = guard.preprocessing.input_size
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (size, 3, height, width), dtype=torch.uint8, generator=generator)
+            for size in (2, 1, 5)]
+
+
+def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manifest: Manifest, device: str,
+                  engine: str = "eager") -> dict:
     """What ``GET /v1/info`` answers for this bundle."""
     info = InfoResponse(
         bundle_id=manifest.bundle_id, created_at=manifest.created_at, architecture=manifest.architecture,
@@ -102,7 +119,8 @@ def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manif
                 "max_header_bytes": settings.max_header_bytes, "body_timeout_s": settings.body_timeout_s,
                 "image_formats": limits.formats},
         batching={"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
-                  "max_queue": settings.max_queue},
+                  "max_queue": settings.max_queue, "engine": engine, "small_batch_size": settings.small_batch_size,
+                  "torch_threads": [settings.small_batch_threads, torch.get_num_threads()]},
         versions={"bundle": manifest.versions, "server": package_versions()},
         response_policy=settings.response_policy,
     ).model_dump()

@@ -34,10 +34,23 @@ class ServiceSettings(BaseSettings):
     quarantine_dir: Path | None = Field(None, description="folder keeping the bytes of flagged inputs, named by their sha256")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503")
     decode_threads: int = Field(2, ge=1, description="threads decoding images (Pillow) off the event loop")
-    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    inline_decode_bytes: int = Field(65536, ge=0, description="on an idle server (nothing queued, decoding or "
+                                     "running), a body up to this size is decoded on the event loop, without a thread "
+                                     "hop (0: always in the decode threads)")
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads for large batches (default: torch's choice)")
+    small_batch_size: int = Field(8, ge=0, description="batches of up to this many images run on small_batch_threads "
+                                  "torch threads (0: every batch on torch_threads)")
+    small_batch_threads: int = Field(1, ge=1, description="torch CPU threads for small batches: the other cores stay "
+                                     "free for HTTP and image decoding")
+    engine: Literal["auto", "eager", "fused", "jit"] = Field(
+        "auto", description="how the three forwards run: eager (module by module), fused (BatchNorm folded, "
+                            "channels-last), jit (one frozen TorchScript graph); auto: jit on CPU, eager on CUDA. "
+                            "A non-eager engine that does not match the eager scores on warm-up falls back to eager")
     cuda_streams: bool = Field(True, description="on CUDA, run the three models on separate streams")
     warmup: bool = Field(True, description="run warm-up forwards before reporting ready")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to wait for requests in flight")
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="uvicorn's event loop; auto: uvloop when it is installed, else asyncio")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
     access_log: bool = Field(True, description="uvicorn's per-request access log")
     # bundle trust
@@ -82,7 +95,7 @@ class ServiceSettings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description="time allowed to receive a request body (408 beyond)")
     max_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1, description="most request-body bytes held across all "
                                      "requests at once; beyond it requests get 503 with Retry-After at once")
-    max_decode_backlog: int = Field(8, ge=1, description="most requests waiting for or in the decode threads; "
+    max_decode_backlog: int = Field(64, ge=1, description="most requests waiting for or in the decode threads; "
                                     "beyond it requests get 503 with Retry-After before their body is read")
     image_formats: str = Field("PNG,JPEG,WEBP,BMP,GIF", description="comma-separated image formats (Pillow names) "
                                "the server decodes; any other is undecodable (422)")

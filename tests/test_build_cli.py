@@ -143,11 +143,13 @@ def test_build_signs_with_sign_key_and_a_bad_key_fails_before_training(capsys, t
     assert manifest.signature is not None
 
 
-def test_expert_labels_derangement_is_drawn_from_the_seed_and_recorded(tmp_path, weights, clean_dir):
+def test_expert_labels_derangement_is_drawn_at_random_or_from_its_seed_and_recorded(tmp_path, weights, clean_dir):
     from defense.finetune import mislabeling
 
     assert main(build_args(weights, clean_dir, tmp_path / "shift")) == 0
-    assert main(build_args(weights, clean_dir, tmp_path / "deranged", "--expert-labels", "derangement", "--seed", "3")) == 0
+    assert main(build_args(weights, clean_dir, tmp_path / "deranged", "--expert-labels", "derangement",
+                                  "--expert-labels-seed", "3")) == 0
+    assert main(build_args(weights, clean_dir, tmp_path / "random", "--expert-labels", "derangement")) == 0
     shift = json.loads((tmp_path / "shift" / "manifest.json").read_text())["backdoor_expert"]
     deranged = json.loads((tmp_path / "deranged" / "manifest.json").read_text())["backdoor_expert"]
     assert shift["mislabeling"] == "shift" and shift["wrong_label_of"] == [(c + 1) % NUM_CLASSES for c in range(NUM_CLASSES)]
@@ -155,3 +157,5 @@ def test_expert_labels_derangement_is_drawn_from_the_seed_and_recorded(tmp_path,
     assert deranged["wrong_label_of"] == mislabeling(NUM_CLASSES, "derangement", 3).tolist()
     assert deranged["wrong_label_of"] != shift["wrong_label_of"] or NUM_CLASSES == 2
     load_bundle(tmp_path / "deranged")  # the manifest with the new fields verifies and loads
+    drawn = json.loads((tmp_path / "random" / "manifest.json").read_text())["backdoor_expert"]["wrong_label_of"]
+    assert sorted(drawn) == list(range(NUM_CLASSES)) and all(drawn[c] != c for c in range(NUM_CLASSES))

@@ -95,3 +95,21 @@ def test_a_well_formed_request_through_the_same_driver_is_answered(bundle):
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     (status, body), _ = exchange(bundle, [(headers, [{"type": "http.request", "body": payload}])])
     assert status == 200 and len(body["predictions"]) == 1
+
+
+def test_pixels_within_reads_headers_only_and_refuses_what_it_cannot_open():
+    import io
+
+    from PIL import Image
+
+    from service.inputs import pixels_within
+
+    def png(width, height):
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    assert pixels_within([png(16, 16), png(32, 32)], 16 * 16 + 32 * 32)
+    assert not pixels_within([png(16, 16), png(32, 32)], 16 * 16 + 32 * 32 - 1)
+    assert not pixels_within([b"not an image"], 10 ** 9)
+    assert not pixels_within([png(4, 4)], 10 ** 9, formats=("JPEG",))

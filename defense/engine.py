@@ -1,0 +1,128 @@
+"""Engines that run the guard's three forwards (M, B and M' on the same normalized batch) as one
+unit of work, for serving. Each returns exactly what :meth:`Guard.score_batch` returns.
+
+- ``eager``: :meth:`Guard.score_batch` itself, module by module.
+- ``fused``: eager copies of the three models with each BatchNorm folded into the convolution
+  before it (``torch.fx``) and channels-last weights; falls back to ``eager`` for a model that
+  ``torch.fx`` cannot trace.
+- ``jit``: the normalizer and the three models traced into one TorchScript graph, frozen and
+  optimized for inference (BatchNorm folded, oneDNN convolutions on CPU). Fewest Python calls per
+  batch: on a small model at batch 1 it is about twice as fast as ``eager``.
+
+A non-eager engine is checked when it is built: on sample batches of two sizes its scores must
+match the eager guard's (``rtol`` 1e-5 on the score, identical labels and decisions), or the
+engine falls back to ``eager`` and says why. A model that traces with a batch size baked in, or
+with data-dependent control flow, is caught here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+
+from defense.guard import Guard
+from defense.score import GuardScores, guard_scores, rejects
+
+EngineName = Literal["eager", "fused", "jit"]
+ENGINES: tuple[str, ...] = ("eager", "fused", "jit")
+SCORE_RTOL = 1e-5
+log = logging.getLogger("badexpert.engine")
+
+
+class _ThreeForwards(nn.Module):
+    """normalizer, then M, B and M' on the same input: one module, so one trace."""
+
+    def __init__(self, normalizer: nn.Module, model: nn.Module, expert: nn.Module, auxiliary: nn.Module):
+        super().__init__()
+        self.normalizer, self.model, self.expert, self.auxiliary = normalizer, model, expert, auxiliary
+
+    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inputs = self.normalizer(images_uint8)
+        return self.model(inputs), self.expert(inputs), self.auxiliary(inputs)
+
+
+class GuardEngine:
+    """``engine(images_uint8)`` -> :class:`GuardScores` on the CPU, like ``guard.score_batch``."""
+
+    def __init__(self, name: str, guard: Guard, forwards: Callable[[torch.Tensor], tuple] | None = None,
+                 channels_last: bool = False):
+        self.name, self.guard, self._forwards, self._channels_last = name, guard, forwards, channels_last
+
+    @torch.inference_mode()
+    def __call__(self, images_uint8: torch.Tensor) -> GuardScores:
+        if self._forwards is None:
+            return self.guard.score_batch(images_uint8)
+        images = images_uint8.to(self.guard.device, non_blocking=True)
+        if self._channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return guard_scores(*self._forwards(images), alpha=self.guard.alpha).cpu()
+
+
+def _three(guard: Guard) -> _ThreeForwards:
+    return _ThreeForwards(guard.normalizer, guard.model, guard.backdoor_expert, guard.auxiliary_model).eval()
+
+
+def _jit_forwards(guard: Guard, example: torch.Tensor) -> Callable:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer warnings: the check below decides
+        traced = torch.jit.trace(_three(guard), example.to(guard.device), check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+
+
+def _fused_forwards(guard: Guard) -> Callable:
+    from torch.fx.experimental.optimization import fuse
+
+    models = []
+    for module in (guard.model, guard.backdoor_expert, guard.auxiliary_model):
+        models.append(fuse(copy.deepcopy(module).eval()).to(memory_format=torch.channels_last))
+    normalizer = guard.normalizer
+
+    def forwards(images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = normalizer(images_uint8).contiguous(memory_format=torch.channels_last)
+        return tuple(model(inputs) for model in models)
+
+    return forwards
+
+
+def mismatch(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor]) -> str | None:
+    """Why ``engine`` does not score like the eager guard on ``samples``, or None when it does."""
+    for images in samples:
+        expected, got = guard.score_batch(images), engine(images)
+        if not torch.equal(expected.label, got.label):
+            return f"labels differ at batch size {len(images)}"
+        if not torch.allclose(got.score, expected.score, rtol=SCORE_RTOL, atol=1e-12, equal_nan=True):
+            worst = ((got.score - expected.score).abs() / expected.score.abs().clamp_min(1e-300)).max()
+            return f"scores differ by up to {float(worst):.2g} (relative) at batch size {len(images)}"
+        tau = guard.rejection_threshold
+        if not torch.equal(rejects(got.score, tau), rejects(expected.score, tau)):
+            return f"decisions differ at batch size {len(images)}"
+    return None
+
+
+def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],
+                 on_fallback: Callable[[str], None] | None = None) -> GuardEngine:
+    """The engine ``name`` for ``guard``, checked on ``samples`` (uint8 batches; give two sizes);
+    ``eager`` when it cannot be built or does not match (``on_fallback`` hears why)."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+    eager = GuardEngine("eager", guard)
+    if name == "eager":
+        return eager
+    try:
+        if name == "jit":
+            engine = GuardEngine("jit", guard, _jit_forwards(guard, samples[0]))
+        else:
+            engine = GuardEngine("fused", guard, _fused_forwards(guard), channels_last=True)
+        problem = mismatch(engine, guard, samples)
+    except Exception as error:  # untraceable model: eager serves it
+        problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if problem is None:
+        return engine
+    message = f"engine {name} not used ({problem}); serving with the eager engine"
+    (on_fallback or log.warning)(message)
+    return eager
