@@ -170,7 +170,9 @@ def test_unlearning_with_a_user_rate_trains_once(monkeypatch):
     script = Script({4e-4: 0.7})  # not on the grid, and far from the goal: used anyway
     expert, record = unlearning(script, monkeypatch, 0.9, BuildConfig(progress=False, unlearn_lr=4e-4))
     assert script.trained == [4e-4] and expert == Trained(4e-4)
-    assert record == {"method": "unlearning", "lr": 4e-4, "chosen_by": "user", "calibration_accuracy": 0.7}
+    assert record == {"method": "unlearning", "mislabeling": "shift",
+                      "wrong_label_of": [(c + 1) % NUM_CLASSES for c in range(NUM_CLASSES)],
+                      "lr": 4e-4, "chosen_by": "user", "calibration_accuracy": 0.7}
 
 
 # ----- clean finetuning: the largest stable rate that recovers the clean function ------------------
