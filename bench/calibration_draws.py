@@ -18,7 +18,6 @@ ASR with the guard and its 5th-95th percentiles, and where the build's own tau f
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 
 from bench.attacks import ATTACKS, MIN_ASR
 from bench.cifar10 import ARCHIVE, available, load_cifar10
-from bench.operating_point import RENAMED, ROOT, score_with_logits, split_test_set, test_set_range
+from bench.operating_point import RENAMED, ROOT, bench_parser, score_with_logits, split_test_set, test_set_range
 from defense.bundle import load_bundle
 from defense.score import rejects
 from defense.threshold import ThresholdError, calibrate_threshold
@@ -155,12 +154,8 @@ def table(results: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attacks", nargs="+", default=[], choices=sorted(ATTACKS))
-    parser.add_argument("--arch", default="cifar_resnet_compact")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = bench_parser(__doc__)
     parser.add_argument("--draws", type=int, default=2000, help="calibration draws per guard and rule (default 2000)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of every result so far")
     args = parser.parse_args()
     if args.attacks:

@@ -268,12 +268,18 @@ def calibration_table(results: list[dict]) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    """The options this bench and bench.calibration_draws share: which attacks, model, seed, device."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attacks", nargs="+", default=[], choices=sorted(ATTACKS))
     parser.add_argument("--arch", default="cifar_resnet_compact")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
     parser.add_argument("--also", nargs="+", default=[], choices=sorted(OPTIONAL_VARIANTS),
                         help="optional variants to build as well: derangement (--expert-labels derangement), "
                              "cal20_seed1 (the default build on another split of the labeled images)")

@@ -53,10 +53,18 @@ def parse_json_body(body: bytes, model):
         raise InputError(422, "malformed_json", f"{where}: {first['msg']}")
 
 
+def _busy(error: ReloadBusy) -> JSONResponse:
+    return JSONResponse({"error": "reload_in_progress", "detail": str(error)}, 409)
+
+
 def add_admin_routes(app: FastAPI, service: GuardService, settings: ServiceSettings) -> None:
     root = settings.admin_bundle_root
     if root is None:
         return
+
+    async def requested_folder(request: Request):
+        """The allowed bundle folder a swap or shadow request names (400/403 raised for a bad one)."""
+        return allowed_folder(root, parse_json_body(await request.body(), BundleSwapRequest).path)
 
     @app.post(SWAP_PATH, response_model=BundleSwapResponse, responses=_ERRORS,
               openapi_extra=_PATH_BODY,
@@ -65,14 +73,13 @@ def add_admin_routes(app: FastAPI, service: GuardService, settings: ServiceSetti
                           "allowlist, manifest), warms it up, then switches: requests in flight finish on the "
                           "old bundle. A candidate that fails leaves the old one serving (422).")
     async def swap_bundle(request: Request):
-        wanted = parse_json_body(await request.body(), BundleSwapRequest)
-        folder = allowed_folder(root, wanted.path)
+        folder = await requested_folder(request)
         if service.state != READY:
             return service.unavailable()
         try:
             result = await service.reloader.reload(folder, "admin")
         except ReloadBusy as error:
-            return JSONResponse({"error": "reload_in_progress", "detail": str(error)}, 409)
+            return _busy(error)
         except ReloadFailed as error:
             return JSONResponse({"error": "bundle_rejected", "detail": f"{error}; the running bundle "
                                  f"{service.live.bundle_id} keeps serving"}, 422)
@@ -83,8 +90,7 @@ def add_admin_routes(app: FastAPI, service: GuardService, settings: ServiceSetti
               description="Loads and verifies the candidate as at startup; it then scores the same batches as the "
                           "live bundle, which alone decides. Its would-be decisions go to metrics and the audit log.")
     async def set_shadow(request: Request):
-        wanted = parse_json_body(await request.body(), BundleSwapRequest)
-        folder = allowed_folder(root, wanted.path)
+        folder = await requested_folder(request)
         if service.state != READY:
             return service.unavailable()
         started = time.monotonic()
@@ -92,7 +98,7 @@ def add_admin_routes(app: FastAPI, service: GuardService, settings: ServiceSetti
             candidate = await service.reloader.load(folder, "admin shadow")
             service.set_candidate(candidate)
         except ReloadBusy as error:
-            return JSONResponse({"error": "reload_in_progress", "detail": str(error)}, 409)
+            return _busy(error)
         except (ReloadFailed, ValueError) as error:
             return JSONResponse({"error": "bundle_rejected", "detail": f"{error}; no candidate in shadow now"}, 422)
         return ShadowResponse(live_bundle_id=service.live.bundle_id, candidate_bundle_id=candidate.bundle_id,
