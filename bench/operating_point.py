@@ -59,12 +59,23 @@ RECALIBRATED = {"recalibrated_cal20": "cal20", "recalibrated_cal40": "cal40"}
 # Built only when named by --also. derangement: cal20 with the expert trained on a random derangement; its seed is fixed
 # for a reproducible bench: 3 gives a mapping that nowhere equals the all-to-all attack's (seed 0, the
 # build's --seed, drew exactly the attack's mapping, which the same generator and seed also drew).
-# cal20_seed1: the default build with --seed 1, so another split of the 2,000 images (another D_cal).
+# cal20_seed1, cal20_seed2: the default build with --seed 1 or 2, so another split of the 2,000 images (another
+# D_cal, D_select and D_fit) and another finetuning order, on the same model: the defence's own seeds.
 OPTIONAL_VARIANTS = {"derangement": ["--calibration-fraction", "0.2", "--expert-labels", "derangement",
                                      "--expert-labels-seed", "3"],
-                     "cal20_seed1": ["--calibration-fraction", "0.2", "--seed", "1"]}
+                     "cal20_seed1": ["--calibration-fraction", "0.2", "--seed", "1"],
+                     "cal20_seed2": ["--calibration-fraction", "0.2", "--seed", "2"]}
+BUILD_SEEDS = ("cal20", "cal20_seed1", "cal20_seed2")
 # Result files written before the variants were named by their split.
 RENAMED = {"default": "cal40", "split_80_20": "cal20", "recalibrated": "recalibrated_cal40"}
+
+
+def variant_folder(folder: Path, variant: str) -> Path:
+    """A variant's bundle folder, under its current name or the name it was built under."""
+    for name in (variant, *(old for old, new in RENAMED.items() if new == variant)):
+        if (folder / name / "manifest.json").is_file():
+            return folder / name
+    return folder / variant
 
 
 def split_test_set(n_test: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +141,8 @@ def build(bundle: Path, argv: list[str]) -> None:
     print(f"  {bundle.name}: {time.monotonic() - started:.0f} s")
 
 
-def run_attack(name: str, arch: str, seed: int, data: dict, device: str, optional: tuple[str, ...] = ()) -> dict:
+def run_attack(name: str, arch: str, seed: int, data: dict, device: str, optional: tuple[str, ...] = (),
+               variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
     attack = ATTACKS[name]()
     model_attack = attack.model_attack or name
     _, model_info = train_backdoored(model_attack, arch, seed=seed, device=device)
@@ -142,29 +154,31 @@ def run_attack(name: str, arch: str, seed: int, data: dict, device: str, optiona
     common = ["build", "--model", arch, "--weights", str(model_path(model_attack, arch, seed)), "--clean-data",
               str(reserved), "--preset", "cifar", "--seed", str(seed), "--device", device]
     folder = ROOT / "bundles" / f"{model_attack}_{arch}_seed{seed}"
-    built = {**VARIANTS, **{variant: OPTIONAL_VARIANTS[variant] for variant in optional}}
+    built = {**{variant: VARIANTS[variant] for variant in variants},
+             **{variant: OPTIONAL_VARIANTS[variant] for variant in optional}}
     for variant, extra in built.items():
         extra = ["--calibration-data", str(pool)] if extra is None else extra
         build(folder / variant, common + extra)
     for variant, source in RECALIBRATED.items():
-        if not (folder / variant / "manifest.json").is_file():
+        if source in built and not (folder / variant / "manifest.json").is_file():
             badexpert(["calibrate", str(folder / source), "--clean", str(pool), "--out", str(folder / variant),
                        "--overwrite", "--quiet", "--device", device])
 
     images, labels = data["test_images"][eval_index], data["test_labels"][eval_index]
     triggered_images = attack.apply(images)
-    reserved_set = load_image_folder(reserved, _preprocessing(folder / "cal20"), progress=False)
+    reserved_set = load_image_folder(reserved, _preprocessing(variant_folder(folder, "cal20")), progress=False)
     path = ROOT / "results" / f"{name}_{arch}_seed{seed}.json"
     earlier = load_result(path)["variants"] if path.is_file() else {}
     result = {"attack": name, "arch": arch, "seed": seed, "model": model_info, "n_eval_clean": len(labels),
               "n_eval_triggered": int(attack.counted(labels).sum()), "variants": {}}
     for variant in (*VARIANTS, *RECALIBRATED, *OPTIONAL_VARIANTS):
-        if not (folder / variant / "manifest.json").is_file():
+        bundle = variant_folder(folder, variant)
+        if not (bundle / "manifest.json").is_file():
             continue
-        guard, manifest = load_bundle(folder / variant, device)
-        if earlier.get(variant, {}).get("bundle_id") == manifest.bundle_id:
+        if earlier.get(variant, {}).get("bundle_id") == json.loads((bundle / "manifest.json").read_text())["bundle_id"]:
             result["variants"][variant] = earlier[variant]  # measured in an earlier run: same bundle
             continue
+        guard, manifest = load_bundle(bundle, device)
         clean, clean_old = score_with_logits(guard, images)
         triggered, _ = score_with_logits(guard, triggered_images)
         row = {"bundle_id": manifest.bundle_id, "threshold": bundle_threshold(manifest),
@@ -213,7 +227,7 @@ def table(results: list[dict]) -> list[str]:
     results = sorted(results, key=lambda r: (ATTACKS[r["attack"]].adaptive, order.index(r["attack"])))
     columns = [("cal20", None), ("cal20", "ucb"), ("cal40", None), ("cal40", "ucb"),
                ("calibration_data", None), ("recalibrated_cal20", None), ("recalibrated_cal40", None),
-               ("cal20_seed1", None), ("derangement", None)]
+               ("cal20_seed1", None), ("cal20_seed2", None), ("derangement", None)]
     lines = ["| attack | model ASR | AUROC (cal20 / cal40 / calibration_data) | " + " | ".join(
         f"{variant}{' (ucb)' if rule else ''}: FPR / ASR" for variant, rule in columns) + " |",
         "|" + "---|" * (3 + len(columns))]
@@ -235,12 +249,72 @@ def table(results: list[dict]) -> list[str]:
                 sums[(variant, rule)][1] += point["asr_with_guard"]
                 sums[(variant, rule)][2] += 1
         default = r["variants"]["cal20"]["at_tau"]
-        aurocs = " / ".join(_pct(r["variants"][v]["at_tau"]["auroc"], 2) for v in VARIANTS)
+        aurocs = " / ".join(_pct(r["variants"][v]["at_tau"]["auroc"], 2) if v in r["variants"] else "n/a"
+                            for v in VARIANTS)
         lines.append(f"| {name} | {_pct(default['asr_without_guard'])} | {aurocs} | " + " | ".join(cells) + " |")
     count = max(v[2] for v in sums.values()) if sums else 0
     if count:
         lines.append(f"| **mean, counted standard** | | | " + " | ".join(
             f"**{_pct(s[0] / s[2], 2)} / {_pct(s[1] / s[2])}** ({s[2]})" if s[2] else "n/a" for s in sums.values()) + " |")
+    return lines
+
+
+def family_table(results: list[dict]) -> list[str]:
+    """One row per architecture: the counted standard attacks' mean AUROC and mean realized FPR and
+    ASR at each bundle's own tau, for the default build and for the build with the 5,000-image pool."""
+    lines = ["| architecture | parameters | counted attacks | clean accuracy | mean AUROC | default (cal20): FPR / ASR "
+             "| + 5,000 unlabeled: FPR / ASR | per attack: AUROC, ASR at tau (cal20) |", "|" + "---|" * 8]
+    by_arch: dict[str, list[dict]] = {}
+    for r in results:
+        if r["model"]["attack_success_rate"] >= MIN_ASR and not ATTACKS[r["attack"]].adaptive:
+            by_arch.setdefault(r["arch"], []).append(r)
+    for arch, rows in sorted(by_arch.items()):
+        from defense.models import create_model
+
+        parameters = sum(p.numel() for p in create_model(arch, num_classes=10).parameters())
+        cal20 = [r["variants"]["cal20"]["at_tau"] for r in rows]
+        pool = [r["variants"]["calibration_data"]["at_tau"] for r in rows if "calibration_data" in r["variants"]]
+        mean = lambda points, key: sum(p[key] for p in points) / len(points)  # noqa: E731
+        pooled = f"{_pct(mean(pool, 'fpr'), 2)} / {_pct(mean(pool, 'asr_with_guard'))} ({len(pool)})" if pool else "n/a"
+        detail = ", ".join(f"{r['attack']} {_pct(r['variants']['cal20']['at_tau']['auroc'], 2)} "
+                           f"{_pct(r['variants']['cal20']['at_tau']['asr_with_guard'])}" for r in rows)
+        lines.append(f"| {arch} | {parameters / 1e6:.2f} M | {len(rows)} | {_pct(mean(cal20, 'clean_accuracy_without_guard'))} "
+                     f"| {_pct(mean(cal20, 'auroc'), 2)} | {_pct(mean(cal20, 'fpr'), 2)} / {_pct(mean(cal20, 'asr_with_guard'))} "
+                     f"| {pooled} | {detail} |")
+    return lines
+
+
+def _spread(values: list[float], digits: int = 2) -> str:
+    """mean (min-max) of percentages."""
+    mean = sum(values) / len(values)
+    return f"{_pct(mean, digits)} ({_pct(min(values), digits)}-{_pct(max(values), digits)})"
+
+
+def seeds_table(results: list[dict]) -> list[str]:
+    """The headline figures over three seeds, per architecture. Two kinds of seed: the defence's
+    (the default build with --seed 0, 1, 2 on the same seed-0 model) and the whole bench's (model,
+    reserved images and build all with --seed 0, 1, 2). Each seed's figure is the mean over the
+    counted standard attacks measured at every seed; shown as the mean over seeds (min-max)."""
+    lines = ["| architecture | seeds of | attacks | mean AUROC | mean realized FPR at tau | mean ASR at tau |",
+             "|---|---|---|---|---|---|"]
+    counted = [r for r in results if r["model"]["attack_success_rate"] >= MIN_ASR and not ATTACKS[r["attack"]].adaptive]
+    for arch in sorted({r["arch"] for r in counted}):
+        rows = [r for r in counted if r["arch"] == arch]
+        build_rows = [r for r in rows if r["seed"] == 0 and all(v in r["variants"] for v in BUILD_SEEDS)]
+        per_seed = [[r["variants"][v]["at_tau"] for r in build_rows] for v in BUILD_SEEDS]
+        model_seeds = sorted({r["seed"] for r in rows})
+        attacks = set.intersection(*({r["attack"] for r in rows if r["seed"] == s} for s in model_seeds))
+        for kind, points, names in (
+                ("the defence (build --seed 0, 1, 2)", per_seed if build_rows else [], sorted(r["attack"] for r in build_rows)),
+                ("the bench (model, data split, build)", [[r["variants"]["cal20"]["at_tau"] for r in rows
+                                                           if r["seed"] == s and r["attack"] in attacks]
+                                                          for s in model_seeds] if len(model_seeds) >= 3 else [],
+                 sorted(attacks))):
+            if not points:
+                continue
+            means = {key: [sum(p[key] for p in seed) / len(seed) for seed in points] for key in ("auroc", "fpr", "asr_with_guard")}
+            lines.append(f"| {arch} | {kind} | {', '.join(names)} | {_spread(means['auroc'])} | {_spread(means['fpr'])} "
+                         f"| {_spread(means['asr_with_guard'], 1)} |")
     return lines
 
 
@@ -282,8 +356,17 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--also", nargs="+", default=[], choices=sorted(OPTIONAL_VARIANTS),
                         help="optional variants to build as well: derangement (--expert-labels derangement), "
-                             "cal20_seed1 (the default build on another split of the labeled images)")
+                             "cal20_seed1, cal20_seed2 (the default build with --seed 1 or 2: another split of the "
+                             "labeled images and another finetuning order)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="which standard builds to make (default: all); e.g. '--variants cal20 calibration_data' "
+                             "for another architecture")
     parser.add_argument("--table", action="store_true", help="print the Markdown tables of every result so far")
+    parser.add_argument("--seeds", action="store_true",
+                        help="print the headline figures over three seeds (build seeds: --also cal20_seed1 cal20_seed2; "
+                             "bench seeds: --seed 1 and --seed 2 runs)")
+    parser.add_argument("--families", action="store_true",
+                        help="print one row per architecture (every --arch measured so far, this --seed)")
     args = parser.parse_args()
     if args.attacks:
         if not available():
@@ -292,17 +375,21 @@ def main() -> None:
         data = load_cifar10()
         for name in args.attacks:
             started = time.monotonic()
-            result = run_attack(name, args.arch, args.seed, data, args.device, tuple(args.also))
-            default = result["variants"]["cal20"]["at_tau"]
-            extra = result["variants"]["calibration_data"]["at_tau"]
-            print(f"{name:18s} AUROC {default['auroc']:.4f} | default: FPR {default['fpr']:.4f} ASR "
-                  f"{default['asr_with_guard']:.3f} | +5,000 calibration: FPR {extra['fpr']:.4f} ASR "
-                  f"{extra['asr_with_guard']:.3f} | {time.monotonic() - started:.0f} s")
+            result = run_attack(name, args.arch, args.seed, data, args.device, tuple(args.also), tuple(args.variants))
+            print(f"{name:18s} " + " | ".join(
+                f"{variant}: AUROC {row['at_tau']['auroc']:.4f} FPR {row['at_tau']['fpr']:.4f} "
+                f"ASR {row['at_tau']['asr_with_guard']:.3f}" for variant, row in result["variants"].items()
+                if variant in args.variants) + f" | {time.monotonic() - started:.0f} s")
     if args.table:
         results = [load_result(p) for p in sorted((ROOT / "results").glob(f"*_{args.arch}_seed{args.seed}.json"))]
         print("\n".join(table(results)))
         print()
         print("\n".join(calibration_table(results)))
+    if args.families:
+        results = [load_result(p) for p in sorted((ROOT / "results").glob(f"*_seed{args.seed}.json"))]
+        print("\n".join(family_table(results)))
+    if args.seeds:
+        print("\n".join(seeds_table([load_result(p) for p in sorted((ROOT / "results").glob("*.json"))])))
 
 
 if __name__ == "__main__":

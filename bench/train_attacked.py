@@ -153,13 +153,21 @@ def main() -> None:
                         help=f"training epochs (default: the attack's train_epochs in bench/attacks.py, the ones "
                              f"BENCHMARKS.md reports; {DEFAULT_EPOCHS} for 'clean')")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=0.2,
+                        help="peak learning rate of the one-cycle schedule (default %(default)s; a network without "
+                             "BatchNorm needs less, e.g. 0.02 for cifar_lenet)")
+    parser.add_argument("--poison-rate", type=float,
+                        help="the attack's poison rate instead of its default (e.g. where the default does not implant "
+                             "the backdoor in another architecture); recorded in the model's JSON")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it saves about 40%% per step on CPU)")
     args = parser.parse_args()
     if args.attack == "clean":
-        _, info = train_clean(args.arch, args.epochs or DEFAULT_EPOCHS, args.seed, device=args.device, compile_model=not args.no_compile)
+        _, info = train_clean(args.arch, args.epochs or DEFAULT_EPOCHS, args.seed, device=args.device, lr=args.lr,
+                              compile_model=not args.no_compile)
     else:
-        _, info = train_backdoored(args.attack, args.arch, args.epochs, args.seed, device=args.device,
+        _, info = train_backdoored(args.attack, args.arch, args.epochs, args.seed, lr=args.lr, device=args.device,
+                                   attack_kwargs=None if args.poison_rate is None else {"poison_rate": args.poison_rate},
                                    compile_model=not args.no_compile)
     print(json.dumps(info, indent=2))
 

@@ -20,6 +20,17 @@ def test_cifar_resnet18_has_a_3x3_stem_and_no_maxpool():
     assert 11_000_000 < sum(p.numel() for p in model.parameters()) < 11_300_000
 
 
+def test_cifar_vgg11_bn_has_eight_batchnormed_convolutions_and_five_pools():
+    """VGG-11's layout; the compact one is the same at a quarter of the width."""
+    for name, parameters in (("cifar_vgg11_bn", (9_200_000, 9_300_000)), ("cifar_vgg11_bn_compact", (570_000, 590_000))):
+        model = create_model(name, num_classes=10)
+        convolutions = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert len(convolutions) == 8 and sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 8
+        assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 5
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+        assert parameters[0] < sum(p.numel() for p in model.parameters()) < parameters[1]
+
+
 def test_any_torchvision_builder_by_name():
     model = create_model("mobilenet_v2", num_classes=7)
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)

@@ -92,6 +92,37 @@ def cifar_lenet(num_classes: int = 10) -> nn.Module:
     return LeNetDropout(num_classes)
 
 
+class CifarVGG(nn.Module):
+    """VGG with BatchNorm for 32x32 inputs: ``layout`` lists conv widths, ``"M"`` a 2x2 max-pool."""
+
+    def __init__(self, layout: tuple, num_classes: int):
+        super().__init__()
+        layers, in_channels = [], 3
+        for entry in layout:
+            if entry == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            layers += [nn.Conv2d(in_channels, entry, 3, padding=1, bias=False), nn.BatchNorm2d(entry), nn.ReLU()]
+            in_channels = entry
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+@register_model
+def cifar_vgg11_bn(num_classes: int = 10) -> nn.Module:
+    """VGG-11 with BatchNorm for 32x32 inputs (9 M parameters), the CIFAR VGG of the backdoor literature."""
+    return CifarVGG((64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"), num_classes)
+
+
+@register_model
+def cifar_vgg11_bn_compact(num_classes: int = 10) -> nn.Module:
+    """cifar_vgg11_bn at a quarter of the width (0.6 M parameters): trains on a laptop CPU."""
+    return CifarVGG((16, "M", 32, "M", 64, 64, "M", 128, 128, "M", 128, 128, "M"), num_classes)
+
+
 @register_model
 def tiny_cnn(num_classes: int = 10) -> nn.Module:
     """A very small CNN for any input size (global pooling): the demo and the tests use it."""
