@@ -41,8 +41,10 @@ from defense.bundle import load_bundle
 from defense.progress import progress_bar
 
 RESULTS = ROOT / "adaptive_trigger"
-# (lambda_expert, lambda_norm): the paper's grid is {10, 1} x {0.5, 0.1, 0.05, 0.01}; these four span it.
-SETTINGS = ((1.0, 0.1), (10.0, 0.1), (1.0, 0.01), (10.0, 0.01))
+# (lambda_expert, lambda_norm): the paper's grid is {10, 1} x {0.5, 0.1, 0.05, 0.01}; these span it, with two
+# points between. White-box (against the defender's own expert): the strongest two.
+SETTINGS = ((1.0, 0.1), (10.0, 0.1), (1.0, 0.01), (3.0, 0.01), (10.0, 0.01), (10.0, 0.03))
+WHITE_BOX_SETTINGS = ((10.0, 0.1), (10.0, 0.01))
 ATTACKER_SEED = 101
 ATTACKER_IMAGES = 2000
 
@@ -124,7 +126,7 @@ def run(name: str, arch: str, seed: int, data: dict, device: str, steps: int) ->
     result = json.loads(path.read_text()) if path.is_file() else {"attack": name, "arch": arch, "seed": seed, "rows": {}}
     against = {"surrogate": surrogate.backdoor_expert, "white-box": guards["cal20"].backdoor_expert}
     for optimized_against, expert in against.items():
-        for lambda_expert, lambda_norm in SETTINGS if optimized_against == "surrogate" else SETTINGS[1::2]:
+        for lambda_expert, lambda_norm in SETTINGS if optimized_against == "surrogate" else WHITE_BOX_SETTINGS:
             key = f"{optimized_against} {lambda_expert} {lambda_norm}"
             if key in result["rows"]:
                 continue
@@ -149,7 +151,9 @@ def table(results: list[dict]) -> list[str]:
     lines = ["| attack | architecture | optimized against | lambda_expert | lambda_norm | mask L1 (pixels) | model ASR "
              "| default guard: AUROC / ASR at tau | derangement guard: AUROC / ASR at tau |", "|" + "---|" * 9]
     for r in results:
-        for row in r["rows"].values():
+        ordered = sorted(r["rows"].values(), key=lambda row: (row["optimized_against"] != "surrogate",
+                                                              -row["lambda_norm"], row["lambda_expert"]))
+        for row in ordered:
             cells = []
             for variant in ("cal20", "derangement"):
                 point = row["guards"].get(variant)

@@ -1,7 +1,7 @@
 """How the score's alpha moves the guard's operating point, per architecture and attack.
 
     python -m bench.alpha_ablation --arch cifar_vgg11_bn_compact --attacks badnet blend wanet
-    python -m bench.alpha_ablation --table          # every architecture measured so far
+    python -m bench.alpha_ablation --table          # every architecture and seed measured so far
 
 Runs on the ``cal20`` bundles that ``bench.operating_point`` built (the defaults of ``badexpert
 build``). alpha only enters the score, not the models, so for each guard the three models' logits
@@ -96,15 +96,22 @@ def manifest_model_asr(model_attack: str, arch: str, seed: int) -> float:
     return json.loads(model_path(model_attack, arch, seed).with_suffix(".json").read_text())["attack_success_rate"]
 
 
+def _counted(results: list[dict]) -> list[dict]:
+    return [r for r in results if r["model_asr"] >= MIN_ASR and not ATTACKS[r["attack"]].adaptive]
+
+
+def _mean(points: list[dict], key: str) -> float:
+    return sum(p[key] for p in points) / len(points)
+
+
 def table(results: list[dict]) -> list[str]:
-    """Per architecture, the counted attacks' mean AUROC and mean realized FPR / ASR at tau for each alpha."""
-    header = "| architecture | attacks | " + " | ".join(f"alpha {a}: AUROC, FPR / ASR" for a in ALPHAS) + " |"
-    lines = [header, "|" + "---|" * (2 + len(ALPHAS))]
-    by_arch: dict[str, list[dict]] = {}
-    for r in results:
-        if r["model_asr"] >= MIN_ASR and not ATTACKS[r["attack"]].adaptive:
-            by_arch.setdefault(r["arch"], []).append(r)
-    for arch, rows in sorted(by_arch.items()):
+    """Per architecture and seed, the counted attacks' mean AUROC and mean realized FPR / ASR at tau for each alpha."""
+    header = "| architecture | seed | attacks | " + " | ".join(f"alpha {a}: AUROC, FPR / ASR" for a in ALPHAS) + " |"
+    lines = [header, "|" + "---|" * (3 + len(ALPHAS))]
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in _counted(results):
+        groups.setdefault((r["arch"], r["seed"]), []).append(r)
+    for (arch, seed), rows in sorted(groups.items()):
         cells = []
         for alpha in ALPHAS:
             if any(str(alpha) not in r["alphas"] for r in rows):
@@ -114,9 +121,31 @@ def table(results: list[dict]) -> list[str]:
             if len(points) < len(rows):
                 cells.append(f"refused on {len(rows) - len(points)}")
                 continue
-            mean = {key: sum(p[key] for p in points) / len(points) for key in ("auroc", "fpr", "asr_with_guard")}
-            cells.append(f"{_pct(mean['auroc'], 2)}, {_pct(mean['fpr'], 2)} / {_pct(mean['asr_with_guard'])}")
-        lines.append(f"| {arch} | {', '.join(sorted(r['attack'] for r in rows))} | " + " | ".join(cells) + " |")
+            cells.append(f"{_pct(_mean(points, 'auroc'), 2)}, {_pct(_mean(points, 'fpr'), 2)} / "
+                         f"{_pct(_mean(points, 'asr_with_guard'))}")
+        lines.append(f"| {arch} | {seed} | {', '.join(sorted(r['attack'] for r in rows))} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seeds_table(results: list[dict], alphas: tuple[float, ...] = (0.5, 1.0)) -> list[str]:
+    """The headline over the bench's seeds (architectures measured at three or more) at each of ``alphas``:
+    per seed the mean over the attacks measured at every seed, then the mean over seeds (min-max)."""
+    from bench.operating_point import _spread
+
+    lines = ["| architecture | alpha | seeds | attacks | mean AUROC | mean realized FPR at tau | mean ASR at tau |",
+             "|---|---|---|---|---|---|---|"]
+    counted = _counted(results)
+    for arch in sorted({r["arch"] for r in counted}):
+        rows = [r for r in counted if r["arch"] == arch]
+        seeds = sorted({r["seed"] for r in rows})
+        if len(seeds) < 3:
+            continue
+        attacks = set.intersection(*({r["attack"] for r in rows if r["seed"] == s} for s in seeds))
+        for alpha in alphas:
+            per_seed = [[r["alphas"][str(alpha)] for r in rows if r["seed"] == s and r["attack"] in attacks] for s in seeds]
+            means = {key: [_mean(points, key) for points in per_seed] for key in ("auroc", "fpr", "asr_with_guard")}
+            lines.append(f"| {arch} | {alpha} | {', '.join(map(str, seeds))} | {', '.join(sorted(attacks))} | "
+                         f"{_spread(means['auroc'])} | {_spread(means['fpr'])} | {_spread(means['asr_with_guard'], 1)} |")
     return lines
 
 
@@ -134,8 +163,10 @@ def main() -> None:
             print(name, " | ".join(f"alpha {a}: " + (f"AUROC {p['auroc']:.4f} FPR {p['fpr']:.4f} ASR {p['asr_with_guard']:.3f}"
                                                       if "auroc" in p else "refused") for a, p in result["alphas"].items()))
     if args.table:
-        results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"*_seed{args.seed}.json"))]
+        results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
         print("\n".join(table(results)))
+        print()
+        print("\n".join(seeds_table(results)))
 
 
 if __name__ == "__main__":

@@ -265,9 +265,18 @@ def family_table(results: list[dict]) -> list[str]:
     lines = ["| architecture | parameters | counted attacks | clean accuracy | mean AUROC | default (cal20): FPR / ASR "
              "| + 5,000 unlabeled: FPR / ASR | per attack: AUROC, ASR at tau (cal20) |", "|" + "---|" * 8]
     by_arch: dict[str, list[dict]] = {}
+    not_counted: dict[str, list[str]] = {}
     for r in results:
-        if r["model"]["attack_success_rate"] >= MIN_ASR and not ATTACKS[r["attack"]].adaptive:
+        if ATTACKS[r["attack"]].adaptive:
+            continue
+        if r["model"]["attack_success_rate"] >= MIN_ASR:
             by_arch.setdefault(r["arch"], []).append(r)
+        else:
+            not_counted.setdefault(r["arch"], []).append(
+                f"{r['attack']} (model ASR {_pct(r['model']['attack_success_rate'])}: AUROC "
+                f"{_pct(r['variants']['cal20']['at_tau']['auroc'], 2)}, ASR at tau {_pct(r['variants']['cal20']['at_tau']['asr_with_guard'])})")
+    for arch in sorted(set(not_counted) - set(by_arch)):
+        lines.append(f"| {arch} | | 0 | | | | | not counted: {', '.join(not_counted[arch])} |")
     for arch, rows in sorted(by_arch.items()):
         from defense.models import create_model
 
@@ -278,6 +287,8 @@ def family_table(results: list[dict]) -> list[str]:
         pooled = f"{_pct(mean(pool, 'fpr'), 2)} / {_pct(mean(pool, 'asr_with_guard'))} ({len(pool)})" if pool else "n/a"
         detail = ", ".join(f"{r['attack']} {_pct(r['variants']['cal20']['at_tau']['auroc'], 2)} "
                            f"{_pct(r['variants']['cal20']['at_tau']['asr_with_guard'])}" for r in rows)
+        if arch in not_counted:
+            detail += "; not counted: " + ", ".join(not_counted[arch])
         lines.append(f"| {arch} | {parameters / 1e6:.2f} M | {len(rows)} | {_pct(mean(cal20, 'clean_accuracy_without_guard'))} "
                      f"| {_pct(mean(cal20, 'auroc'), 2)} | {_pct(mean(cal20, 'fpr'), 2)} / {_pct(mean(cal20, 'asr_with_guard'))} "
                      f"| {pooled} | {detail} |")

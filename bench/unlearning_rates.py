@@ -43,7 +43,8 @@ def rate_rows(name: str, arch: str, seed: int, rates: list[float], data: dict, d
         auxiliary_triggered = guard.auxiliary_model(normalizer(triggered))
     correct = model_clean.argmax(1) == labels
     successful = attack.counted(labels) & (model_triggered.argmax(1) == attack.targets(labels))
-    wrong_label_of = torch.tensor(manifest.backdoor_expert["wrong_label_of"])
+    recorded = manifest.backdoor_expert.get("wrong_label_of")  # bundles before the derangement option: the shift
+    wrong_label_of = None if recorded is None else torch.tensor(recorded)
     for rate in rates:
         expert = unlearn(guard.model, reserved.images[fit], reserved.labels[fit], manifest.num_classes, normalizer, rate,
                          device=device, seed=seed, progress=False, wrong_label_of=wrong_label_of)
