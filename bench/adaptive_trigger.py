@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import ATTACKS
-from bench.cifar10 import ARCHIVE, CACHE, available, load_cifar10, reserved_split
+from bench.cifar10 import CACHE, load_or_skip, reserved_split
 from bench.detection import write_reserved_folder
 from bench.operating_point import ROOT, bench_parser, build, operating_point, split_test_set, _pct
 from bench.train_attacked import model_path
@@ -170,10 +170,9 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the Markdown table of every result so far")
     args = parser.parse_args()
     if args.attacks:
-        if not available():
-            print(f"CIFAR-10 not found at {ARCHIVE} (set BADEXPERT_DATA): skipping the benchmark")
+        data = load_or_skip()
+        if data is None:
             return
-        data = load_cifar10()
         for name in args.attacks:
             run(name, args.arch, args.seed, data, args.device, args.steps)
     if args.table:

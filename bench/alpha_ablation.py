@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.attacks import ATTACKS, MIN_ASR
-from bench.cifar10 import ARCHIVE, CACHE, available, load_cifar10
+from bench.cifar10 import CACHE, load_or_skip
 from bench.operating_point import ROOT, bench_parser, operating_point, split_test_set, variant_folder, _pct
 from defense.build import stratified_split
 from defense.bundle import load_bundle
@@ -154,10 +154,9 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the Markdown table of every result so far")
     args = parser.parse_args()
     if args.attacks:
-        if not available():
-            print(f"CIFAR-10 not found at {ARCHIVE} (set BADEXPERT_DATA): skipping the benchmark")
+        data = load_or_skip()
+        if data is None:
             return
-        data = load_cifar10()
         for name in args.attacks:
             result = run(name, args.arch, args.seed, data, args.device)
             print(name, " | ".join(f"alpha {a}: " + (f"AUROC {p['auroc']:.4f} FPR {p['fpr']:.4f} ASR {p['asr_with_guard']:.3f}"

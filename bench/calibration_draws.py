@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from bench.attacks import ATTACKS, MIN_ASR
-from bench.cifar10 import ARCHIVE, available, load_cifar10
+from bench.cifar10 import load_or_skip
 from bench.operating_point import RENAMED, ROOT, bench_parser, score_with_logits, split_test_set, test_set_range
 from defense.bundle import load_bundle
 from defense.score import rejects
@@ -159,10 +159,9 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the Markdown table of every result so far")
     args = parser.parse_args()
     if args.attacks:
-        if not available():
-            print(f"CIFAR-10 not found at {ARCHIVE} (set BADEXPERT_DATA): skipping the benchmark")
+        data = load_or_skip()
+        if data is None:
             return
-        data = load_cifar10()
         for name in args.attacks:
             result = run_attack(name, args.arch, args.seed, data, args.device, args.draws)
             for variant, rules in result["variants"].items():

@@ -29,6 +29,14 @@ def available() -> bool:
     return ARCHIVE.is_file() or (CACHE / "cifar10_uint8.npz").is_file()
 
 
+def load_or_skip() -> dict[str, torch.Tensor] | None:
+    """CIFAR-10 as ``load_cifar10`` gives it, or None after saying why a benchmark skips."""
+    if not available():
+        print(f"CIFAR-10 not found at {ARCHIVE} (set BADEXPERT_DATA): skipping the benchmark")
+        return None
+    return load_cifar10()
+
+
 def load_cifar10() -> dict[str, torch.Tensor]:
     """{'train_images': (50000, 3, 32, 32) uint8, 'train_labels', 'test_images', 'test_labels'}."""
     cached = CACHE / "cifar10_uint8.npz"

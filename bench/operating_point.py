@@ -36,7 +36,7 @@ from PIL import Image
 from scipy.stats import betabinom
 
 from bench.attacks import ATTACKS, MIN_ASR
-from bench.cifar10 import ARCHIVE, CACHE, available, load_cifar10, reserved_split
+from bench.cifar10 import CACHE, load_or_skip, reserved_split
 from bench.detection import write_reserved_folder
 from bench.train_attacked import model_path, train_backdoored
 from defense.build import stratified_split
@@ -44,6 +44,7 @@ from defense.bundle import load_bundle
 from cli.main import main as badexpert
 from defense.data import load_image_folder
 from defense.evaluation import detection_metrics
+from defense.models import create_model
 from defense.score import GuardScores, guard_scores
 from defense.threshold import calibrate_threshold, realized_fpr_range
 
@@ -279,8 +280,6 @@ def family_table(results: list[dict]) -> list[str]:
     for arch in sorted(set(not_counted) - set(by_arch)):
         lines.append(f"| {arch} | | 0 | | | | | not counted: {', '.join(not_counted[arch])} |")
     for arch, rows in sorted(by_arch.items()):
-        from defense.models import create_model
-
         parameters = sum(p.numel() for p in create_model(arch, num_classes=10).parameters())
         cal20 = [r["variants"]["cal20"]["at_tau"] for r in rows]
         pool = [r["variants"]["calibration_data"]["at_tau"] for r in rows if "calibration_data" in r["variants"]]
@@ -382,10 +381,9 @@ def main() -> None:
                         help="print one row per architecture (every --arch measured so far, this --seed)")
     args = parser.parse_args()
     if args.attacks:
-        if not available():
-            print(f"CIFAR-10 not found at {ARCHIVE} (set BADEXPERT_DATA): skipping the benchmark")
+        data = load_or_skip()
+        if data is None:
             return
-        data = load_cifar10()
         for name in args.attacks:
             started = time.monotonic()
             result = run_attack(name, args.arch, args.seed, data, args.device, tuple(args.also), tuple(args.variants))

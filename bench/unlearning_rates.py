@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from bench.attacks import ATTACKS
-from bench.cifar10 import ARCHIVE, CACHE, available, load_cifar10
+from bench.cifar10 import CACHE, load_or_skip
 from bench.operating_point import ROOT, bench_parser, split_test_set, variant_folder
 from defense.build import stratified_split
 from defense.bundle import load_bundle
@@ -62,10 +62,9 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--rates", nargs="+", type=float, default=[1e-4, 2e-4, 3e-4, 5e-4])
     args = parser.parse_args()
-    if not available():
-        print(f"CIFAR-10 not found at {ARCHIVE} (set BADEXPERT_DATA): skipping the benchmark")
+    data = load_or_skip()
+    if data is None:
         return
-    data = load_cifar10()
     for name in args.attacks:
         for row in rate_rows(name, args.arch, args.seed, args.rates, data, args.device):
             print(f"{name} {args.arch} unlearning lr {row['rate']:g}: expert D_select accuracy "
