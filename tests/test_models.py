@@ -5,6 +5,7 @@ import zipfile
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 from safetensors.torch import save_file
 
 from defense.errors import UserError
@@ -27,6 +28,18 @@ def test_cifar_vgg11_bn_has_eight_batchnormed_convolutions_and_five_pools():
         convolutions = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
         assert len(convolutions) == 8 and sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 8
         assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 5
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+        assert parameters[0] < sum(p.numel() for p in model.parameters()) < parameters[1]
+
+
+def test_cifar_mobilenet_v2_is_torchvisions_with_a_full_resolution_stem():
+    """torchvision's MobileNetV2 blocks; the stem keeps 32x32, so the last feature map is 4x4 (2x2 compact)."""
+    for name, parameters, final_side in (("cifar_mobilenet_v2", (2_200_000, 2_300_000), 4),
+                                         ("cifar_mobilenet_v2_compact", (690_000, 710_000), 2)):
+        model = create_model(name, num_classes=10)
+        assert isinstance(model, torchvision.models.MobileNetV2)
+        assert model.features[0][0].stride == (1, 1)
+        assert model.features(torch.zeros(1, 3, 32, 32)).shape[-1] == final_side
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
         assert parameters[0] < sum(p.numel() for p in model.parameters()) < parameters[1]
 

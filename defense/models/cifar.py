@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from torchvision.ops.misc import Conv2dNormActivation
 
 from defense.models.registry import register_model
 
@@ -121,6 +123,34 @@ def cifar_vgg11_bn(num_classes: int = 10) -> nn.Module:
 def cifar_vgg11_bn_compact(num_classes: int = 10) -> nn.Module:
     """cifar_vgg11_bn at a quarter of the width (0.6 M parameters): trains on a laptop CPU."""
     return CifarVGG((16, "M", 32, "M", 64, 64, "M", 128, 128, "M", 128, 128, "M"), num_classes)
+
+
+def _cifar_mobilenet_v2(num_classes: int, width_mult: float, second_stage_stride: int) -> nn.Module:
+    """torchvision's MobileNetV2 (inverted residuals, depthwise convolutions, ReLU6) for 32x32 inputs:
+    the stem keeps the resolution, as in the CIFAR MobileNetV2 of the backdoor literature."""
+    # (expansion, output channels, blocks, stride) per stage: torchvision's ImageNet layout except
+    # the second stage's stride, which the CIFAR literature sets to 1.
+    stages = [[1, 16, 1, 1], [6, 24, 2, second_stage_stride], [6, 32, 3, 2], [6, 64, 4, 2],
+              [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+    model = torchvision.models.MobileNetV2(num_classes=num_classes, width_mult=width_mult,
+                                           inverted_residual_setting=stages)
+    stem_width = model.features[0][0].out_channels
+    model.features[0] = Conv2dNormActivation(3, stem_width, stride=1, norm_layer=nn.BatchNorm2d,
+                                             activation_layer=nn.ReLU6)
+    return model
+
+
+@register_model
+def cifar_mobilenet_v2(num_classes: int = 10) -> nn.Module:
+    """MobileNetV2 for 32x32 inputs (2.2 M parameters): stem and second stage at stride 1, 4x4 at the end."""
+    return _cifar_mobilenet_v2(num_classes, width_mult=1.0, second_stage_stride=1)
+
+
+@register_model
+def cifar_mobilenet_v2_compact(num_classes: int = 10) -> nn.Module:
+    """MobileNetV2 at half width with the second stage at stride 2 (0.7 M parameters, 2x2 at the end):
+    about the compact ResNet's training cost on a laptop CPU."""
+    return _cifar_mobilenet_v2(num_classes, width_mult=0.5, second_stage_stride=2)
 
 
 @register_model
