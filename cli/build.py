@@ -93,6 +93,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--finetune-recover-ratio", type=common.fraction, default=defaults.finetune_recover_ratio,
                         help="--finetune-lr auto: the largest rate whose M' keeps this share of M's D_select accuracy "
                              "(default %(default)s)")
+    method.add_argument("--min-early-dip", type=common.fraction, default=defaults.min_early_dip,
+                        help="warn when the auxiliary loses less than this share of M's D_select accuracy in its first "
+                             "epochs (before the first milestone): a sign that it kept the backdoor (default %(default)s)")
     method.add_argument("--pseudo-label-agreement", type=common.fraction, default=defaults.pseudo_label_agreement_goal,
                         help="--no-labels with --finetune-lr auto: the largest rate whose M' agrees with M on this "
                              "share of D_select (default %(default)s)")
@@ -245,7 +248,7 @@ def run_build(args) -> int:
         finetune_epochs=args.finetune_epochs, finetune_batch_size=args.finetune_batch_size,
         finetune_milestones=tuple(args.finetune_milestones), finetune_momentum=args.finetune_momentum,
         finetune_weight_decay=args.finetune_weight_decay, finetune_recover_ratio=args.finetune_recover_ratio,
-        pseudo_label_agreement_goal=args.pseudo_label_agreement,
+        min_early_dip=args.min_early_dip, pseudo_label_agreement_goal=args.pseudo_label_agreement,
         augment=not args.no_augment, labels=not args.no_labels, device=device, progress=not args.quiet,
         auxiliary=auxiliary_method, bcu_epochs=args.bcu_epochs, bcu_lr=args.bcu_lr, bcu_batch_size=args.bcu_batch_size,
         bcu_momentum=args.bcu_momentum, bcu_weight_decay=args.bcu_weight_decay,

@@ -11,8 +11,6 @@ exchangeable with fresh clean scores) holds. docs/method.md explains the choices
 
 from __future__ import annotations
 
-import secrets
-
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,17 +23,13 @@ import torch.nn as nn
 from defense.bcu import DEFAULT_STAGE_PROBABILITIES, bcu_auxiliary
 from defense.data import ImageSet, iter_image_batches
 from defense.errors import UserError
-from defense.finetune import Diverged, accuracy, clean_finetune, mislabeling, predict_logits, unlearn
+from defense.finetune import accuracy, predict_logits
 from defense.guard import Guard
 from defense.preprocessing import Preprocessing
 from defense.calibrate import calibration_record, image_record, require_finite, score_batches
+from defense.rates import all_finite, choose_finetuning_rate, choose_unlearning_rate
 from defense.threshold import calibrate_threshold
 
-# Ascending: the search stops at the first (smallest) rate that erases the clean function.
-UNLEARN_LR_GRID = (1e-5, 2e-5, 3e-5, 5e-5, 7e-5, 1e-4, 1.5e-4, 2e-4, 3e-4, 5e-4, 7e-4,
-                   1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 5e-2)
-# Descending: the search stops at the first (largest) rate that trains stably and recovers.
-FINETUNE_LR_GRID = (0.1, 0.05, 0.03, 0.01, 0.003, 0.001)
 # Fewer clean images than this earn a warning (BENCHMARKS.md, reserved-set size).
 RECOMMENDED_CLEAN_IMAGES = 1000
 
@@ -68,6 +62,9 @@ class BuildConfig:
     finetune_momentum: float = 0.9
     finetune_weight_decay: float = 1e-4
     finetune_recover_ratio: float = 0.8  # M' must end at or above this fraction of M's D_select accuracy
+    # Below this early dip (the share of M's D_select accuracy the auxiliary lost at its lowest in the
+    # epochs before the first milestone), the build warns that it likely kept the backdoor (BENCHMARKS.md).
+    min_early_dip: float = 0.25
     # Without labels: M' finetuned on M's predicted labels must agree with M on this share of D_select.
     # Labeled auxiliaries at their chosen rate agree with M on 77-82% of D_select (BENCHMARKS.md).
     pseudo_label_agreement_goal: float = 0.7
@@ -112,103 +109,11 @@ def stratified_split(labels: torch.Tensor, fractions: tuple[float, ...], seed: i
     return [torch.cat(part).sort().values for part in parts]
 
 
-def _finite(logits: torch.Tensor) -> bool:
-    return bool(torch.isfinite(logits).all())
-
-
-def choose_unlearning_rate(model, fit: ImageSet, cal_images, cal_reference, num_classes, normalizer,
-                           reference_accuracy: float, config: BuildConfig, log) -> tuple[nn.Module, dict]:
-    """The smallest rate at which B's D_select accuracy falls to ``target_ratio`` of M's."""
-    labels_seed = config.expert_labels_seed
-    if labels_seed is None and config.expert_labels == "derangement":
-        labels_seed = secrets.randbits(62)  # not --seed: a public default seed would give a public mapping
-    wrong_label_of = mislabeling(num_classes, config.expert_labels, labels_seed or 0)
-    labels_record = {"mislabeling": config.expert_labels, "wrong_label_of": wrong_label_of.tolist()}
-
-    def train(lr):
-        return unlearn(model, fit.images, fit.labels, num_classes, normalizer, lr, config.unlearn_epochs,
-                       config.unlearn_batch_size, config.device, config.seed, config.progress, wrong_label_of)
-
-    if config.unlearn_lr is not None:
-        expert = train(config.unlearn_lr)
-        acc = accuracy(predict_logits(expert, cal_images, normalizer, config.device), cal_reference)
-        return expert, {"method": "unlearning", **labels_record, "lr": config.unlearn_lr, "chosen_by": "user",
-                        "calibration_accuracy": acc}
-    goal = config.unlearn_target_ratio * reference_accuracy
-    search, fallback = [], None
-    for lr in UNLEARN_LR_GRID:
-        try:
-            expert = train(lr)
-        except Diverged as error:
-            search.append({"lr": lr, "diverged": str(error)})
-            break
-        logits = predict_logits(expert, cal_images, normalizer, config.device)
-        if not _finite(logits):
-            search.append({"lr": lr, "diverged": "non-finite outputs on D_select"})
-            break
-        acc = accuracy(logits, cal_reference)
-        search.append({"lr": lr, "calibration_accuracy": acc})
-        log(f"  unlearning lr {lr:g}: backdoor expert D_select accuracy {acc:.3f} (goal <= {goal:.3f})")
-        fallback = (expert, lr, acc)
-        if acc <= goal:
-            return expert, {"method": "unlearning", **labels_record, "lr": lr, "chosen_by": "auto",
-                            "goal_accuracy": goal, "calibration_accuracy": acc, "search": search}
-    if fallback is None:
-        raise UserError("unlearning diverged at the smallest learning rate; pass --unlearn-lr explicitly")
-    expert, lr, acc = fallback
-    return expert, {"method": "unlearning", **labels_record, "lr": lr, "chosen_by": "auto", "goal_accuracy": goal,
-                    "calibration_accuracy": acc, "search": search,
-                    "warning": f"no rate in the grid brought the expert to the goal; used the largest stable one ({lr:g})"}
-
-
-def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, normalizer,
-                           reference_accuracy: float, config: BuildConfig, log,
-                           goal: float | None = None) -> tuple[nn.Module, dict]:
-    """The largest rate at which clean finetuning stays finite and recovers M's D_select accuracy
-    (at least ``goal``; default: ``finetune_recover_ratio`` times M's accuracy)."""
-    def train(lr):
-        return clean_finetune(model, fit.images, fit.labels, normalizer, lr, config.finetune_epochs,
-                              config.finetune_batch_size, config.finetune_milestones, config.finetune_momentum,
-                              config.finetune_weight_decay, config.augment, config.device, config.seed,
-                              config.progress)
-
-    grid = (config.finetune_lr,) if config.finetune_lr is not None else FINETUNE_LR_GRID
-    goal = config.finetune_recover_ratio * reference_accuracy if goal is None else goal
-    search, best = [], None
-    for lr in grid:
-        try:
-            auxiliary = train(lr)
-        except Diverged as error:
-            search.append({"lr": lr, "diverged": str(error)})
-            log(f"  clean finetuning lr {lr:g}: diverged ({error}), backing off")
-            continue
-        logits = predict_logits(auxiliary, cal_images, normalizer, config.device)
-        if not _finite(logits):
-            search.append({"lr": lr, "diverged": "non-finite outputs on D_select"})
-            continue
-        acc = accuracy(logits, cal_reference)
-        search.append({"lr": lr, "calibration_accuracy": acc})
-        log(f"  clean finetuning lr {lr:g}: auxiliary D_select accuracy {acc:.3f} (goal >= {goal:.3f})")
-        if best is None or acc > best[2]:
-            best = (auxiliary, lr, acc)
-        if acc >= goal:
-            best = (auxiliary, lr, acc)
-            break
-    if best is None:
-        raise UserError("clean finetuning diverged at every learning rate tried; pass a smaller --finetune-lr")
-    auxiliary, lr, acc = best
-    record = {"method": "clean_finetune", "lr": lr, "chosen_by": "user" if config.finetune_lr is not None else "auto",
-              "goal_accuracy": goal, "calibration_accuracy": acc, "search": search}
-    if acc < goal:
-        record["warning"] = f"no rate reached the goal D_select accuracy {goal:.1%}; kept the best ({lr:g})"
-    return auxiliary, record
-
-
 def check_supplied_auxiliary(auxiliary, cal_images, cal_reference, normalizer, reference_accuracy: float,
                              config: BuildConfig) -> tuple[nn.Module, dict]:
     """A repaired model the user brings (NAD, ANP, I-BAU, BCU, ...) serves as M' as it is."""
     logits = predict_logits(auxiliary, cal_images, normalizer, config.device)
-    if not _finite(logits):
+    if not all_finite(logits):
         raise UserError("--auxiliary-weights: the auxiliary model gives non-finite outputs on the clean images")
     goal = config.finetune_recover_ratio * reference_accuracy
     record = {"method": "supplied", "goal_accuracy": goal, "calibration_accuracy": accuracy(logits, cal_reference)}
@@ -284,7 +189,7 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
                         "attack success and the guard at AUROC 0.75-0.93; 1,000 matched 2,000: BENCHMARKS.md)")
 
     model_logits = predict_logits(model, select.images, normalizer, config.device)
-    if not _finite(model_logits):
+    if not all_finite(model_logits):
         raise UserError("--weights: the model gives non-finite outputs on the clean images; check the weights and --mean/--std")
     model_accuracy = accuracy(model_logits, select.labels)
     log(f"model M: D_select accuracy {model_accuracy:.3f}" + ("" if config.labels else " (agreement with itself: no labels)"))

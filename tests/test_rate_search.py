@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import defense.bcu as bcu
-import defense.build as build
-from defense.build import FINETUNE_LR_GRID, UNLEARN_LR_GRID, BuildConfig, choose_finetuning_rate, choose_unlearning_rate
+import defense.rates as rates
+from defense.build import BuildConfig
+from defense.rates import FINETUNE_LR_GRID, UNLEARN_LR_GRID, choose_finetuning_rate, choose_unlearning_rate
 from defense.data import ImageSet
 from defense.errors import UserError
 from defense.finetune import Diverged
@@ -35,38 +36,58 @@ class Trained:
     lr: float
 
 
-class Script:
-    """Stubs for train / predict_logits / accuracy that follow a table {lr: accuracy | DIVERGES | NAN}."""
+@dataclass(frozen=True)
+class AfterEpoch:
+    """The model a stubbed finetuning run shows its epoch-end callback: rate and epoch (from 0)."""
 
-    def __init__(self, outcomes: dict[float, object]):
+    lr: float
+    epoch: int
+
+
+class Script:
+    """Stubs for train / predict_logits / accuracy that follow a table {lr: accuracy | DIVERGES | NAN}.
+
+    Finetuning runs ``epochs`` epochs and shows each to the build's epoch-end callback; the D_select
+    accuracy after epoch e is ``by_epoch[lr][e]`` when given, else the final accuracy (no dip)."""
+
+    def __init__(self, outcomes: dict[float, object], by_epoch: dict[float, list[float]] | None = None, epochs: int = 10):
         self.outcomes = outcomes
+        self.by_epoch = by_epoch or {}
+        self.epochs = epochs
         self.trained: list[float] = []  # every rate trained, in order
 
-    def train(self, lr: float) -> Trained:
+    def train(self, lr: float, on_epoch_end=None) -> Trained:
         self.trained.append(lr)
         outcome = self.outcomes[lr]  # a rate the table does not list must not be tried
         if outcome == DIVERGES:
             raise Diverged(f"loss became nan (lr {lr:g})")
+        for epoch in range(self.epochs if on_epoch_end is not None else 0):
+            on_epoch_end(epoch, AfterEpoch(lr, epoch))
         return Trained(lr)
 
     def predict_logits(self, model, images, normalizer, device="cpu", batch_size=256):
-        if isinstance(model, Trained) and self.outcomes[model.lr] == NAN:
+        if isinstance(model, (Trained, AfterEpoch)) and self.outcomes[model.lr] == NAN:
             return torch.full((len(images), NUM_CLASSES), math.nan)
-        # One row per image; the rate rides along in the first column for `accuracy`.
-        lr = model.lr if isinstance(model, Trained) else -1.0
+        # One row per image; the rate and the epoch (-1: finished) ride along for `accuracy`.
+        lr = model.lr if isinstance(model, (Trained, AfterEpoch)) else -1.0
         logits = torch.zeros(len(images), NUM_CLASSES, dtype=torch.float64)
         logits[:, 0] = lr
+        logits[:, 1] = model.epoch if isinstance(model, AfterEpoch) else -1
         return logits
 
     def accuracy(self, logits, labels) -> float:
-        return float(self.outcomes[float(logits[0, 0])])
+        lr, epoch = float(logits[0, 0]), int(logits[0, 1])
+        if epoch >= 0 and lr in self.by_epoch:
+            return self.by_epoch[lr][epoch]
+        return float(self.outcomes[lr])
 
 
 def install(monkeypatch, script: Script) -> None:
-    monkeypatch.setattr(build, "unlearn", lambda model, images, labels, num_classes, normalizer, lr, *a, **k: script.train(lr))
-    monkeypatch.setattr(build, "clean_finetune", lambda model, images, labels, normalizer, lr, *a, **k: script.train(lr))
-    monkeypatch.setattr(build, "predict_logits", script.predict_logits)
-    monkeypatch.setattr(build, "accuracy", script.accuracy)
+    monkeypatch.setattr(rates, "unlearn", lambda model, images, labels, num_classes, normalizer, lr, *a, **k: script.train(lr))
+    monkeypatch.setattr(rates, "clean_finetune", lambda model, images, labels, normalizer, lr, *a, on_epoch_end=None,
+                        **k: script.train(lr, on_epoch_end))
+    monkeypatch.setattr(rates, "predict_logits", script.predict_logits)
+    monkeypatch.setattr(rates, "accuracy", script.accuracy)
 
 
 FIT = ImageSet(torch.zeros(8, 3, 4, 4, dtype=torch.uint8), torch.arange(8) % NUM_CLASSES, None, None)
@@ -194,43 +215,75 @@ def test_finetuning_keeps_the_largest_stable_rate_that_recovers_and_stops_there(
     assert record["goal_accuracy"] == pytest.approx(0.72) and record["calibration_accuracy"] == 0.8
     assert [entry["lr"] for entry in record["search"]] == [0.1, 0.05, 0.03, 0.01]
     assert "diverged" in record["search"][0] and record["search"][1]["diverged"] == "non-finite outputs on D_select"
-    assert record["search"][2:] == [{"lr": 0.03, "calibration_accuracy": 0.5}, {"lr": 0.01, "calibration_accuracy": 0.8}]
-    assert "warning" not in record
+    # Without a scripted dip every epoch ends at the final accuracy: early dip = (0.9 - final) / 0.9.
+    assert record["search"][2:] == [
+        {"lr": 0.03, "calibration_accuracy": 0.5, "accuracy_by_epoch": [0.5] * 10, "early_dip": pytest.approx(4 / 9)},
+        {"lr": 0.01, "calibration_accuracy": 0.8, "accuracy_by_epoch": [0.8] * 10, "early_dip": pytest.approx(1 / 9)}]
+    assert record["early_dip"] == pytest.approx(1 / 9) and record["min_early_dip"] == 0.25
+    # 1/9 = 11% < 25%: the warning (its text is pinned below).
+    assert record["warning"].startswith("the auxiliary model (finetuning lr 0.01) lost at most 11% of M's")
 
 
-def test_finetuning_goal_is_inclusive(monkeypatch):
-    # M at 1.0 -> goal 0.8; 0.8 at 0.05 reaches it (0.1 gave 0.7).
-    script = Script(finetune_table([0.7, 0.8, 0.9, 0.9, 0.9, 0.9]))
-    _, record = finetuning(script, monkeypatch, 1.0)
-    assert record["lr"] == 0.05 and script.trained == [0.1, 0.05]
+def test_early_dip_is_the_share_of_accuracy_lost_before_the_first_milestone():
+    # M at 0.80. Milestones (2, 4, ...): epochs 0 and 1 run at the initial rate; their lowest is 0.60,
+    # so the dip is (0.80 - 0.60) / 0.80 = 0.25. The 0.30 at epoch 2 (after the first milestone) does not count.
+    assert rates.early_dip(0.80, [0.70, 0.60, 0.30, 0.85], (2, 4, 6, 8)) == pytest.approx(0.25)
+    # Only gains: negative ((0.80 - 0.88) / 0.80). No milestones: every epoch counts (lowest 0.4 -> 0.5).
+    assert rates.early_dip(0.80, [0.88, 0.90], (2, 4)) == pytest.approx(-0.10)
+    assert rates.early_dip(0.80, [0.9, 0.4, 0.9], ()) == pytest.approx(0.50)
+    # A first milestone at 0 still looks at the first epoch; NaN outputs count as accuracy 0 (a full dip).
+    assert rates.early_dip(0.80, [0.72, 0.1], (0,)) == pytest.approx(0.10)
+    assert rates.early_dip(0.80, [math.nan, 0.9], (2,)) == pytest.approx(1.0)
+    # No epoch at all (the auxiliary is M) or an M at zero accuracy: no dip.
+    assert rates.early_dip(0.80, [], (2,)) == 0.0 and rates.early_dip(0.0, [0.1], (2,)) == 0.0
 
 
-def test_finetuning_falls_back_to_the_most_accurate_rate_with_a_warning(monkeypatch):
-    # Goal 0.72 never reached: the best accuracy (0.6 at 0.05) is kept, not the last rate tried;
-    # on a tie (0.6 again at 0.003) the larger rate, tried first, stays.
-    script = Script(finetune_table([0.3, 0.6, 0.5, DIVERGES, 0.6, 0.4]))
-    auxiliary, record = finetuning(script, monkeypatch, 0.9)
-    assert script.trained == list(FINETUNE_LR_GRID)
-    assert auxiliary == Trained(0.05) and record["lr"] == 0.05 and record["calibration_accuracy"] == 0.6
-    assert record["warning"] == "no rate reached the goal D_select accuracy 72.0%; kept the best (0.05)"
+def finetune_script(by_epoch) -> Script:
+    # M at 0.9, goal 0.72: 0.1 ends at 0.70 (under the goal), 0.05 ends at 0.88 and wins.
+    return Script(finetune_table([0.70, 0.88, 0.9, 0.9, 0.9, 0.9]), by_epoch)
 
 
-def test_finetuning_that_diverges_everywhere_is_a_user_error(monkeypatch):
-    script = Script(finetune_table([DIVERGES, NAN, DIVERGES, DIVERGES, NAN, DIVERGES]))
-    with pytest.raises(UserError, match="diverged at every learning rate tried"):
-        finetuning(script, monkeypatch, 0.9)
-    assert script.trained == list(FINETUNE_LR_GRID)
+def test_finetuning_warns_when_the_chosen_auxiliary_barely_dipped_and_names_the_larger_rate(monkeypatch):
+    # 0.1's first two epochs read 0.60 and 0.45: dip (0.9 - 0.45) / 0.9 = 50%. 0.05's read 0.85 and
+    # 0.81: dip (0.9 - 0.81) / 0.9 = 10% < 25%, so the chosen auxiliary earns the warning, which names
+    # 0.1 (dipped 50%, ended at 70.0%) as the trade.
+    by_epoch = {0.1: [0.60, 0.45] + [0.70] * 8, 0.05: [0.85, 0.81] + [0.88] * 8}
+    _, record = finetuning(finetune_script(by_epoch), monkeypatch, 0.9)
+    assert record["lr"] == 0.05 and record["early_dip"] == pytest.approx(0.1)
+    assert record["search"][1]["accuracy_by_epoch"] == by_epoch[0.05]
+    assert record["warning"] == (
+        "the auxiliary model (finetuning lr 0.05) lost at most 10% of M's D_select accuracy in its first epochs, "
+        "under the 25% at which finetuning weakened the backdoor in the benchmarks: it likely kept the backdoor, "
+        "which leaves detection to the backdoor expert alone (such guards let 0-95% of triggered inputs through in "
+        "the benchmarks). lr 0.1 dipped enough (50%) and ended at 70.0% D_select accuracy, just under the goal "
+        "72.0%: --finetune-lr 0.1 trades that accuracy for a weaker backdoor; more clean images help most "
+        "(docs/method.md, section 3)")
 
 
-def test_finetuning_with_a_user_rate_or_an_agreement_goal(monkeypatch):
-    script = Script({0.02: 0.5})
-    auxiliary, record = finetuning(script, monkeypatch, 0.9, BuildConfig(progress=False, finetune_lr=0.02))
-    assert script.trained == [0.02] and auxiliary == Trained(0.02) and record["chosen_by"] == "user"
-    assert record["warning"] == "no rate reached the goal D_select accuracy 72.0%; kept the best (0.02)"
-    # Without labels the goal is an agreement share (0.7), not 0.8 x M's accuracy (which would be 0.8).
-    script = Script(finetune_table([0.6, 0.75, 0.9, 0.9, 0.9, 0.9]))
-    _, record = finetuning(script, monkeypatch, 1.0, goal=0.7)
-    assert record["lr"] == 0.05 and record["goal_accuracy"] == 0.7 and script.trained == [0.1, 0.05]
+def test_the_warning_names_no_larger_rate_that_missed_the_goal_by_far(monkeypatch):
+    # 0.1 dipped 50% but ended at 0.62, under 0.72 - 0.1 * 0.9 = 0.63, the least a near miss may reach;
+    # at 0.64 it is named.
+    by_epoch = {0.1: [0.60, 0.45] + [0.62] * 8, 0.05: [0.85, 0.81] + [0.88] * 8}
+    script = Script(finetune_table([0.62, 0.88, 0.9, 0.9, 0.9, 0.9]), by_epoch)
+    warning = finetuning(script, monkeypatch, 0.9)[1]["warning"]
+    assert "lost at most 10%" in warning and "--finetune-lr" not in warning
+    by_epoch[0.1][2:] = [0.64] * 8
+    script = Script(finetune_table([0.64, 0.88, 0.9, 0.9, 0.9, 0.9]), by_epoch)
+    assert "--finetune-lr 0.1 trades" in finetuning(script, monkeypatch, 0.9)[1]["warning"]
+
+
+def test_no_early_dip_warning_when_the_auxiliary_dipped_or_the_bar_is_lower(monkeypatch):
+    # 0.05 dips to 0.60: (0.9 - 0.6) / 0.9 = 33% >= 25%, no warning.
+    by_epoch = {0.1: [0.60, 0.45] + [0.70] * 8, 0.05: [0.85, 0.60] + [0.88] * 8}
+    assert "warning" not in finetuning(finetune_script(by_epoch), monkeypatch, 0.9)[1]
+    # 10% again, with --min-early-dip 0.05: no warning either.
+    by_epoch[0.05][1] = 0.81
+    assert "warning" not in finetuning(finetune_script(by_epoch), monkeypatch, 0.9,
+                                       BuildConfig(progress=False, min_early_dip=0.05))[1]
+    # 10%, and the larger rate did not dip enough either (0.85: 5.6%): the warning names no rate.
+    by_epoch[0.1] = [0.85] * 10
+    warning = finetuning(finetune_script(by_epoch), monkeypatch, 0.9)[1]["warning"]
+    assert "--finetune-lr" not in warning and warning.endswith("more clean images help most (docs/method.md, section 3)")
 
 
 # ----- BCU: back off the rate on divergence --------------------------------------------------------
