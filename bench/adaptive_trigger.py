@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import ATTACKS
-from bench.cifar10 import CACHE, load_or_skip, reserved_split
+from bench.cifar10 import CACHE, attacks_with_data, reserved_split
 from bench.detection import write_reserved_folder
 from bench.operating_point import ROOT, bench_parser, build, operating_point, split_test_set, _pct
 from bench.train_attacked import model_path
@@ -169,12 +169,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="Adam steps per trigger (batches of 64 images)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of every result so far")
     args = parser.parse_args()
-    if args.attacks:
-        data = load_or_skip()
-        if data is None:
-            return
-        for name in args.attacks:
-            run(name, args.arch, args.seed, data, args.device, args.steps)
+    for name, data in attacks_with_data(args.attacks):
+        run(name, args.arch, args.seed, data, args.device, args.steps)
     if args.table:
         results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"*_seed{args.seed}.json"))]
         print("\n".join(table(results)))

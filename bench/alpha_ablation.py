@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.attacks import ATTACKS, MIN_ASR
-from bench.cifar10 import CACHE, load_or_skip
+from bench.cifar10 import CACHE, attacks_with_data
 from bench.operating_point import ROOT, bench_parser, operating_point, split_test_set, variant_folder, _pct
 from defense.build import stratified_split
 from defense.bundle import load_bundle
@@ -153,14 +153,10 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--table", action="store_true", help="print the Markdown table of every result so far")
     args = parser.parse_args()
-    if args.attacks:
-        data = load_or_skip()
-        if data is None:
-            return
-        for name in args.attacks:
-            result = run(name, args.arch, args.seed, data, args.device)
-            print(name, " | ".join(f"alpha {a}: " + (f"AUROC {p['auroc']:.4f} FPR {p['fpr']:.4f} ASR {p['asr_with_guard']:.3f}"
-                                                      if "auroc" in p else "refused") for a, p in result["alphas"].items()))
+    for name, data in attacks_with_data(args.attacks):
+        result = run(name, args.arch, args.seed, data, args.device)
+        print(name, " | ".join(f"alpha {a}: " + (f"AUROC {p['auroc']:.4f} FPR {p['fpr']:.4f} ASR {p['asr_with_guard']:.3f}"
+                                                  if "auroc" in p else "refused") for a, p in result["alphas"].items()))
     if args.table:
         results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
         print("\n".join(table(results)))

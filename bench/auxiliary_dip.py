@@ -22,7 +22,7 @@ import json
 import torch
 
 from bench.attacks import ATTACKS
-from bench.cifar10 import CACHE, load_or_skip, reserved_split
+from bench.cifar10 import CACHE, attacks_with_data, reserved_split
 from bench.operating_point import bench_parser, split_test_set
 from bench.train_attacked import train_backdoored
 from defense.build import BuildConfig, stratified_split
@@ -118,11 +118,8 @@ def main() -> None:
     if args.table:
         print("\n".join(table([json.loads(path.read_text()) for path in sorted(ROOT.glob("*.json"))], args.min_early_dip)))
         return
-    data = load_or_skip()
-    if data is None:
-        return
     ROOT.mkdir(parents=True, exist_ok=True)
-    for name in args.attacks:
+    for name, data in attacks_with_data(args.attacks):
         for n_reserved in args.reserved:
             path = ROOT / f"{name}_{args.arch}_seed{args.seed}_n{n_reserved}.json"
             if path.is_file():

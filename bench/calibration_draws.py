@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from bench.attacks import ATTACKS, MIN_ASR
-from bench.cifar10 import load_or_skip
+from bench.cifar10 import attacks_with_data
 from bench.operating_point import RENAMED, ROOT, bench_parser, score_with_logits, split_test_set, test_set_range
 from defense.bundle import load_bundle
 from defense.score import rejects
@@ -158,16 +158,12 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=2000, help="calibration draws per guard and rule (default 2000)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of every result so far")
     args = parser.parse_args()
-    if args.attacks:
-        data = load_or_skip()
-        if data is None:
-            return
-        for name in args.attacks:
-            result = run_attack(name, args.arch, args.seed, data, args.device, args.draws)
-            for variant, rules in result["variants"].items():
-                s = rules["conformal"]
-                print(f"{name:18s} {variant}: mean FPR {s['fpr_mean']:.4f}, in range {s['fpr_in_range']:.3f}, "
-                      f"mean ASR {s['asr_mean']:.3f}; the build's own: FPR {s['build_fpr']:.4f}")
+    for name, data in attacks_with_data(args.attacks):
+        result = run_attack(name, args.arch, args.seed, data, args.device, args.draws)
+        for variant, rules in result["variants"].items():
+            s = rules["conformal"]
+            print(f"{name:18s} {variant}: mean FPR {s['fpr_mean']:.4f}, in range {s['fpr_in_range']:.3f}, "
+                  f"mean ASR {s['asr_mean']:.3f}; the build's own: FPR {s['build_fpr']:.4f}")
     if args.table:
         results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"*_{args.arch}_seed{args.seed}.json"))]
         print("\n".join(table(results)))

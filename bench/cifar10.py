@@ -37,6 +37,18 @@ def load_or_skip() -> dict[str, torch.Tensor] | None:
     return load_cifar10()
 
 
+def attacks_with_data(attacks: list[str]):
+    """Each of a bench's ``--attacks`` with CIFAR-10 (loaded once); nothing when none are named or
+    when the data set is absent (``load_or_skip`` says why the benchmark skips)."""
+    if not attacks:
+        return
+    data = load_or_skip()
+    if data is None:
+        return
+    for name in attacks:
+        yield name, data
+
+
 def load_cifar10() -> dict[str, torch.Tensor]:
     """{'train_images': (50000, 3, 32, 32) uint8, 'train_labels', 'test_images', 'test_labels'}."""
     cached = CACHE / "cifar10_uint8.npz"

@@ -36,7 +36,7 @@ from PIL import Image
 from scipy.stats import betabinom
 
 from bench.attacks import ATTACKS, MIN_ASR
-from bench.cifar10 import CACHE, load_or_skip, reserved_split
+from bench.cifar10 import CACHE, attacks_with_data, reserved_split
 from bench.detection import write_reserved_folder
 from bench.train_attacked import model_path, train_backdoored
 from defense.build import stratified_split
@@ -380,17 +380,13 @@ def main() -> None:
     parser.add_argument("--families", action="store_true",
                         help="print one row per architecture (every --arch measured so far, this --seed)")
     args = parser.parse_args()
-    if args.attacks:
-        data = load_or_skip()
-        if data is None:
-            return
-        for name in args.attacks:
-            started = time.monotonic()
-            result = run_attack(name, args.arch, args.seed, data, args.device, tuple(args.also), tuple(args.variants))
-            print(f"{name:18s} " + " | ".join(
-                f"{variant}: AUROC {row['at_tau']['auroc']:.4f} FPR {row['at_tau']['fpr']:.4f} "
-                f"ASR {row['at_tau']['asr_with_guard']:.3f}" for variant, row in result["variants"].items()
-                if variant in args.variants) + f" | {time.monotonic() - started:.0f} s")
+    for name, data in attacks_with_data(args.attacks):
+        started = time.monotonic()
+        result = run_attack(name, args.arch, args.seed, data, args.device, tuple(args.also), tuple(args.variants))
+        print(f"{name:18s} " + " | ".join(
+            f"{variant}: AUROC {row['at_tau']['auroc']:.4f} FPR {row['at_tau']['fpr']:.4f} "
+            f"ASR {row['at_tau']['asr_with_guard']:.3f}" for variant, row in result["variants"].items()
+            if variant in args.variants) + f" | {time.monotonic() - started:.0f} s")
     if args.table:
         results = [load_result(p) for p in sorted((ROOT / "results").glob(f"*_{args.arch}_seed{args.seed}.json"))]
         print("\n".join(table(results)))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from bench.attacks import ATTACKS
-from bench.cifar10 import CACHE, load_or_skip
+from bench.cifar10 import CACHE, attacks_with_data
 from bench.operating_point import ROOT, bench_parser, split_test_set, variant_folder
 from defense.build import stratified_split
 from defense.bundle import load_bundle
@@ -62,10 +62,7 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--rates", nargs="+", type=float, default=[1e-4, 2e-4, 3e-4, 5e-4])
     args = parser.parse_args()
-    data = load_or_skip()
-    if data is None:
-        return
-    for name in args.attacks:
+    for name, data in attacks_with_data(args.attacks):
         for row in rate_rows(name, args.arch, args.seed, args.rates, data, args.device):
             print(f"{name} {args.arch} unlearning lr {row['rate']:g}: expert D_select accuracy "
                   f"{row['expert_select_accuracy']:.3f}, median b on successful triggered inputs "

@@ -30,6 +30,22 @@ def all_finite(logits: torch.Tensor) -> bool:
     return bool(torch.isfinite(logits).all())
 
 
+NON_FINITE = "non-finite outputs on D_select"  # a search entry's "diverged" when training finished but outputs did not
+
+
+def trained_at(train, lr: float, cal_images, cal_reference, normalizer, device) -> tuple[nn.Module | None, dict]:
+    """Train at ``lr`` and read its D_select accuracy: (model, search entry), or (None, the entry
+    saying why the rate is unusable: divergence in training or non-finite outputs)."""
+    try:
+        model = train(lr)
+    except Diverged as error:
+        return None, {"lr": lr, "diverged": str(error)}
+    logits = predict_logits(model, cal_images, normalizer, device)
+    if not all_finite(logits):
+        return None, {"lr": lr, "diverged": NON_FINITE}
+    return model, {"lr": lr, "calibration_accuracy": accuracy(logits, cal_reference)}
+
+
 def choose_unlearning_rate(model, fit: ImageSet, cal_images, cal_reference, num_classes, normalizer,
                            reference_accuracy: float, config, log) -> tuple[nn.Module, dict]:
     """The smallest rate at which B's D_select accuracy falls to ``target_ratio`` of M's."""
@@ -51,17 +67,11 @@ def choose_unlearning_rate(model, fit: ImageSet, cal_images, cal_reference, num_
     goal = config.unlearn_target_ratio * reference_accuracy
     search, fallback = [], None
     for lr in UNLEARN_LR_GRID:
-        try:
-            expert = train(lr)
-        except Diverged as error:
-            search.append({"lr": lr, "diverged": str(error)})
+        expert, entry = trained_at(train, lr, cal_images, cal_reference, normalizer, config.device)
+        search.append(entry)
+        if expert is None:
             break
-        logits = predict_logits(expert, cal_images, normalizer, config.device)
-        if not all_finite(logits):
-            search.append({"lr": lr, "diverged": "non-finite outputs on D_select"})
-            break
-        acc = accuracy(logits, cal_reference)
-        search.append({"lr": lr, "calibration_accuracy": acc})
+        acc = entry["calibration_accuracy"]
         log(f"  unlearning lr {lr:g}: backdoor expert D_select accuracy {acc:.3f} (goal <= {goal:.3f})")
         fallback = (expert, lr, acc)
         if acc <= goal:
@@ -95,19 +105,16 @@ def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, norm
     search, best = [], None
     for lr in grid:
         accuracy_by_epoch: list[float] = []
-        try:
-            auxiliary = train(lr, accuracy_by_epoch)
-        except Diverged as error:
-            search.append({"lr": lr, "diverged": str(error)})
-            log(f"  clean finetuning lr {lr:g}: diverged ({error}), backing off")
+        auxiliary, entry = trained_at(lambda rate: train(rate, accuracy_by_epoch), lr, cal_images, cal_reference,
+                                      normalizer, config.device)
+        search.append(entry)
+        if auxiliary is None:
+            if entry["diverged"] != NON_FINITE:
+                log(f"  clean finetuning lr {lr:g}: diverged ({entry['diverged']}), backing off")
             continue
-        logits = predict_logits(auxiliary, cal_images, normalizer, config.device)
-        if not all_finite(logits):
-            search.append({"lr": lr, "diverged": "non-finite outputs on D_select"})
-            continue
-        acc = accuracy(logits, cal_reference)
+        acc = entry["calibration_accuracy"]
         dip = early_dip(reference_accuracy, accuracy_by_epoch, config.finetune_milestones)
-        search.append({"lr": lr, "calibration_accuracy": acc, "accuracy_by_epoch": accuracy_by_epoch, "early_dip": dip})
+        entry.update(accuracy_by_epoch=accuracy_by_epoch, early_dip=dip)
         log(f"  clean finetuning lr {lr:g}: auxiliary D_select accuracy {acc:.3f} (goal >= {goal:.3f}), "
             f"early dip {dip:.0%} (warns under {config.min_early_dip:.0%})")
         if best is None or acc > best[2]:
