@@ -74,10 +74,12 @@ def layer_subsets(layers: list[str], default_stages: int = BuildConfig.feature_s
     return {name: subset for name, subset in subsets.items() if subset}
 
 
-def build_cached(attack_name: str, arch: str, model_seed: int, build_seed: int, data: dict, attack_settings: dict):
+def build_cached(attack_name: str, arch: str, model_seed: int, build_seed: int, data: dict, attack_settings: dict,
+                 training: dict | None = None):
     """The default build (every candidate layer) of the cached attacked model, saved as a bundle
-    under a key of everything that made it."""
-    model, info = train_backdoored(attack_name, arch, seed=model_seed)
+    under a key of everything that made it. ``training``: ``lr`` and ``attack_kwargs`` (e.g. the
+    poison rate) for ``train_backdoored``, where they differ from its defaults."""
+    model, info = train_backdoored(attack_name, arch, seed=model_seed, **(training or {}))
     weights = model_path(attack_name, arch, model_seed)
     config = BuildConfig(seed=build_seed, feature_stages=CANDIDATE_STAGES, progress=False)
     key = key_of(sha256_file(weights), attack_settings, dataclasses.asdict(config), arch)
@@ -172,12 +174,14 @@ def measure(parts: dict[str, torch.Tensor], names: list[str], attack, test_label
     return {"layers": names, "rules": rows}
 
 
-def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: int) -> Path:
+def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: int, training: dict | None = None) -> Path:
     attack = ATTACKS[attack_name]()
     settings = json.loads(json.dumps(dataclasses.asdict(attack)))
     model_name = attack.model_attack or attack_name
+    attack_kwargs = (training or {}).get("attack_kwargs") or {}
     folder, info, key = build_cached(model_name, arch, model_seed, build_seed, data,
-                                     json.loads(json.dumps(dataclasses.asdict(ATTACKS[model_name]()))))
+                                     json.loads(json.dumps(dataclasses.asdict(ATTACKS[model_name](**attack_kwargs)))),
+                                     training)
     parts_images = split_parts(data, model_seed, build_seed, attack)
     manifest = json.loads((folder / "manifest.json").read_text())
     cache = ROOT / "parts" / f"{manifest['bundle_id']}_{key_of(settings, attack_name)}.safetensors"
@@ -242,12 +246,15 @@ def main() -> None:
     parser.add_argument("--arch", default="cifar_resnet_compact")
     parser.add_argument("--model-seed", type=int, default=0)
     parser.add_argument("--build-seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=0.2, help="the attacked model's training rate (bench.train_attacked)")
+    parser.add_argument("--poison-rate", type=float, help="the attack's poison rate, where not its default")
     parser.add_argument("--table", action="store_true", help="print the Markdown tables from the cached results")
     parser.add_argument("--calibration", default="cal", choices=["cal", "pool"],
                         help="tables: tau from the build's D_cal (400 images) or the 5,000-image pool")
     args = parser.parse_args()
     for name, data in attacks_with_data(args.attacks):
-        print(f"{name}: {run(name, data, args.arch, args.model_seed, args.build_seed)}")
+        training = {"lr": args.lr, "attack_kwargs": None if args.poison_rate is None else {"poison_rate": args.poison_rate}}
+        print(f"{name}: {run(name, data, args.arch, args.model_seed, args.build_seed, training)}")
     if args.table:
         print(table(calibration=args.calibration))
         print()

@@ -33,7 +33,8 @@ def run_demo(out: Path, device: str = "cpu", quiet: bool = False) -> int:
 
     from cli.build import build_command_parser
     from defense.demo import SIZE, TARGET_CLASS, add_trigger, digit_images, train_backdoored_model, write_image_folder
-    from defense.evaluation import detection_metrics
+    from defense.evaluation import detection_metrics, signal_breakdown
+    from defense.report import signal_lines
     from defense.preprocessing import Preprocessing
 
     started = time.monotonic()
@@ -84,6 +85,10 @@ def run_demo(out: Path, device: str = "cpu", quiet: bool = False) -> int:
     print(f"  clean accuracy (CA)   {metrics.clean_accuracy_without_guard:.3f} without guard -> "
           f"{metrics.clean_accuracy_with_guard:.3f} with guard (FPR {metrics.fpr:.3f})")
     print(f"  attack success (ASR)  {metrics.asr_without_guard:.3f} without guard -> {metrics.asr_with_guard:.3f} with guard")
+    clean_correct = clean.label == test_labels
+    successful = (test_labels != TARGET_CLASS) & (triggered.label == TARGET_CLASS)
+    for line in signal_lines(signal_breakdown(guard.rejection_threshold, clean, triggered, clean_correct, successful)):
+        print(line)
     print(f"demo finished in {time.monotonic() - started:.0f} s; files in {out}/")
     print(f"serve it:  badexpert serve {bundle}")
     print(f"then:      curl -F file=@{samples / 'triggered.png'} http://127.0.0.1:8000/predict")

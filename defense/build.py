@@ -166,6 +166,9 @@ def add_feature_signal(guard: Guard, fit: ImageSet, select: ImageSet, num_classe
                                       config.feature_stages)
     except Exception as error:  # hooks refused, a layer that does not run, a singular covariance, ...
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if isinstance(guard.model, torch.jit.ScriptModule):
+            reason = ("a TorchScript archive allows no forward hooks; build from the Python model (an architecture "
+                      "name or module:factory with --weights) to get it")
         if config.signals == "features":
             raise UserError(f"--signals features: the feature signal cannot be read from this model ({reason})")
         guard.set_feature_detector(None)
