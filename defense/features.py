@@ -18,6 +18,7 @@ one vector per input whatever the input size.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -80,7 +81,8 @@ class ActivationTap:
     """Forward hooks on ``model`` that keep the pooled activations of ``layers`` from the latest
     forward: ``tap.take()`` returns them (one (N, D) tensor per layer, in order) and clears them.
 
-    The hooks stay registered while the tap lives: the guard's forward of M fills them."""
+    The hooks stay registered while the tap lives: the guard's forward of M fills them. What they
+    keep is per thread, so two threads scoring with the same guard never read each other's."""
 
     def __init__(self, model: nn.Module, layers: list[str]):
         modules = dict(model.named_modules())
@@ -88,7 +90,7 @@ class ActivationTap:
         if missing:
             raise ValueError(f"the model has no layer {missing[0]!r} for the feature signal")
         self.layers = list(layers)
-        self._values: dict[str, torch.Tensor] = {}
+        self._local = threading.local()
         self._handles = []
         for layer in self.layers:
             module = modules[layer.removesuffix(INPUT_SUFFIX)]
@@ -96,6 +98,12 @@ class ActivationTap:
                 self._handles.append(module.register_forward_pre_hook(self._keep_input(layer)))
             else:
                 self._handles.append(module.register_forward_hook(self._keep_output(layer)))
+
+    @property
+    def _values(self) -> dict[str, torch.Tensor]:
+        if not hasattr(self._local, "values"):
+            self._local.values = {}
+        return self._local.values
 
     def _keep_output(self, layer: str):
         def hook(_module, _inputs, output):
@@ -108,12 +116,12 @@ class ActivationTap:
         return hook
 
     def take(self) -> list[torch.Tensor]:
-        missing = [layer for layer in self.layers if layer not in self._values]
+        values = self._values
+        missing = [layer for layer in self.layers if layer not in values]
         if missing:
             raise RuntimeError(f"layer {missing[0]!r} did not run in the model's forward")
-        values = [self._values[layer] for layer in self.layers]
-        self._values = {}
-        return values
+        self._local.values = {}
+        return [values[layer] for layer in self.layers]
 
     def remove(self) -> None:
         for handle in self._handles:
