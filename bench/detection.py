@@ -24,7 +24,7 @@ from bench.train_attacked import model_path, train_backdoored
 from defense.bundle import load_bundle
 from cli.main import main as badexpert
 from defense.evaluation import detection_metrics
-from defense.score import GuardScores, guard_scores
+from defense.score import GuardScores
 
 RESULTS = CACHE / "bench" / "results"
 
@@ -46,7 +46,7 @@ def _score_with_predictions(guard, images: torch.Tensor, batch_size: int = 500):
     parts = []
     for start in range(0, len(images), batch_size):
         model_logits, expert_logits, auxiliary_logits = guard.logits(images[start:start + batch_size])
-        parts.append((guard_scores(model_logits, expert_logits, auxiliary_logits, alpha=guard.alpha).cpu(),
+        parts.append((guard.scores_from(model_logits, expert_logits, auxiliary_logits, guard.activations()),
                       expert_logits.argmax(1).cpu(), auxiliary_logits.argmax(1).cpu()))
     return (GuardScores.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
             torch.cat([p[2] for p in parts]))

@@ -89,7 +89,7 @@ def served_scores(bundle: Path, images: torch.Tensor, tmp_path: Path) -> tuple[l
         info = client.get("/v1/info").json()
         response = client.post("/predict", files=files)
     assert response.status_code == 200, response.text
-    return [p["score"] for p in response.json()["predictions"]], info
+    return [p["signals"]["expert"] for p in response.json()["predictions"]], info
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,10 @@ def check_bundle(bundle: Path, alpha: float, images: torch.Tensor, tmp_path: Pat
     expected, a = expected_scores(bundle, images, alpha)
     assert (a < alpha).sum() >= 4, "both terms of the minimum must be exercised"
     assert np.isfinite(expected).all()
-    offline = guard.score(images).score.double().numpy()
+    scores = guard.score(images)
+    offline = scores.expert_score.double().numpy()  # alpha enters the expert's score; the decision is min(it, features)
     assert offline == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert torch.equal(scores.score, torch.minimum(scores.expert_score, scores.feature_score))
     served, info = served_scores(bundle, images, tmp_path)
     assert info["alpha"] == alpha
     assert served == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-6)

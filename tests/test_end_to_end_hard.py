@@ -66,7 +66,9 @@ def test_the_automatic_unlearning_rate_beats_a_too_small_one_on_a_hard_task(tmp_
                     # 200 D_fit images: batches of 16 give the expert 13 steps, like one epoch over
                     # about 1,600 images in the default batches of 128.
                     "--unlearn-batch-size", "16",
-                    "--auxiliary-model", "tiny_cnn", "--auxiliary-weights", str(weights), *extra]
+                    "--auxiliary-model", "tiny_cnn", "--auxiliary-weights", str(weights),
+                    "--signals", "expert",  # the expert's rate is what is measured here, not the feature signal
+                    *extra]
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 assert main(argv) == 0
             guard, _ = load_bundle(tmp_path / name)

@@ -129,7 +129,9 @@ def build_tiny(root: Path) -> Tiny:
     offline = guard.score(torch.stack([guard.preprocessing.load(path) for path in files]))
     assert offline.score.max() > 1.5 * offline.score.min(), "the fixture's scores must spread out"
     ordered = offline.score.sort().values
-    middle = len(ordered) // 2
+    # strict: a threshold between two samples' scores that flags more of them than the calibrated one
+    live_flagged = int((offline.score < guard.rejection_threshold).sum())
+    middle = min(len(ordered) - 1, max(len(ordered) // 2, live_flagged + max(1, (len(ordered) - live_flagged) // 2)))
     assert ordered[middle - 1] < ordered[middle], "the samples need distinct scores"
     strict_tau = float((ordered[middle - 1] + ordered[middle]) / 2)
     guard.rejection_threshold = strict_tau
