@@ -541,7 +541,8 @@ def test_dashboard_panels_all_query_the_provisioned_datasource():
     # The panels the issue asks for.
     titles = " | ".join(p["title"].lower() for p in panels)
     for words in ("rejection rate", "per predicted class", "score distribution", "request rate", "p50 / p95 / p99",
-                  "batch size", "queue depth", "responses by status"):
+                  "batch size", "queue depth", "responses by status", "inside the bundle's fpr band",
+                  "clean-score drift", "flagged share vs accepted share"):
         assert words in titles, words
     heatmap = next(p for p in panels if p["type"] == "heatmap")
     assert "tau" in heatmap["title"] and heatmap["targets"][0]["format"] == "heatmap"
@@ -549,6 +550,24 @@ def test_dashboard_panels_all_query_the_provisioned_datasource():
     quantiles = next(p for p in panels if p["title"].lower().startswith("latency"))
     assert sorted(t["expr"].split("(")[1].split(",")[0] for t in quantiles["targets"]) == ["0.5", "0.95", "0.99"]
     assert any("vector($tau)" in t["expr"] for p in panels for t in p["targets"]), "tau must be drawn"
+
+
+def test_dashboard_json_is_what_its_program_generates(tmp_path):
+    """docker/grafana/dashboard.py writes the JSON; the committed file must be its output."""
+    pytest.importorskip("grafana_foundation_sdk", reason="grafana-foundation-sdk is missing (pip install -e .[test])")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dashboard_program", DOCKER / "grafana" / "dashboard.py")
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    assert program.OUTPUT == DASHBOARD
+    assert program.render() == DASHBOARD.read_text(), "run python docker/grafana/dashboard.py"
+    # --check says the same, and notices a hand edit.
+    check = [sys.executable, str(DOCKER / "grafana" / "dashboard.py"), "--check"]
+    assert subprocess.run(check, capture_output=True, timeout=120).returncode == 0
+    program.OUTPUT = tmp_path / "edited.json"
+    program.OUTPUT.write_text(DASHBOARD.read_text().replace("Rejection rate", "Rejection ratio", 1))
+    assert program.main(["--check"]) == 1
 
 
 def exported_metric_names() -> set[str]:
@@ -560,6 +579,15 @@ def exported_metric_names() -> set[str]:
     metrics.count_status(200)
     metrics.record_inputs([0, 1], [0.1, 0.9], [True, False])
     metrics.record_candidate("b", [True, False], "c", [True, True])  # the shadow candidate's series
+    from types import SimpleNamespace
+
+    from service.monitoring import LiveMonitoring
+
+    monitoring = LiveMonitoring(metrics.registry, drift_window=100, drift_blocks=2)
+    manifest = SimpleNamespace(target_fpr=0.01, threshold={"fpr_range": [0.005, 0.015], "expected_fpr": 0.01},
+                               calibration={"score_quantiles": {"0.5": 0.5, "0.9": 0.9}})
+    monitoring.follow("live", "b", manifest)
+    monitoring.record("live", "b", [0, 1], [0.1, 0.9], [True, False], ["a", "b"])
     names = set()
     for family in metrics.registry.collect():
         names |= {sample.name for sample in family.samples}
