@@ -19,6 +19,13 @@ Delay = images after the change until the condition first holds (the `for:` of e
 minutes, comes on top of it, in time). Also counted: runs where a condition held on clean traffic
 just before the change (false alarms), and the concentration condition under FPR drift (it should
 not hold: drift spreads rejections over the classes).
+
+The clean-score drift statistic (service/drift.py, the server's own DriftWindow) on scores drawn
+from a continuous distribution (the test on quantile bins does not depend on which): the share of
+windows of exchangeable clean traffic above 1 (with the two-sample correction for calibration
+quantiles estimated from 5,000 images, and without it), the same with 5% triggered inputs (scores
+below the calibration median), and the images until it passes 1 when the clean scores shift by a
+fraction of their spread (log-scores moved by 0.1, 0.25, 0.5 standard deviations).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import json
 import numpy as np
 
 from defense.threshold import conformal_rank, realized_fpr_range
+from defense.calibrate import QUANTILES
+from service.drift import DriftWindow, UpperTail
 from service.live_checks import above_band, concentrated
 
 EVALUATION_S = 15
@@ -77,7 +86,7 @@ def delays(rng, rate: float, before, after, band: tuple[float, float], classes: 
                 break
         for name in found:
             found[name].append(first[name])
-    return {name: summary(values, runs) | {"false_alarms": false_alarms[name]} for name, values in found.items()}
+    return {name: summary(values, runs) | {"false_alarms": int(false_alarms[name])} for name, values in found.items()}
 
 
 def summary(values: list, runs: int) -> dict:
@@ -125,6 +134,66 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def clean_scores(rng, n: int, shift: float = 0.0, triggered: float = 0.0) -> np.ndarray:
+    """Log-normal clean scores (log-score moved by ``shift`` standard deviations); a ``triggered``
+    share scores far below the median (the guard's triggered inputs)."""
+    scores = np.exp(rng.standard_normal(n) + shift)
+    hit = rng.random(n) < triggered
+    scores[hit] = np.exp(rng.standard_normal(hit.sum()) - 4.0)
+    return scores
+
+
+def drift_rows(rng, calibration_images: int, window: int, blocks: int, runs: int, windows_per_run: int = 10,
+               shifts=(0.1, 0.25, 0.5)) -> list[dict]:
+    rows = []
+    block = window // blocks
+    for name, correct, shift, triggered in [("clean, two-sample (the server)", True, 0.0, 0.0),
+                                            ("clean, one-sample (no correction)", False, 0.0, 0.0),
+                                            ("clean + 5% triggered", True, 0.0, 0.05)]:
+        above = total = 0
+        for _ in range(runs):
+            tail = calibrated_tail(rng, calibration_images, correct)
+            drift = DriftWindow(tail, window, blocks)
+            drift.add(clean_scores(rng, window - block, shift, triggered).tolist())
+            for _ in range(windows_per_run * blocks):
+                drift.add(clean_scores(rng, block, shift, triggered).tolist())
+                above += drift.statistic() > 1
+                total += 1
+        rows.append({"stream": name, "windows_above_1": above / total, "windows": total})
+    for shift in shifts:
+        found = []
+        for _ in range(runs):
+            tail = calibrated_tail(rng, calibration_images, True)
+            drift = DriftWindow(tail, window, blocks)
+            drift.add(clean_scores(rng, window).tolist())
+            first = None
+            for index in range(1, 20 * blocks + 1):
+                drift.add(clean_scores(rng, block, shift).tolist())
+                if drift.statistic() > 1:
+                    first = index * block
+                    break
+            found.append(first)
+        rows.append({"stream": f"clean scores shifted by {shift:g} sd", **summary(found, runs)})
+    return rows
+
+
+def calibrated_tail(rng, calibration_images: int, correct: bool) -> UpperTail:
+    scores = clean_scores(rng, calibration_images)
+    quantiles = {f"{q:g}": float(v) for q, v in zip(QUANTILES, np.quantile(scores, QUANTILES))}
+    return UpperTail.from_quantiles(quantiles, calibration_images if correct else None)
+
+
+def drift_table(rows: list[dict], window: int) -> str:
+    lines = [f"| stream (windows of {window:,} images) | windows above 1 | images after the change until above 1 "
+             "(median, p90) |", "|---|---|---|"]
+    for row in rows:
+        if "windows_above_1" in row:
+            lines.append(f"| {row['stream']} | {row['windows_above_1']:.2%} of {row['windows']:,} | |")
+        else:
+            lines.append(f"| {row['stream']} | | {cell(row)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
@@ -137,13 +206,20 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--horizon", type=int, default=100_000, help="most images followed after the change")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--drift-window", type=int, default=2000, help="BADEXPERT_DRIFT_WINDOW")
+    parser.add_argument("--drift-blocks", type=int, default=10, help="BADEXPERT_DRIFT_BLOCKS")
+    parser.add_argument("--drift-runs", type=int, default=50)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     rows = run(args)
     print(table(rows))
+    drift = drift_rows(np.random.default_rng(args.seed), args.calibration_images, args.drift_window,
+                       args.drift_blocks, args.drift_runs)
+    print()
+    print(drift_table(drift, args.drift_window))
     if args.json:
         with open(args.json, "w") as stream:
-            json.dump(rows, stream, indent=2)
+            json.dump({"alerts": rows, "drift": drift}, stream, indent=2)
     return 0
 
 

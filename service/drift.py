@@ -9,6 +9,12 @@ Pearson's chi-square of the window's counts in those bins against those proporti
 its 1-in-1,000 critical value: 1.0 is the departure that clean traffic reaches in one window of a
 thousand; well above it, the traffic is no longer like the calibration images.
 
+The quantiles are themselves estimated from the N calibration images above the median, so a window
+of n images above it is compared with a sample, not with the truth: the chi-square of the two-sample
+(homogeneity) test is the one-sample one times N / (N + n), which keeps the 1-in-1,000 level honest
+when the window is not small against the calibration set (without it: 2,000-image windows against
+5,000 calibration images cross 1.0 about ten times as often as they should).
+
 The window is the last ``window`` images scored, kept as ``blocks`` blocks of bin counts (memory:
 blocks x bins integers, whatever the traffic). Below ``MIN_EXPECTED`` expected images in the
 smallest bin the chi-square approximation does not hold and the statistic reads 0.
@@ -36,11 +42,12 @@ class UpperTail:
 
     edges: tuple[float, ...]
     shares: tuple[float, ...]
+    reference_images: float | None = None  # calibration images above the median (None: unknown)
 
     @classmethod
-    def from_quantiles(cls, quantiles: dict) -> "UpperTail | None":
-        """From a manifest's ``score_quantiles`` ({"0.5": score, ...}); None without at least two levels
-        from the median up (bundles of older builds may have none)."""
+    def from_quantiles(cls, quantiles: dict, calibration_images: int | None = None) -> "UpperTail | None":
+        """From a manifest's ``score_quantiles`` ({"0.5": score, ...}) and its calibration ``n``; None
+        without at least two levels from the median up (bundles of older builds may have none)."""
         points = sorted((float(level), float(score)) for level, score in (quantiles or {}).items()
                         if float(level) >= MEDIAN and math.isfinite(float(score)))
         if len(points) < 2 or points[0][0] != MEDIAN:
@@ -55,7 +62,8 @@ class UpperTail:
             return None
         bounds = levels + [1.0]
         shares = tuple((bounds[i + 1] - bounds[i]) / (1.0 - MEDIAN) for i in range(len(levels)))
-        return cls(tuple(edges), shares)
+        reference = calibration_images * (1.0 - MEDIAN) if calibration_images else None
+        return cls(tuple(edges), shares, reference)
 
     def bin_of(self, score: float) -> int | None:
         """The bin of a score above the median; None at or below it (or not finite)."""
@@ -69,12 +77,15 @@ class UpperTail:
         return math.ceil(MIN_EXPECTED / min(self.shares) - 1e-9)  # float shares: 5 / 0.0999... is 50
 
 
-def drift_statistic(counts: list[int], shares: tuple[float, ...]) -> float:
-    """Pearson's chi-square of ``counts`` against ``shares``, over its ``FALSE_ALARM`` critical value."""
+def drift_statistic(counts: list[int], shares: tuple[float, ...], reference_images: float | None = None) -> float:
+    """Pearson's chi-square of ``counts`` against ``shares`` (two-sample when the shares come from
+    ``reference_images`` images), over its ``FALSE_ALARM`` critical value."""
     n = sum(counts)
     if n == 0:
         return 0.0
     statistic = sum((count - n * share) ** 2 / (n * share) for count, share in zip(counts, shares))
+    if reference_images:
+        statistic *= reference_images / (reference_images + n)
     return statistic / chi2.isf(FALSE_ALARM, len(shares) - 1)
 
 
@@ -115,4 +126,4 @@ class DriftWindow:
         counts = self.counts()
         if sum(counts) < self.tail.min_images:
             return 0.0
-        return drift_statistic(counts, self.tail.shares)
+        return drift_statistic(counts, self.tail.shares, self.tail.reference_images)

@@ -65,7 +65,8 @@ class LiveMonitoring:
             self.band.labels(bundle=bundle_id, role=role, bound=bound).set(value)
         for decision in ("accepted", "rejected"):
             self.inputs.labels(bundle=bundle_id, role=role, decision=decision)  # rates start from zero
-        tail = UpperTail.from_quantiles((manifest.calibration or {}).get("score_quantiles"))
+        calibration = manifest.calibration or {}
+        tail = UpperTail.from_quantiles(calibration.get("score_quantiles"), calibration.get("n"))
         window = DriftWindow(tail, self.drift_window, self.drift_blocks) if tail else None
         if window is not None:
             self.drift.labels(bundle=bundle_id, role=role).set(0.0)

@@ -33,6 +33,7 @@ def test_a_larger_burst_is_found_sooner_and_clean_traffic_is_quiet():
 
 
 def test_the_table_names_every_scenario(capsys):
-    assert main(["--runs", "1", "--rates", "5", "--bursts", "0.2", "--horizon", "3000"]) == 0
+    assert main(["--runs", "1", "--rates", "5", "--bursts", "0.2", "--horizon", "3000", "--drift-runs", "1"]) == 0
     out = capsys.readouterr().out
     assert "FPR drift 1% -> 3%" in out and "burst 20% triggered" in out and "5 images/s" in out
+    assert "clean + 5% triggered" in out and "shifted by 0.5 sd" in out

@@ -18,10 +18,10 @@ QUANTILES = {"0.1": 0.05, "0.25": 0.2, "0.5": 1.0, "0.6": 2.0, "0.7": 3.0, "0.75
 CHI2_6DF_999 = 22.457744484825323  # scipy.stats.chi2.isf(1e-3, 6), as printed in any chi-square table (22.458)
 
 
-def manifest(quantiles=QUANTILES, target=0.01, fpr_range=(0.0074, 0.0129), expected=0.01):
+def manifest(quantiles=QUANTILES, target=0.01, fpr_range=(0.0074, 0.0129), expected=0.01, n=None):
     return SimpleNamespace(target_fpr=target, threshold={"tau": 0.1, "fpr_range": list(fpr_range),
                                                          "expected_fpr": expected},
-                           calibration={"score_quantiles": quantiles})
+                           calibration={"score_quantiles": quantiles, "n": n})
 
 
 def test_upper_tail_bins_from_the_manifest_quantiles():
@@ -46,6 +46,11 @@ def test_drift_statistic_is_chi_square_over_its_critical_value():
     # 100 images all in the first bin: (100-20)^2/20 + 2 * 20^2/20 ... = 320 + 20+10+10+20+10+10 = 400
     assert drift_statistic([100, 0, 0, 0, 0, 0, 0], shares) == pytest.approx(400 / CHI2_6DF_999)
     assert drift_statistic([0] * 7, shares) == 0.0
+    # Against quantiles estimated from 300 calibration images above the median (two-sample):
+    # 400 * 300 / (300 + 100) = 300.
+    assert drift_statistic([100, 0, 0, 0, 0, 0, 0], shares, reference_images=300) == pytest.approx(300 / CHI2_6DF_999)
+    assert UpperTail.from_quantiles(QUANTILES, calibration_images=600).reference_images == 300
+    assert UpperTail.from_quantiles(QUANTILES).reference_images is None
 
 
 def test_drift_window_slides_by_blocks_and_needs_enough_images():
@@ -106,7 +111,7 @@ def sample(registry, name, **labels):
 def test_live_monitoring_exports_band_counts_and_drift_per_bundle():
     registry = CollectorRegistry()
     monitoring = LiveMonitoring(registry, drift_window=100, drift_blocks=2)
-    monitoring.follow("live", "bundle-a", manifest())
+    monitoring.follow("live", "bundle-a", manifest(n=480))
     monitoring.bind_classes(["cat", "dog"])
     monitoring.follow("candidate", "bundle-b", manifest(target=0.05, fpr_range=(0.045, 0.056), expected=0.05))
     assert sample(registry, "badexpert_fpr_band", bundle="bundle-a", role="live", bound="high") == 0.0129
@@ -122,8 +127,9 @@ def test_live_monitoring_exports_band_counts_and_drift_per_bundle():
     assert sample(registry, "badexpert_bundle_inputs_total", bundle="bundle-a", role="live", decision="accepted") == 60
     assert sample(registry, "badexpert_accepted_by_class_total", predicted_class="1", class_name="dog") == 60
     assert sample(registry, "badexpert_accepted_by_class_total", predicted_class="0", class_name="cat") == 0
-    # chi-square of 60 in a bin of 0.2: (60-12)^2/12 + (12+6+6+12+6+6) = 192 + 48 = 240, rounded
-    assert sample(registry, "badexpert_clean_score_drift", bundle="bundle-a", role="live") == round(240 / CHI2_6DF_999, 2)
+    # chi-square of 60 in a bin of 0.2: (60-12)^2/12 + (12+6+6+12+6+6) = 192 + 48 = 240, two-sample
+    # against 240 calibration images above the median: 240 * 240 / 300 = 192, rounded
+    assert sample(registry, "badexpert_clean_score_drift", bundle="bundle-a", role="live") == round(192 / CHI2_6DF_999, 2)
     assert sample(registry, "badexpert_clean_score_drift", bundle="bundle-b", role="candidate") == 0.0
 
     # A hot swap: the old bundle's gauges go, the new one's come with a fresh window.
