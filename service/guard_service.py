@@ -53,7 +53,8 @@ class GuardService:
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
         self.metrics = ServiceMetrics()
-        self.monitoring = LiveMonitoring(self.metrics.registry, settings.drift_window, settings.drift_blocks)
+        self.monitoring = LiveMonitoring(self.metrics.registry, settings.drift_window, settings.drift_blocks,
+                                         settings.response_policy)
         self.audit = AuditTrail(settings.audit_log, settings.quarantine_dir, chain=settings.audit_chain,
                                 min_free_bytes=settings.audit_min_free_bytes,
                                 max_image_bytes=settings.quarantine_max_image_bytes,

@@ -8,7 +8,7 @@
 
 One band and one drift window per live bundle and per candidate in shadow; a hot swap or a new
 candidate replaces them (the old bundle's gauges go). Nothing here exposes a score or tau: the drift
-gauge is a window statistic, rounded.
+gauge is a window statistic, rounded (to 0.01; under ``decision_only``, to 0.1).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from service.drift import DriftWindow, UpperTail
 from service.live_checks import BOUNDS, FprBand
 
 ROLES = ("live", "candidate")
-DRIFT_DIGITS = 2
+DRIFT_DIGITS = {"full": 2, "decision_only": 1}  # by response policy
 
 
 @dataclass
@@ -32,8 +32,10 @@ class _Watched:
 
 
 class LiveMonitoring:
-    def __init__(self, registry: CollectorRegistry, drift_window: int, drift_blocks: int):
+    def __init__(self, registry: CollectorRegistry, drift_window: int, drift_blocks: int,
+                 response_policy: str = "full"):
         self.drift_window, self.drift_blocks = drift_window, drift_blocks
+        self.drift_digits = DRIFT_DIGITS[response_policy]
         self.band = Gauge("badexpert_fpr_band", "The bundle's promise on clean traffic like its calibration "
                           "images: target FPR, expected FPR and the 95% range of the realized FPR",
                           ["bundle", "role", "bound"], registry=registry)
@@ -89,7 +91,7 @@ class LiveMonitoring:
         watched = self._watched.get(role)
         if watched is not None and watched.bundle_id == bundle_id and watched.drift is not None:
             watched.drift.add(scores)
-            self.drift.labels(bundle=bundle_id, role=role).set(round(watched.drift.statistic(), DRIFT_DIGITS))
+            self.drift.labels(bundle=bundle_id, role=role).set(round(watched.drift.statistic(), self.drift_digits))
 
 
 def _remove(metric, *labels: str) -> None:

@@ -140,3 +140,12 @@ def test_live_monitoring_exports_band_counts_and_drift_per_bundle():
     assert sample(registry, "badexpert_clean_score_drift", bundle="bundle-c", role="live") is None  # no quantiles
     monitoring.follow("candidate", None)
     assert sample(registry, "badexpert_fpr_band", bundle="bundle-b", role="candidate", bound="target") is None
+
+
+def test_decision_only_rounds_the_drift_gauge_coarser():
+    registry = CollectorRegistry()
+    monitoring = LiveMonitoring(registry, drift_window=100, drift_blocks=2, response_policy="decision_only")
+    monitoring.follow("live", "bundle-a", manifest(n=480))
+    monitoring.record("live", "bundle-a", [1] * 60, [1.5] * 60, [False] * 60, ["cat", "dog"])
+    # 192 / 22.4577 = 8.549...: 8.5 under decision_only (8.55 with full responses)
+    assert sample(registry, "badexpert_clean_score_drift", bundle="bundle-a", role="live") == 8.5
