@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from synthetic import NUM_CLASSES, PREPROCESSING, TARGET, add_trigger, make_images, train_backdoored
-from test_deploy_integration import (INSTALL_HINT, REPO, SCRAPE_S, Processes, Prometheus, free_port,
-                                     prometheus_test_config, wait_for)
+from test_deploy_integration import (REPO, SCRAPE_S, Processes, Prometheus, free_port, prometheus_or_skip,
+                                     start_prometheus, wait_for)
 
 DRIFT_WINDOW, DRIFT_BLOCKS = 200, 4
 PER_REQUEST = 25
@@ -73,10 +72,7 @@ def alert_expressions() -> dict[str, str]:
 
 @pytest.mark.integration
 def test_drift_and_concentration_alerts_on_live_traffic_through_real_prometheus(tmp_path):
-    prometheus_bin = shutil.which("prometheus")
-    if prometheus_bin is None:
-        pytest.skip(f"Debian's prometheus is not installed ({INSTALL_HINT})")
-    pytest.importorskip("yaml", reason=f"PyYAML is missing ({INSTALL_HINT})")
+    prometheus_bin = prometheus_or_skip()
     httpx = pytest.importorskip("httpx")
     import torch
 
@@ -84,8 +80,7 @@ def test_drift_and_concentration_alerts_on_live_traffic_through_real_prometheus(
     alerts = alert_expressions()
     drift_alert, concentration_alert = alerts["BadExpertCleanScoreDrift"], alerts["BadExpertAttackConcentration"]
 
-    processes = Processes(tmp_path)
-    try:
+    with Processes(tmp_path) as processes:
         port, prometheus_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("BADEXPERT_")}
         env.update(BADEXPERT_BUNDLE=str(bundle), BADEXPERT_HOST="127.0.0.1", BADEXPERT_PORT=str(port),
@@ -93,11 +88,7 @@ def test_drift_and_concentration_alerts_on_live_traffic_through_real_prometheus(
                    BADEXPERT_DRIFT_WINDOW=str(DRIFT_WINDOW), BADEXPERT_DRIFT_BLOCKS=str(DRIFT_BLOCKS))
         processes.start("guard", [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())",
                                   "serve"], env)
-        config = prometheus_test_config(tmp_path, prometheus_port, [f"127.0.0.1:{port}"])
-        processes.start("prometheus", [prometheus_bin, f"--config.file={config}",
-                                       f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                       f"--web.listen-address=127.0.0.1:{prometheus_port}",
-                                       "--storage.tsdb.retention.time=1h", "--log.level=warn"])
+        start_prometheus(processes, prometheus_bin, tmp_path, prometheus_port, [f"127.0.0.1:{port}"])
         base = f"http://127.0.0.1:{port}"
         with httpx.Client() as client:
             prom = Prometheus(client, f"http://127.0.0.1:{prometheus_port}")
@@ -159,9 +150,3 @@ def test_drift_and_concentration_alerts_on_live_traffic_through_real_prometheus(
             drifted = wait_for(lambda: firing(drift_alert), 15, "the drift alert's expression")
             assert drifted[0]["metric"]["role"] == "live" and float(drifted[0]["value"][1]) > 1
             processes.check_alive()
-    except BaseException:
-        for name, _ in processes.started:
-            print(f"----- {name} log -----\n{processes.tail(name)}")
-        raise
-    finally:
-        processes.stop_all()
