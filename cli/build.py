@@ -125,6 +125,14 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                            default=list(defaults.bcu_reinit_probabilities),
                            help="re-initialization probability of the stem, each depth stage, and the classifier "
                                 "(conv/linear layers in order; default %(default)s)")
+    signals = parser.add_argument_group("signals (docs/method.md, section 8)")
+    signals.add_argument("--signals", choices=["expert", "features", "fused"], default=defaults.signals,
+                         help="what decides: expert (the paper's score alone), features (the feature signal: distances "
+                              "of M's hidden activations to the clean images of the predicted class) or fused (the "
+                              "more suspect of the two, under one calibrated threshold; default %(default)s)")
+    signals.add_argument("--feature-stages", type=int, default=defaults.feature_stages, metavar="N",
+                         help="the feature signal reads the ends of M's last N resolutions and the classifier's "
+                              "input (default %(default)s)")
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default %(default)s: CUDA when present)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -252,7 +260,8 @@ def run_build(args) -> int:
         augment=not args.no_augment, labels=not args.no_labels, device=device, progress=not args.quiet,
         auxiliary=auxiliary_method, bcu_epochs=args.bcu_epochs, bcu_lr=args.bcu_lr, bcu_batch_size=args.bcu_batch_size,
         bcu_momentum=args.bcu_momentum, bcu_weight_decay=args.bcu_weight_decay,
-        bcu_reinit_probabilities=tuple(args.bcu_reinit_probabilities),
+        bcu_reinit_probabilities=tuple(args.bcu_reinit_probabilities), signals=args.signals,
+        feature_stages=args.feature_stages,
     )
     if not clean.class_names:
         clean.class_names = [str(i) for i in range(num_classes)]
@@ -284,6 +293,11 @@ def print_build_summary(manifest, out: Path) -> None:
     auxiliary = manifest.auxiliary_model
     print(f"  unlearning lr {manifest.backdoor_expert['lr']:g} ({manifest.backdoor_expert['chosen_by']}), auxiliary: "
           f"{auxiliary['method']}" + (f" lr {auxiliary['lr']:g} ({auxiliary['chosen_by']})" if "lr" in auxiliary else ""))
+    feature = (manifest.model_extra or {}).get("feature_signal")
+    if feature:
+        print(f"  signals: {feature['signals']} (feature layers: {', '.join(feature['layers'])})")
+    else:
+        print("  signals: expert (the feature signal is off)")
     print_threshold(manifest)
     print(f"  build took {manifest.build_seconds:.0f} s")
     print(f"next: badexpert serve {out}")

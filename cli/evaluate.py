@@ -64,10 +64,10 @@ def run_evaluate(args) -> int:
     from defense.bootstrap import BOOTSTRAP_SEED, CONFIDENCE, bootstrap_metrics, percentile_interval
     from defense.bundle import load_bundle
     from defense.data import load_image_folder
-    from defense.evaluation import METRIC_LABELS, detection_metrics
+    from defense.evaluation import METRIC_LABELS, detection_metrics, signal_breakdown
     from defense.evaluation_inputs import check_clean_folder, resolve_target_class, triggered_sources
     from defense.plots import draw_report_plots
-    from defense.report import json_number, metric_lines, write_report
+    from defense.report import json_number, metric_lines, signal_lines, write_report
     from defense.score import rejects
 
     started = time.monotonic()
@@ -145,6 +145,9 @@ def run_evaluate(args) -> int:
                  "target_class_name": class_names[target], "target_class_from": target_from,
                  "preprocessing": guard.preprocessing.to_dict()},
         "metrics": metric_report,
+        "signals": {name: {key: json_number(value) for key, value in figures.items()}
+                    for name, figures in signal_breakdown(tau, clean_out, triggered_out, clean_correct,
+                                                          successful).items()},
         "counts": {"n_clean": metrics.n_clean, "n_clean_correct": metrics.n_clean_correct,
                    "n_clean_rejected": int(rejects(clean_out.score, tau).sum()),
                    "n_triggered": len(triggered), "n_triggered_counted": metrics.n_triggered,
@@ -169,6 +172,8 @@ def run_evaluate(args) -> int:
     log(f"{len(clean)} clean and {len(triggered)} triggered images; target class {target} ({class_names[target]}); "
         f"tau {tau:.4g}")
     for line in metric_lines(metric_report):
+        log(line)
+    for line in signal_lines(report["signals"]):
         log(line)
     print(f"report written to {report_dir}/ (report.md, report.json, {', '.join(plots.values())})")
     return 0

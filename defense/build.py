@@ -2,7 +2,8 @@
 
     split D into D_fit / D_select / D_cal
         D_fit     ->  backdoor expert B (unlearning)  and  auxiliary model M' (clean finetuning)
-        D_select  ->  their learning rates (unless the user fixes them)
+        D_select  ->  their learning rates (unless the user fixes them), the feature signal's scales
+        D_fit     ->  the feature signal's class statistics (M's activations)
         D_cal     ->  scores  ->  threshold tau   (or --calibration-data: clean images, no labels)
 
 Each set is used by one step only, so the threshold rule's assumption (calibration scores
@@ -23,6 +24,8 @@ import torch.nn as nn
 from defense.bcu import DEFAULT_STAGE_PROBABILITIES, bcu_auxiliary
 from defense.data import ImageSet, iter_image_batches
 from defense.errors import UserError
+from defense.feature_fit import fit_guard_features
+from defense.feature_signal import SIGNALS
 from defense.finetune import accuracy, predict_logits
 from defense.guard import Guard
 from defense.preprocessing import Preprocessing
@@ -77,6 +80,10 @@ class BuildConfig:
     bcu_momentum: float = 0.9
     bcu_weight_decay: float = 5e-4
     bcu_reinit_probabilities: tuple[float, ...] = DEFAULT_STAGE_PROBABILITIES  # stem, stages..., classifier
+    # Which signals decide (defense/feature_signal.py): "expert" (the paper's score alone), "features"
+    # (M's hidden activations alone) or "fused" (the more suspect of the two; BENCHMARKS.md, "A second signal").
+    signals: str = "fused"
+    feature_stages: int = 4  # the feature signal reads the ends of M's last this-many resolutions, and the classifier's input
     device: str = "cpu"
     progress: bool = True
 
@@ -145,6 +152,34 @@ def make_auxiliary(model, supplied, fit: ImageSet, cal: ImageSet, normalizer, re
     return auxiliary, {**record, "method": "pseudo_label_finetune", "labels": "predicted by the model"}
 
 
+def add_feature_signal(guard: Guard, fit: ImageSet, select: ImageSet, num_classes: int, config: BuildConfig, log,
+                       warnings: list[str]) -> dict | None:
+    """Fit the feature signal into ``guard`` (unless ``config.signals`` is "expert") and return its
+    manifest record. A model whose activations cannot be read (a TorchScript or exported archive,
+    an unusual forward) keeps the expert's score alone, with a warning; with ``--signals features``
+    that is an error."""
+    if config.signals == "expert":
+        return None
+    log(f"feature signal: M's activations on D_fit ({len(fit)} images), scaled on D_select ({len(select)})")
+    try:
+        detector = fit_guard_features(guard, fit.images, select.images, num_classes, config.signals,
+                                      config.feature_stages)
+    except Exception as error:  # hooks refused, a layer that does not run, a singular covariance, ...
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if config.signals == "features":
+            raise UserError(f"--signals features: the feature signal cannot be read from this model ({reason})")
+        guard.set_feature_detector(None)
+        warnings.append(f"the feature signal is off for this model ({reason}); the guard uses the expert's score alone")
+        return None
+    center, spread = detector.normalizer[2:].tolist()
+    return {"signals": config.signals, "layers": detector.layers, "statistic": "class-conditional Mahalanobis",
+            "fit_images": len(fit), "reference_images": len(select),
+            "layer_reference": {"center": detector.layer_center.tolist(), "spread": detector.layer_spread.tolist()},
+            "fusion_reference": {"feature_center": float(detector.normalizer[0]),
+                                 "feature_spread": float(detector.normalizer[1]),
+                                 "expert_log_center": center, "expert_log_spread": spread}}
+
+
 def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing, num_classes: int,
                 config: BuildConfig, log=print, auxiliary_model: nn.Module | None = None,
                 calibration_paths: list[Path] | None = None) -> BuildResult:
@@ -158,6 +193,8 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
     """
     if config.auxiliary not in ("finetune", "bcu", "supplied"):
         raise UserError(f"--auxiliary {config.auxiliary}: expected finetune, bcu or a supplied model")
+    if config.signals not in SIGNALS:
+        raise UserError(f"--signals {config.signals}: expected one of {', '.join(SIGNALS)}")
     if (config.auxiliary == "supplied") != (auxiliary_model is not None):
         raise ValueError("pass auxiliary_model exactly when config.auxiliary is 'supplied'")
     started = time.monotonic()
@@ -206,6 +243,7 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
 
     guard = Guard(model, expert, auxiliary, preprocessing, rejection_threshold=math.nan, alpha=config.alpha,
                   device=torch.device(config.device))
+    feature_record = add_feature_signal(guard, fit, select, num_classes, config, log, warnings)
     if separate_calibration:
         batches = iter_image_batches(calibration_paths, preprocessing, option="--calibration-data",
                                      progress=config.progress, desc="scoring calibration images")
@@ -243,6 +281,7 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
                                   "auxiliary_model": auxiliary_accuracy},
         "backdoor_expert": expert_record,
         "auxiliary_model": auxiliary_record,
+        **({"feature_signal": feature_record} if feature_record else {}),
         "settings": settings,
         "seed": config.seed,
         "warnings": warnings,

@@ -34,13 +34,14 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 from pydantic import ValidationError
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 from safetensors.torch import load as load_safetensors_bytes
 
 import defense
 from defense.bundle_trust import (check_architecture_allowed, content_digest, load_signing_key, load_verify_key,
                                   sign_digest, validate_fields, verify_signature)
 from defense.errors import BundleIntegrityError, UserError
+from defense.feature_signal import FeatureDetector
 from defense.guard import Guard
 from defense.manifest import (FILE_STEMS, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, ROLES, Manifest, WeightFile,
                               sha256_of)
@@ -94,6 +95,47 @@ def _write_weights(module: nn.Module, path: Path, kind: str, input_size: tuple[i
         save_model(module, str(path))
 
 
+FEATURE_FIELD = "feature_signal"  # the manifest's record of the feature signal, with its statistics file
+FEATURE_FILE = "feature_statistics.safetensors"
+
+
+def _write_feature_statistics(guard: Guard, staging: Path, record: dict) -> dict:
+    """The feature detector's tensors as safetensors; its manifest record names the file, its
+    sha256, the layers and the rule (all covered by the content digest, like the weights)."""
+    detector = guard.feature_detector
+    save_file(detector.tensors(), str(staging / FEATURE_FILE))
+    record.update(signals=detector.signals, layers=list(detector.layers),
+                  file={"path": FEATURE_FILE, "sha256": sha256_of(staging / FEATURE_FILE)})
+    return record
+
+
+def _load_feature_detector(bundle_dir: Path, manifest: Manifest) -> FeatureDetector | None:
+    """The feature detector the manifest names, its file checked against the manifest's sha256."""
+    record = (manifest.model_extra or {}).get(FEATURE_FIELD)
+    if record is None:
+        return None
+    where = f"bundle {bundle_dir}: {FEATURE_FIELD}"
+    try:
+        entry = WeightFile.model_validate(record["file"])
+        layers, signals = [str(layer) for layer in record["layers"]], str(record["signals"])
+    except (KeyError, TypeError, ValidationError) as error:
+        raise BundleIntegrityError(f"{where}: the record is incomplete ({error})")
+    if Path(entry.path).name != entry.path or not (Path(bundle_dir) / entry.path).is_file():
+        raise BundleIntegrityError(f"{where}: statistics file {entry.path!r} is missing or not a plain file name")
+    data = (Path(bundle_dir) / entry.path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise BundleIntegrityError(f"bundle {bundle_dir}: {entry.path} does not match its sha256 in {MANIFEST}; "
+                                   "the feature statistics were changed or corrupted: rebuild the bundle or restore the file")
+    try:
+        detector = FeatureDetector.from_tensors(layers, signals, load_safetensors_bytes(data))
+    except Exception as error:
+        raise BundleIntegrityError(f"{where}: {str(error).splitlines()[0]}")
+    if detector.num_classes != manifest.num_classes:
+        raise BundleIntegrityError(f"{where}: statistics for {detector.num_classes} classes, the bundle has "
+                                   f"{manifest.num_classes}")
+    return detector
+
+
 def save_bundle(out_dir: Path, guard: Guard, spec: ModelSpec, fields: dict[str, Any], overwrite: bool = False,
                 *, sign_key=None) -> Manifest:
     """Write the bundle into a temporary sibling directory, then move it into place.
@@ -102,6 +144,7 @@ def save_bundle(out_dir: Path, guard: Guard, spec: ModelSpec, fields: dict[str, 
     hashes included). ``sign_key``: an Ed25519 private key, or the path of its PEM file, to sign
     the bundle with."""
     out_dir = Path(out_dir)
+    fields_in = fields
     if sign_key is not None and isinstance(sign_key, (str, Path)):
         sign_key = load_signing_key(sign_key)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -118,6 +161,9 @@ def save_bundle(out_dir: Path, guard: Guard, spec: ModelSpec, fields: dict[str, 
         if spec.kind in WEIGHT_SUFFIX:
             architecture["name"] = Path(spec.name).name
         fields = {key: value for key, value in fields.items() if key not in COMPUTED_FIELDS}
+        fields.pop(FEATURE_FIELD, None)
+        if guard.feature_detector is not None:
+            fields[FEATURE_FIELD] = _write_feature_statistics(guard, staging, dict(fields_in.get(FEATURE_FIELD) or {}))
         manifest = Manifest(
             format_version=FORMAT_VERSION, bundle_id="", content_sha256="", architecture=architecture,
             preprocessing=guard.preprocessing.to_dict(), alpha=guard.alpha,
@@ -217,9 +263,11 @@ def _read_weight_file(bundle_dir: Path, manifest: Manifest, role: str) -> bytes:
 
 
 def verify_bundle(bundle_dir: Path, manifest: Manifest) -> None:
-    """Check every weight file against its sha256 (load_bundle does this on the bytes it loads)."""
+    """Check every weight file (and the feature statistics) against its sha256 (load_bundle does
+    this on the bytes it loads)."""
     for role in ROLES:
         _read_weight_file(bundle_dir, manifest, role)
+    _load_feature_detector(bundle_dir, manifest)
 
 
 def _load_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -281,9 +329,15 @@ def load_bundle(bundle_dir: Path | str, device: torch.device | str = "cpu", *, v
         data = _read_weight_file(bundle_dir, manifest, role)
         modules[role] = _load_module(bundle_dir, spec, manifest.files[role], data)
         del data
+    detector = _load_feature_detector(bundle_dir, manifest)
     guard = Guard(
         preprocessing=Preprocessing.from_dict(manifest.preprocessing),
         rejection_threshold=manifest.rejection_threshold, alpha=manifest.alpha, device=torch.device(device),
         **modules,
     )
+    if detector is not None:
+        try:
+            guard.set_feature_detector(detector)
+        except ValueError as error:  # a layer the architecture does not have
+            raise BundleIntegrityError(f"bundle {bundle_dir}: {FEATURE_FIELD}: {error}")
     return guard, manifest

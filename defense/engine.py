@@ -9,6 +9,10 @@ unit of work, for serving. Each returns exactly what :meth:`Guard.score_batch` r
   optimized for inference (BatchNorm folded, oneDNN convolutions on CPU). Fewest Python calls per
   batch: on a small model at batch 1 it is about twice as fast as ``eager``.
 
+With the feature signal on (``guard.feature_detector``), M's hooked activations come out of the
+same pass: ``jit`` traces them into its graph; ``fused`` keeps M eager (folding would remove the
+modules the hooks sit on) and fuses B and M'.
+
 A non-eager engine is checked when it is built: on sample batches of two sizes its scores must
 match the eager guard's (``rtol`` 1e-5 on the score, identical labels and decisions), or the
 engine falls back to ``eager`` and says why. A model that traces with a batch size baked in, or
@@ -26,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from defense.guard import Guard
-from defense.score import GuardScores, guard_scores, rejects
+from defense.score import GuardScores, rejects
 
 EngineName = Literal["eager", "fused", "jit"]
 ENGINES: tuple[str, ...] = ("eager", "fused", "jit")
@@ -35,15 +39,20 @@ log = logging.getLogger("badexpert.engine")
 
 
 class _ThreeForwards(nn.Module):
-    """normalizer, then M, B and M' on the same input: one module, so one trace."""
+    """normalizer, then M, B and M' on the same input (and M's tapped activations): one module, so
+    one trace."""
 
-    def __init__(self, normalizer: nn.Module, model: nn.Module, expert: nn.Module, auxiliary: nn.Module):
+    def __init__(self, guard: Guard):
         super().__init__()
-        self.normalizer, self.model, self.expert, self.auxiliary = normalizer, model, expert, auxiliary
+        self.normalizer, self.model = guard.normalizer, guard.model
+        self.expert, self.auxiliary = guard.backdoor_expert, guard.auxiliary_model
+        self._guard = [guard]  # not a submodule: its activations() reads the tap that M's forward fills
 
-    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = self.normalizer(images_uint8)
-        return self.model(inputs), self.expert(inputs), self.auxiliary(inputs)
+        model_logits = self.model(inputs)
+        activations = self._guard[0].activations()
+        return (model_logits, self.expert(inputs), self.auxiliary(inputs), *activations)
 
 
 class GuardEngine:
@@ -60,11 +69,12 @@ class GuardEngine:
         images = images_uint8.to(self.guard.device, non_blocking=True)
         if self._channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return guard_scores(*self._forwards(images), alpha=self.guard.alpha).cpu()
+        model_logits, expert_logits, auxiliary_logits, *activations = self._forwards(images)
+        return self.guard.scores_from(model_logits, expert_logits, auxiliary_logits, activations)
 
 
 def _three(guard: Guard) -> _ThreeForwards:
-    return _ThreeForwards(guard.normalizer, guard.model, guard.backdoor_expert, guard.auxiliary_model).eval()
+    return _ThreeForwards(guard).eval()
 
 
 def _jit_forwards(guard: Guard, example: torch.Tensor) -> Callable:
@@ -78,13 +88,17 @@ def _fused_forwards(guard: Guard) -> Callable:
     from torch.fx.experimental.optimization import fuse
 
     models = []
+    tapped = guard.feature_detector is not None
     for module in (guard.model, guard.backdoor_expert, guard.auxiliary_model):
-        models.append(fuse(copy.deepcopy(module).eval()).to(memory_format=torch.channels_last))
+        if tapped and module is guard.model:
+            models.append(module)  # eager: the feature layers' hooks sit on its modules
+        else:
+            models.append(fuse(copy.deepcopy(module).eval()).to(memory_format=torch.channels_last))
     normalizer = guard.normalizer
 
     def forwards(images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = normalizer(images_uint8).contiguous(memory_format=torch.channels_last)
-        return tuple(model(inputs) for model in models)
+        return (*(model(inputs) for model in models), *guard.activations())
 
     return forwards
 

@@ -86,3 +86,24 @@ def detection_metrics(
         n_clean=len(clean_scores), n_triggered=n_counted,
         n_clean_correct=int(clean_correct.sum()), n_triggered_successful=int(successful.sum()),
     )
+
+
+SIGNAL_COLUMNS = {"expert": "expert_score", "features": "feature_score", "fused": "score"}
+
+
+def signal_breakdown(tau: float, clean_out, triggered_out, clean_correct: torch.Tensor,
+                     successful: torch.Tensor) -> dict[str, dict]:
+    """Each signal alone and the decision, on the AUROC's populations: AUROC, and the share of clean
+    (all) and of successful triggered inputs it would reject at the bundle's tau (the signals share
+    the expert score's scale, and the decision rejects what either rejects). Only ``expert`` for a
+    bundle without the feature signal."""
+    signals = SIGNAL_COLUMNS if torch.isfinite(clean_out.feature_score).any() else {"expert": "expert_score"}
+    breakdown = {}
+    for name, column in signals.items():
+        clean, triggered = getattr(clean_out, column), getattr(triggered_out, column)
+        breakdown[name] = {
+            "auroc": auroc(clean[clean_correct], triggered[successful]),
+            "fpr_at_tau": float(rejects(clean, tau).float().mean()) if len(clean) else float("nan"),
+            "tpr_at_tau": float(rejects(triggered[successful], tau).float().mean()) if successful.any() else float("nan"),
+        }
+    return breakdown

@@ -1,5 +1,6 @@
-"""The evaluation report's three plots: the ROC curve, the score histograms with tau, and the (b, a)
-confidence plane with the decision boundary (the paper's Fig. 6). PNG files, drawn with matplotlib's
+"""The evaluation report's plots: the ROC curve, the score histograms with tau, the (b, a)
+confidence plane with the decision boundary (the paper's Fig. 6) and, with the feature signal, the
+plane of the two signals' scores. PNG files, drawn with matplotlib's
 Agg backend."""
 
 from __future__ import annotations
@@ -216,4 +217,41 @@ def draw_report_plots(report_dir: Path, clean_out, triggered_out, clean_correct,
                           clean_out.expert_agreement[clean_correct], clean_out.auxiliary_agreement[clean_correct],
                           triggered_out.expert_agreement[successful], triggered_out.auxiliary_agreement[successful],
                           tau, alpha)
+    if torch.isfinite(clean_out.feature_score).any():
+        plots["Signal plane (expert, features)"] = "signal_plane.png"
+        plot_signal_plane(report_dir / plots["Signal plane (expert, features)"],
+                          clean_out.expert_score[clean_correct], clean_out.feature_score[clean_correct],
+                          triggered_out.expert_score[successful], triggered_out.feature_score[successful], tau)
     return plots
+
+
+def plot_signal_plane(path: Path, clean_expert, clean_feature, triggered_expert, triggered_feature, tau: float) -> None:
+    """Each input at (expert score, feature score), log axes: the fused decision rejects an input
+    left of or below tau (the shaded L), so the plot shows which signal caught which input."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6.4, 6.0), layout="constrained")
+    values = torch.cat([clean_expert, clean_feature, triggered_expert, triggered_feature]).double()
+    values = values[torch.isfinite(values)].clamp_min(SCORE_FLOOR)
+    low = min(float(values.min()) if len(values) else SCORE_FLOOR, tau) / 2
+    high = max(float(values.max()) if len(values) else 1.0, tau) * 2
+    ax.axvspan(low, tau, color="grey", alpha=0.15)
+    ax.axhspan(low, tau, color="grey", alpha=0.15)
+    for x, y, colour, label in ((clean_expert, clean_feature, CLEAN_COLOUR, "clean, correctly classified"),
+                                (triggered_expert, triggered_feature, TRIGGERED_COLOUR, "triggered, sent to the target")):
+        if len(x):
+            caught = float(rejects(torch.minimum(x.double(), y.double()), tau).float().mean())
+            ax.scatter(x.double().clamp_min(SCORE_FLOOR), y.double().clamp_min(SCORE_FLOOR), s=6, alpha=0.35,
+                       color=colour, label=f"{label} (n={len(x)}; {caught:.1%} rejected)")
+    ax.axvline(tau, color="black", ls="--", lw=1.2)
+    ax.axhline(tau, color="black", ls="--", lw=1.2, label=f"tau = {tau:.3g}: rejected left of or below")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_xlabel("expert score (paper Eq. 3); low = backdoor-like")
+    ax.set_ylabel("feature signal (same scale); low = far from clean activations")
+    ax.set_title("Which signal rejects which input", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.25)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

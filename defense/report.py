@@ -53,12 +53,32 @@ def write_markdown(path: Path, report: dict) -> None:
         f"Intervals: percentile bootstrap, {report['bootstrap']['resamples']} resamples (seed "
         f"{report['bootstrap']['seed']}), clean and triggered images resampled independently.",
     ]
+    if len(report.get("signals", {})) > 1:
+        lines += ["", "Each signal alone at the bundle's tau (the decision rejects what either rejects):", "",
+                  "| signal | AUROC | clean rejected at tau | triggered rejected at tau |", "|---|---|---|---|"]
+        lines += [f"| {name} | {_percent(f['auroc'], 2)} | {_percent(f['fpr_at_tau'], 2)}% | {_percent(f['tpr_at_tau'], 1)}% |"
+                  for name, f in report["signals"].items()]
     for warning in report["warnings"]:
         lines.append(f"\n**Warning:** {warning}")
     lines += ["", "## Plots", ""]
     for title, name in report["plots"].items():
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     path.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def _percent(value, digits: int) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}"
+
+
+def signal_lines(signals: dict) -> list[str]:
+    """Console lines: each signal's AUROC and what it alone rejects at tau (none without the feature signal)."""
+    if len(signals) < 2:
+        return []
+    lines = ["  each signal alone at tau (AUROC; clean rejected; triggered rejected):"]
+    for name, figures in signals.items():
+        lines.append(f"    {name:9s} {_percent(figures['auroc'], 2):>6s}  {_percent(figures['fpr_at_tau'], 2):>6s}%  "
+                     f"{_percent(figures['tpr_at_tau'], 1):>6s}%")
+    return lines
 
 
 def json_number(value):

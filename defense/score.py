@@ -70,7 +70,9 @@ class GuardScores:
     confidence: torch.Tensor  # softmax(M(x))[y_hat]
     expert_agreement: torch.Tensor  # b (float64)
     auxiliary_agreement: torch.Tensor  # a (float64)
-    score: torch.Tensor  # float64
+    score: torch.Tensor  # float64: the decision score, compared with tau
+    expert_score: torch.Tensor  # float64: the expert's score s (Eq. 3); equals score without the feature signal
+    feature_score: torch.Tensor  # float64: the feature signal on s's scale (defense.feature_signal); NaN when off
 
     def cpu(self) -> "GuardScores":
         return GuardScores(*(tensor.cpu() for tensor in vars(self).values()))
@@ -94,4 +96,4 @@ def guard_scores(
     log_a, _ = agreement_logs(auxiliary_logits, label)
     score = log_triangle_score(log_b, log_one_minus_b, log_a, alpha).exp()
     score = torch.where(torch.isfinite(confidence), score, math.nan)  # a broken M prediction is no pass
-    return GuardScores(label, confidence, log_b.exp(), log_a.exp(), score)
+    return GuardScores(label, confidence, log_b.exp(), log_a.exp(), score, score, torch.full_like(score, math.nan))

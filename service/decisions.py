@@ -24,12 +24,22 @@ class Decisions:
     scores: list[float]
     flagged: list[bool]  # score < tau, whatever the mode
     rejected: list[bool]  # flagged and in enforce mode
+    expert_scores: list[float] | None = None  # each signal's part of the score (full response policy only)
+    feature_scores: list[float] | None = None  # None: the bundle has no feature signal
 
 
 def withheld(decisions: Decisions, settings: ServiceSettings) -> list[bool]:
     """Which images' label and confidence the answer leaves out (rejected, unless reveal_rejected)."""
     hide = settings.mode == "enforce" and not settings.reveal_rejected
     return [rejected and hide for rejected in decisions.rejected]
+
+
+def signal_parts(decisions: Decisions, index: int) -> dict:
+    """The image's score per signal: the expert's (paper Eq. 3) and the feature signal's (on the
+    same scale; null when the bundle has none). The decision score is the smaller of the two."""
+    expert = decisions.expert_scores[index] if decisions.expert_scores is not None else decisions.scores[index]
+    feature = decisions.feature_scores[index] if decisions.feature_scores is not None else None
+    return {"expert": finite_or_none(expert), "features": None if feature is None else finite_or_none(feature)}
 
 
 def predict_answer(decisions: Decisions, settings: ServiceSettings) -> Response:
@@ -44,7 +54,9 @@ def predict_answer(decisions: Decisions, settings: ServiceSettings) -> Response:
             "confidence": None if hidden else confidence, "score": finite_or_none(value),
             "rejected": rejected, "flagged": flag,
         }
-        if not show_scores:
+        if show_scores:
+            prediction["signals"] = signal_parts(decisions, index)
+        else:
             del prediction["score"]
         predictions.append(prediction)
     answer = {"bundle": decisions.bundle.bundle_id, "threshold": decisions.bundle.tau, "mode": settings.mode,

@@ -325,7 +325,8 @@ class GuardService:
             return self.unavailable()
         flagged = rejects(scores.score, bundle.tau).tolist()  # the guard's one rule: a NaN score is flagged
         decisions = Decisions(bundle, scores.label.tolist(), scores.confidence.tolist(), scores.score.tolist(),
-                              flagged, [flag and self.enforce for flag in flagged])
+                              flagged, [flag and self.enforce for flag in flagged], scores.expert_score.tolist(),
+                              scores.feature_score.tolist() if bundle.guard.feature_detector is not None else None)
         candidate = candidate_decisions(lineup, scores)
         if (any(flagged) or (candidate is not None and any(candidate.flagged))) and self.audit.enabled:
             failure = await self._audit(request, bundle, scores, flagged, blobs, images, candidate)

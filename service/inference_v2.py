@@ -15,8 +15,9 @@ extension that tritonclient uses: the body is the JSON header (its length in the
 bytes); a ``BYTES`` element there is a 4-byte little-endian length then its bytes.
 
 The outputs, shape ``[N]`` each: ``label`` INT64 (-1 where ``/predict`` withholds it), ``confidence``
-FP32 (-1 where withheld), ``score`` FP64 (absent with the decision_only policy), ``rejected`` and
-``flagged`` BOOL. Answers are JSON (no binary outputs, which every v2 client reads).
+FP32 (-1 where withheld), ``score`` FP64 and its parts ``expert_score`` and ``feature_score`` FP64
+(null where the bundle has no feature signal; all three absent with the decision_only policy),
+``rejected`` and ``flagged`` BOOL. Answers are JSON (no binary outputs, which every v2 client reads).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from defense.preprocessing import Preprocessing
 from service.inputs import InputError, Limits, decode_base64, decode_images
 
 BYTES_INPUT, PIXELS_INPUT = "images", "pixels"
-OUTPUTS = {"label": "INT64", "confidence": "FP32", "score": "FP64", "rejected": "BOOL", "flagged": "BOOL"}
+OUTPUTS = {"label": "INT64", "confidence": "FP32", "score": "FP64", "rejected": "BOOL", "flagged": "BOOL",
+           "expert_score": "FP64", "feature_score": "FP64"}
+SCORE_OUTPUTS = ("score", "expert_score", "feature_score")  # absent with the decision_only policy
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -60,7 +63,7 @@ class V2InferRequest(BaseModel):
 def model_metadata(name: str, bundle_id: str, input_size: tuple[int, int], show_scores: bool) -> dict:
     """``GET /v2/models/{name}``: the two input forms and the outputs."""
     height, width = input_size
-    outputs = [name_ for name_ in OUTPUTS if show_scores or name_ != "score"]
+    outputs = [name_ for name_ in OUTPUTS if show_scores or name_ not in SCORE_OUTPUTS]
     return {"name": name, "versions": [bundle_id], "platform": "badexpert_guard",
             "inputs": [{"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1]},
                        {"name": PIXELS_INPUT, "datatype": "UINT8", "shape": [-1, height, width, 3]}],

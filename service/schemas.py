@@ -22,6 +22,11 @@ class Prediction(BaseModel):
     score: float | None = Field(None, description="BaDExpert score; low means backdoor-like. Null only if the models "
                                 "gave a non-finite value, and then the input is flagged. Absent with the "
                                 "decision_only response policy")
+    signals: dict[str, float | None] | None = Field(
+        None, description="the score of each signal: 'expert' (the backdoor expert's, paper Eq. 3) and 'features' "
+                          "(distances of the model's hidden activations to clean images of the predicted class, on "
+                          "the same scale; null when the bundle has no feature signal). The score is the smaller of "
+                          "the two. Absent with the decision_only response policy")
     rejected: bool = Field(description="the guard refused this input (always false in shadow mode)")
     flagged: bool = Field(description="score < threshold: the guard's decision, whatever the mode "
                                       "(in shadow mode the would-be rejection)")
@@ -70,6 +75,8 @@ class InfoResponse(BaseModel):
     limits: dict
     batching: dict
     response_policy: Literal["full", "decision_only"] = "full"
+    signals: dict | None = Field(None, description="what decides: 'rule' (expert, features or fused) and the feature "
+                                                   "layers (absent with the decision_only response policy)")
     versions: dict = Field(description="'bundle': the versions that built the bundle; 'server': the versions serving it")
 
 

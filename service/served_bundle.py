@@ -21,7 +21,7 @@ from defense.bundle import load_bundle, package_versions
 from defense.engine import GuardEngine, build_engine
 from defense.guard import Guard
 from defense.manifest import Manifest
-from defense.score import GuardScores, guard_scores
+from defense.score import GuardScores
 from service.inputs import Limits, decode_images
 from service.schemas import InfoResponse
 from service.settings import ServiceSettings
@@ -62,10 +62,11 @@ class ServedBundle:
             with torch.cuda.stream(stream):
                 outputs.append(module(inputs))
             inputs.record_stream(stream)
+        activations = guard.activations()  # M's feature layers, filled by its forward on the first stream
         for stream, output in zip(self.streams, outputs):
             current.wait_stream(stream)
             output.record_stream(current)
-        return guard_scores(*outputs, alpha=guard.alpha).cpu()
+        return guard.scores_from(*outputs, activations)
 
 
 def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, limits: Limits) -> ServedBundle:
@@ -101,6 +102,15 @@ def check_batches(guard: Guard) -> list[torch.Tensor]:
             for size in (2, 1, 5)]
 
 
+def signals_info(manifest: Manifest) -> dict:
+    """Which signals decide, from the bundle's record of its feature signal."""
+    record = (manifest.model_extra or {}).get("feature_signal")
+    if not record:
+        return {"rule": "expert", "feature_layers": []}
+    return {"rule": record["signals"], "feature_layers": list(record["layers"]),
+            "statistic": record.get("statistic")}
+
+
 def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manifest: Manifest, device: str,
                   engine: str = "eager") -> dict:
     """What ``GET /v1/info`` answers for this bundle."""
@@ -122,10 +132,10 @@ def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manif
                   "max_queue": settings.max_queue, "engine": engine, "small_batch_size": settings.small_batch_size,
                   "torch_threads": [settings.small_batch_threads, torch.get_num_threads()]},
         versions={"bundle": manifest.versions, "server": package_versions()},
-        response_policy=settings.response_policy,
+        response_policy=settings.response_policy, signals=signals_info(manifest),
     ).model_dump()
     if settings.response_policy != "full":  # decision_only: nothing that locates the threshold
-        for name in ("alpha", "threshold", "calibration"):
+        for name in ("alpha", "threshold", "calibration", "signals"):
             info.pop(name)
     return info
 

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from defense.bundle import package_versions
-from service.decisions import Decisions, withheld
+from service.decisions import Decisions, signal_parts, withheld
 from service.guard_service import FAILED, GuardService
 from service.inference_v2 import HEADER_LENGTH, header_length, model_metadata, parse_request, read_images, response_body
 from service.inputs import JSON, InputError
@@ -113,6 +113,9 @@ async def infer_v2(service: GuardService, request: Request, model_name: str) -> 
         if service.show_scores:
             outputs["score"] = [value if value == value and abs(value) != float("inf") else None
                                 for value in decisions.scores]
+            parts = [signal_parts(decisions, index) for index in range(len(decisions.scores))]
+            outputs["expert_score"] = [part["expert"] for part in parts]
+            outputs["feature_score"] = [part["features"] for part in parts]
             parameters["threshold"] = decisions.bundle.tau
         body = response_body(model_name, parsed["request"], decisions.bundle.bundle_id, outputs, parameters)
         return Response(body, media_type=JSON)

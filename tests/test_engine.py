@@ -189,7 +189,7 @@ def test_an_idle_batcher_waits_only_for_requests_on_their_way():
     def infer(images):
         batches.append(len(images))
         zeros = torch.zeros(len(images))
-        return GuardScores(zeros.long(), zeros, zeros.double(), zeros.double(), zeros.double())
+        return GuardScores(zeros.long(), zeros, zeros.double(), zeros.double(), zeros.double(), zeros.double(), zeros.double())
 
     async def scenario(upstream: int) -> float:
         on_the_way = [upstream]
