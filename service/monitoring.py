@@ -18,8 +18,13 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from service.decisions import Decisions
 from service.drift import DriftWindow, UpperTail
 from service.live_checks import BOUNDS, FprBand
+from service.metrics import ServiceMetrics
+from service.served_bundle import ServedBundle
+from service.settings import ServiceSettings
+from service.shadow import CandidateDecisions, Lineup
 
 ROLES = ("live", "candidate")
 DRIFT_DIGITS = {"full": 2, "decision_only": 1}  # by response policy
@@ -49,6 +54,10 @@ class LiveMonitoring:
                            "median from the calibration scores (chi-square over its 1-in-1000 value; >1: "
                            "recalibrate)", ["bundle", "role"], registry=registry)
         self._watched: dict[str, _Watched] = {}
+
+    @classmethod
+    def for_service(cls, registry: CollectorRegistry, settings: ServiceSettings) -> "LiveMonitoring":
+        return cls(registry, settings.drift_window, settings.drift_blocks, settings.response_policy)
 
     def follow(self, role: str, bundle_id: str | None, manifest=None) -> None:
         """The bundle now in ``role`` (None: no candidate): its band and a fresh drift window."""
@@ -99,3 +108,26 @@ def _remove(metric, *labels: str) -> None:
         metric.remove(*labels)
     except KeyError:
         pass
+
+
+def follow_lineup(metrics: ServiceMetrics, monitoring: LiveMonitoring, lineup: Lineup) -> None:
+    """A new lineup (load, hot swap, candidate set, dropped or promoted): the candidate's shadow series,
+    and each role's band and drift window."""
+    live, candidate = lineup.live, lineup.candidate
+    if candidate is not None:
+        metrics.bind_candidate(live.bundle_id, candidate.bundle_id)
+    monitoring.follow("live", live.bundle_id, live.manifest)
+    monitoring.bind_classes(live.class_names)
+    monitoring.follow("candidate", candidate and candidate.bundle_id, candidate and candidate.manifest)
+
+
+def record_request(metrics: ServiceMetrics, monitoring: LiveMonitoring, bundle: ServedBundle, decisions: Decisions,
+                   flagged: list[bool], candidate: CandidateDecisions | None) -> None:
+    """One request's images, as the live bundle decided them (and the candidate in shadow would have),
+    to the service's metrics and to the live checks."""
+    metrics.record_inputs(decisions.labels, decisions.scores, flagged, bundle.class_names)
+    monitoring.record("live", bundle.bundle_id, decisions.labels, decisions.scores, flagged, bundle.class_names)
+    if candidate is not None:
+        metrics.record_candidate(bundle.bundle_id, flagged, candidate.bundle.bundle_id, candidate.flagged)
+        monitoring.record("candidate", candidate.bundle.bundle_id, candidate.labels, candidate.scores,
+                          candidate.flagged)
