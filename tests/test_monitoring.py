@@ -149,3 +149,36 @@ def test_decision_only_rounds_the_drift_gauge_coarser():
     monitoring.record("live", "bundle-a", [1] * 60, [1.5] * 60, [False] * 60, ["cat", "dog"])
     # 192 / 22.4577 = 8.549...: 8.5 under decision_only (8.55 with full responses)
     assert sample(registry, "badexpert_clean_score_drift", bundle="bundle-a", role="live") == 8.5
+
+
+def test_the_summary_comes_from_the_bundle_and_is_covered_by_its_digest(tmp_path):
+    """What the live checks read (band, calibration quantiles) is in the manifest, under its digest."""
+    import json
+
+    import torch
+
+    from defense.bundle import load_bundle, save_bundle
+    from defense.errors import BundleIntegrityError
+    from defense.guard import Guard
+    from defense.models import ModelSpec, create_model
+    from synthetic import PREPROCESSING, manifest_fields
+
+    torch.manual_seed(0)
+    guard = Guard(*[create_model("tiny_cnn", 4).eval() for _ in range(3)], preprocessing=PREPROCESSING,
+                  rejection_threshold=0.5)
+    fields = manifest_fields()
+    fields["threshold"].update(fpr_range=[0.0074, 0.0129], expected_fpr=0.01)
+    fields["calibration"] = {"n": 5000, "k": 50, "score_quantiles": QUANTILES}
+    save_bundle(tmp_path / "bundle", guard, ModelSpec("registry", "tiny_cnn", 4), fields)
+    _, manifest = load_bundle(tmp_path / "bundle")
+    assert FprBand.from_manifest(manifest).as_dict() == {"target": 0.01, "low": 0.0074, "expected": 0.01,
+                                                         "high": 0.0129}
+    tail = UpperTail.from_quantiles(manifest.calibration["score_quantiles"], manifest.calibration["n"])
+    assert tail.edges == (1.0, 2.0, 3.0, 3.5, 4.0, 5.0, 6.0) and tail.reference_images == 2500
+
+    path = tmp_path / "bundle" / "manifest.json"
+    document = json.loads(path.read_text())
+    document["calibration"]["score_quantiles"]["0.9"] = 50.0  # a summary that hides a drift
+    path.write_text(json.dumps(document))
+    with pytest.raises(BundleIntegrityError, match="does not match its digest"):
+        load_bundle(tmp_path / "bundle")
