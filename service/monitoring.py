@@ -26,7 +26,6 @@ from service.served_bundle import ServedBundle
 from service.settings import ServiceSettings
 from service.shadow import CandidateDecisions, Lineup
 
-ROLES = ("live", "candidate")
 DRIFT_DIGITS = {"full": 2, "decision_only": 1}  # by response policy
 
 
@@ -37,6 +36,9 @@ class _Watched:
 
 
 class LiveMonitoring:
+    """The live checks' series of one app: per role ("live", "candidate") the bundle followed, its band
+    gauges and its drift window."""
+
     def __init__(self, registry: CollectorRegistry, drift_window: int, drift_blocks: int,
                  response_policy: str = "full"):
         self.drift_window, self.drift_blocks = drift_window, drift_blocks
