@@ -182,3 +182,36 @@ def test_the_summary_comes_from_the_bundle_and_is_covered_by_its_digest(tmp_path
     path.write_text(json.dumps(document))
     with pytest.raises(BundleIntegrityError, match="does not match its digest"):
         load_bundle(tmp_path / "bundle")
+
+
+def test_the_service_wiring_follows_lineups_and_records_both_roles():
+    """follow_lineup / record_request, as GuardService calls them at each lineup change and request."""
+    from service.metrics import ServiceMetrics
+    from service.monitoring import follow_lineup, record_request
+    from service.shadow import Lineup
+
+    metrics = ServiceMetrics()
+    monitoring = LiveMonitoring(metrics.registry, drift_window=100, drift_blocks=2)
+    registry = metrics.registry
+    live = SimpleNamespace(bundle_id="a", manifest=manifest(n=480), class_names=["cat", "dog"])
+    candidate = SimpleNamespace(bundle_id="b", manifest=manifest(target=0.05, fpr_range=(0.045, 0.056), expected=0.05),
+                                class_names=["cat", "dog"])
+    metrics.bind_bundle("a", 0.1, 0.01, "enforce", live.class_names)
+    follow_lineup(metrics, monitoring, Lineup(live, candidate))
+    assert sample(registry, "badexpert_bundle_decisions_total", bundle="b", role="candidate", decision="rejected") == 0
+
+    decisions = SimpleNamespace(labels=[0, 1, 1], scores=[0.01, 1.5, 2.5])
+    shadow = SimpleNamespace(bundle=candidate, labels=[0, 1, 0], scores=[0.01, 0.02, 2.5], flagged=[True, True, False])
+    record_request(metrics, monitoring, live, decisions, [True, False, False], shadow)
+    assert sample(registry, "badexpert_inputs_total", decision="rejected") == 1
+    assert sample(registry, "badexpert_bundle_inputs_total", bundle="a", role="live", decision="accepted") == 2
+    assert sample(registry, "badexpert_bundle_inputs_total", bundle="b", role="candidate", decision="rejected") == 2
+    assert sample(registry, "badexpert_candidate_disagreements_total", live_bundle="a", candidate_bundle="b") == 1
+    assert sample(registry, "badexpert_accepted_by_class_total", predicted_class="1", class_name="dog") == 2
+    assert sample(registry, "badexpert_rejected_by_class_total", predicted_class="0", class_name="cat") == 1
+
+    # Promotion: the candidate is live, with its own band; the old live bundle's and the candidate role's go.
+    follow_lineup(metrics, monitoring, Lineup(candidate))
+    assert sample(registry, "badexpert_fpr_band", bundle="b", role="live", bound="high") == 0.056
+    assert sample(registry, "badexpert_fpr_band", bundle="b", role="candidate", bound="high") is None
+    assert sample(registry, "badexpert_fpr_band", bundle="a", role="live", bound="high") is None
