@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from grafana_foundation_sdk.builders import bargauge, dashboard, heatmap, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.builders.common import ReduceDataOptions
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import (DashboardCursorSync, DataSourceRef, DataTransformerConfig,
@@ -55,16 +56,10 @@ def dashed(color: str) -> list[DynamicConfigValue]:
 def big_number(title: str, description: str, unit: str, *targets, decimals: int | None = 0, colors=(("blue", None),)):
     panel = (stat.Panel().title(title).description(description).unit(unit).thresholds(thresholds(*colors))
              .color_mode(common.BigValueColorMode.BACKGROUND).graph_mode(common.BigValueGraphMode.AREA)
-             .reduce_options(common_reduce()).datasource(DATASOURCE))
+             .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]).values(False)).datasource(DATASOURCE))
     if decimals is not None:
         panel = panel.decimals(decimals)
     return _targets(panel, targets)
-
-
-def common_reduce():
-    from grafana_foundation_sdk.builders import common as common_builders
-
-    return common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False)
 
 
 def graph(title: str, description: str, unit: str, *targets, bars: bool = False, dashed_series=()):
