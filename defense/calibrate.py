@@ -17,7 +17,9 @@ from defense.guard import Guard
 from defense.score import GuardScores
 from defense.threshold import Threshold, calibrate_threshold
 
-QUANTILES = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
+# The calibration scores' summary kept in the manifest (covered by its digest). The levels from the
+# median up are the reference of the server's clean-score drift statistic (service/drift.py).
+QUANTILES = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95)
 
 
 def score_batches(guard: Guard, batches: Iterable[torch.Tensor], batch_size: int = 256) -> GuardScores:

@@ -32,6 +32,7 @@ from service.inputs import (MULTIPART, ByteBudget, InputError, Limits, Reservati
                             check_content_length, check_media_type, decode_images, media_type, parse_json,
                             parse_multipart, pixels_within, read_body)
 from service.metrics import ServiceMetrics
+from service.monitoring import LiveMonitoring, follow_lineup, record_request
 from service.served_bundle import ServedBundle, load_served_bundle
 from service.shadow import (CandidateDecisions, Lineup, candidate_decisions, check_candidate, lineup_info,
                             score_lineup)
@@ -64,6 +65,7 @@ class GuardService:
         self.decode_backlog = 0  # requests waiting for or in the decode threads (event loop only)
         self.show_scores = settings.response_policy == "full"
         self.enforce = settings.mode == "enforce"
+        self.monitoring = LiveMonitoring.for_service(self.metrics.registry, settings)
         self.state = LOADING
         self.error: str | None = None
         self.on_fatal: Callable[[str], None] | None = None  # set by `badexpert serve`: stop the server
@@ -133,8 +135,7 @@ class GuardService:
 
     def _set_lineup(self, lineup: Lineup) -> None:
         self.lineup = lineup
-        if lineup.candidate is not None:
-            self.metrics.bind_candidate(lineup.live.bundle_id, lineup.candidate.bundle_id)
+        follow_lineup(self.metrics, self.monitoring, lineup)
 
     def promote(self, trigger: str) -> tuple[str, str]:
         """On the event loop: the candidate in shadow becomes live. Returns (new, previous) bundle ids."""
@@ -325,9 +326,7 @@ class GuardService:
             failure = await self._audit(request, bundle, scores, flagged, blobs, images, candidate)
             if failure is not None:
                 return failure
-        self.metrics.record_inputs(decisions.labels, decisions.scores, flagged, bundle.class_names)
-        if candidate is not None:
-            self.metrics.record_candidate(bundle.bundle_id, flagged, candidate.bundle.bundle_id, candidate.flagged)
+        record_request(self.metrics, self.monitoring, bundle, decisions, flagged, candidate)
         return answer(decisions)
 
     async def _audit(self, request: Request, bundle: ServedBundle, scores: GuardScores, flagged: list[bool],

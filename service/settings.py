@@ -64,6 +64,10 @@ class ServiceSettings(BaseSettings):
     shadow_bundle: Path | None = Field(None, description="a candidate bundle scoring the same batches in shadow: only "
                                        "the live bundle decides; the candidate's would-be decisions go to metrics and "
                                        "the audit log (SIGUSR1 or POST /v1/admin/promote makes it live)")
+    # live monitoring (service/monitoring.py, service/drift.py)
+    drift_window: int = Field(2000, ge=10, description="images in the window of the clean-score drift statistic "
+                              "(badexpert_clean_score_drift), per bundle")
+    drift_blocks: int = Field(10, ge=1, description="blocks the drift window slides by (memory: blocks x bins counts)")
     # hot swap (SIGHUP re-reads the bundle path; the admin endpoint loads a folder under admin_bundle_root)
     admin_bundle_root: Path | None = Field(None, description="folder under which POST /v1/admin/bundle may load "
                                            "bundles (unset: the admin endpoints are off, 404)")

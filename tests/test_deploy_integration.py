@@ -82,6 +82,19 @@ class Processes:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
+    def __enter__(self) -> "Processes":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """Stop them all; on a failure, print their logs first."""
+        if error is not None:
+            self.print_logs()
+        self.stop_all()
+
+    def print_logs(self) -> None:
+        for name, _ in self.started:
+            print(f"----- {name} log -----\n{self.tail(name)}")
+
     def stop_all(self) -> None:
         for _, process in self.started:
             if process.poll() is None:
@@ -93,6 +106,23 @@ class Processes:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=5)
+
+
+def prometheus_or_skip() -> str:
+    """Debian's prometheus (its path), with PyYAML for its config; skips the test without them."""
+    prometheus_bin = shutil.which("prometheus")
+    if prometheus_bin is None:
+        pytest.skip(f"Debian's prometheus is not installed ({INSTALL_HINT})")
+    pytest.importorskip("yaml", reason=f"PyYAML is missing ({INSTALL_HINT})")
+    return prometheus_bin
+
+
+def start_prometheus(processes: Processes, prometheus_bin: str, tmp: Path, port: int, targets: list[str]) -> None:
+    """A real Prometheus on loopback with the repository's config and rules (prometheus_test_config)."""
+    config = prometheus_test_config(tmp, port, targets)
+    processes.start("prometheus", [prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                                   f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h",
+                                   "--log.level=warn"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,10 +327,7 @@ def finite_values(result) -> list[float]:
 
 @pytest.mark.integration
 def test_dashboard_queries_return_data_from_real_prometheus_scraping_live_replicas(tmp_path):
-    prometheus_bin = shutil.which("prometheus")
-    if prometheus_bin is None:
-        pytest.skip(f"Debian's prometheus is not installed ({INSTALL_HINT})")
-    pytest.importorskip("yaml", reason=f"PyYAML is missing ({INSTALL_HINT})")
+    prometheus_bin = prometheus_or_skip()
     httpx = pytest.importorskip("httpx")
     nginx_bin = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
     if nginx_bin is None and ci_strict():
@@ -342,11 +369,7 @@ def test_dashboard_queries_return_data_from_real_prometheus_scraping_live_replic
 
         prometheus_port = free_port()
         replica_targets = [f"127.0.0.1:{p}" for p in replica_ports]
-        config = prometheus_test_config(tmp_path, prometheus_port, replica_targets)
-        processes.start("prometheus", [prometheus_bin, f"--config.file={config}",
-                                       f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                       f"--web.listen-address=127.0.0.1:{prometheus_port}",
-                                       "--storage.tsdb.retention.time=1h", "--log.level=warn"])
+        start_prometheus(processes, prometheus_bin, tmp_path, prometheus_port, replica_targets)
         lb_port = None
         if nginx_bin:
             lb_port = free_port()
@@ -489,8 +512,7 @@ def test_dashboard_queries_return_data_from_real_prometheus_scraping_live_replic
             assert len([p for p in quarantine.iterdir() if not p.name.startswith(".")]) == len(flagged_files)
             processes.check_alive()
     except BaseException:
-        for name, _ in processes.started:
-            print(f"----- {name} log -----\n{processes.tail(name)}")
+        processes.print_logs()
         raise
     finally:
         processes.stop_all()
