@@ -154,7 +154,7 @@ def free_port() -> int:
 
 def badexpert_command() -> list[str]:
     script = Path(sys.executable).parent / "badexpert"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "badexpert"]
 
 
 def start_server(bundle: Path, port: int, server_args: list[str], log_path: Path) -> subprocess.Popen:

@@ -17,7 +17,7 @@ The public verbs live in small modules, each with one job:
   :mod:`defense.plots` and :mod:`defense.report` the evaluation report
 - :mod:`defense.device`        which torch device to run on (the server uses it too)
 
-The ``badexpert`` command is the :mod:`cli` package, above this one and :mod:`service`; this
+The ``badexpert`` command is the :mod:`badexpert` package, above this one and :mod:`service`; this
 package imports neither.
 """
 

@@ -319,7 +319,7 @@ def test_dashboard_queries_return_data_from_real_prometheus_scraping_live_replic
         volume_root = tmp_path / "volumes"
         badexpert = Path(sys.executable).with_name("badexpert")
         argv = [str(badexpert)] if badexpert.exists() else [sys.executable, "-c",
-                                                             "import sys; from cli.main import main; sys.exit(main())"]
+                                                             "import sys; from badexpert.main import main; sys.exit(main())"]
         assert guard_service["command"] == ["serve"]
         for index, port in enumerate(replica_ports):
             env = {k: v for k, v in os.environ.items() if not k.startswith("BADEXPERT_")}

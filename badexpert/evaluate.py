@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cli.common import add_factory_modules_argument
+from badexpert.common import add_factory_modules_argument
 from defense.device import resolve_device
 from defense.errors import UserError
 

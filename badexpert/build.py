@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli import common
-from cli.common import add_threshold_arguments, print_threshold
+from badexpert import common
+from badexpert.common import add_threshold_arguments, print_threshold
 from defense.device import resolve_device
 from defense.errors import UserError
 
