@@ -1,6 +1,24 @@
 """BaDExpert guard: the offline job that turns a suspect classifier into a guard bundle.
 
-The public verbs live in small modules, each with one job:
+The public API, for notebooks and pipelines (the ``badexpert`` command calls the same functions)::
+
+    import defense
+
+    bundle = defense.build(model, "clean_images/", architecture="cifar_resnet18", out="guard/")
+    bundle = defense.calibrate(bundle, "more_clean_images/", out="guard-2/")
+    bundle = defense.load("guard-2/")
+    decisions = bundle.decide(images)  # a uint8 tensor, PIL images, files or a folder
+
+- :func:`build`      a suspect model and clean images in, a :class:`Bundle` out (saved with ``out``)
+- :func:`load`       a saved bundle, its digests (and signature) checked
+- :func:`calibrate`  a new bundle with the threshold set on more clean images
+- :class:`Bundle`    the three models and the threshold: :meth:`Bundle.score`, :meth:`Bundle.decide`,
+  :meth:`Bundle.save`; :class:`Decisions` and :class:`GuardScores` are what they return
+- :class:`BuildConfig` the build's settings and their defaults (``build``'s ``**options``)
+- :class:`UserError`  every error that is the caller's to fix, with a one-line message
+
+These names are the stable surface; every other module is internal and may change. The modules,
+each with one job:
 
 - :mod:`defense.models`        architectures (a registry) and loading user models and weights
 - :mod:`defense.preprocessing` the one preprocessing definition shared by build, evaluate and serve
@@ -12,7 +30,10 @@ The public verbs live in small modules, each with one job:
 - :mod:`defense.manifest`      what a bundle says about itself (the manifest's schema)
 - :mod:`defense.bundle_trust`  the manifest's digest, signing and verification, checks of its values
 - :mod:`defense.bundle`        saving and loading bundles
-- :mod:`defense.build`         the offline job end to end
+- :mod:`defense.api`           the public verbs above; :mod:`defense.build_inputs` what ``build``
+  makes of its inputs; :mod:`defense.image_inputs` images as Python holds them;
+  :mod:`defense.guard_bundle` the :class:`Bundle`
+- :mod:`defense.build`         the offline job end to end, in memory
 - :mod:`defense.evaluation`    detection metrics; :mod:`defense.bootstrap` their intervals;
   :mod:`defense.plots` and :mod:`defense.report` the evaluation report
 - :mod:`defense.device`        which torch device to run on (the server uses it too)
@@ -21,4 +42,40 @@ The ``badexpert`` command is the :mod:`badexpert` package, above this one and :m
 package imports neither.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from defense.version import __version__
+
+if TYPE_CHECKING:
+    from defense.api import build, calibrate, load
+    from defense.build import BuildConfig
+    from defense.errors import UserError
+    from defense.guard_bundle import Bundle, Decisions
+    from defense.score import GuardScores
+
+# The public names and the module of each, imported on first use: ``import defense.errors`` stays light.
+_PUBLIC = {
+    "build": "defense.api",
+    "load": "defense.api",
+    "calibrate": "defense.api",
+    "Bundle": "defense.guard_bundle",
+    "Decisions": "defense.guard_bundle",
+    "GuardScores": "defense.score",
+    "BuildConfig": "defense.build",
+    "UserError": "defense.errors",
+}
+
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'defense' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
