@@ -1,6 +1,6 @@
 """``badexpert build``: a suspect model and clean images in, a guard bundle out.
 
-Argument parsing and printing only: :func:`defense.build` does the work, with the same defaults and
+Argument parsing and printing only: :meth:`defense.Bundle.build` does the work, with the same defaults and
 errors (tests/test_layout.py holds this module to that).
 """
 
@@ -133,14 +133,14 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-# build()'s keywords that are the command's options under the same name; every other BuildConfig
+# Bundle.build()'s keywords that are the command's options under the same name; every other BuildConfig
 # field that the command has an option for goes through as well (defense.build_inputs.build_config).
 INPUT_OPTIONS = ("weights", "num_classes", "class_names", "calibration_data", "preset", "input_size", "mean", "std",
                  "auxiliary", "auxiliary_model", "auxiliary_weights", "sign_key", "overwrite", "device")
 
 
 def build_options(args: argparse.Namespace) -> dict:
-    """:func:`defense.build`'s keyword arguments from the parsed options: the same names, a few
+    """:meth:`defense.Bundle.build`'s keyword arguments from the parsed options: the same names, a few
     flags inverted (--no-labels, --no-augment, --quiet) or shortened (--pseudo-label-agreement)."""
     from defense.build import BuildConfig
 
@@ -153,9 +153,9 @@ def build_options(args: argparse.Namespace) -> dict:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from defense.api import build
+    from defense.guard_bundle import Bundle
 
-    bundle = build(args.model, args.clean_data, out=args.out, **build_options(args))
+    bundle = Bundle.build(args.model, args.clean_data, out=args.out, **build_options(args))
     print_build_summary(bundle.manifest, args.out)
     return 0
 

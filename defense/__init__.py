@@ -1,23 +1,25 @@
 """BaDExpert guard: the offline job that turns a suspect classifier into a guard bundle.
 
-The public API, for notebooks and pipelines (the ``badexpert`` command calls the same functions)::
+The public API, for notebooks and pipelines (the ``badexpert`` command calls the same methods)::
 
-    import defense
+    from defense import Bundle
 
-    bundle = defense.build(model, "clean_images/", architecture="cifar_resnet18", out="guard/")
-    bundle = defense.calibrate(bundle, "more_clean_images/", out="guard-2/")
-    bundle = defense.load("guard-2/")
+    bundle = Bundle.build(model, "clean_images/", architecture="cifar_resnet18", out="guard/")
+    bundle = bundle.calibrate("more_clean_images/", out="guard-2/")
+    bundle = Bundle.load("guard-2/")
     decisions = bundle.decide(images)  # a uint8 tensor, PIL images, files or a folder
 
-- :func:`build`      a suspect model and clean images in, a :class:`Bundle` out (saved with ``out``)
-- :func:`load`       a saved bundle, its digests (and signature) checked
-- :func:`calibrate`  a new bundle with the threshold set on more clean images
-- :class:`Bundle`    the three models and the threshold: :meth:`Bundle.score`, :meth:`Bundle.decide`,
-  :meth:`Bundle.save`; :class:`Decisions` and :class:`GuardScores` are what they return
-- :class:`BuildConfig` the build's settings and their defaults (``build``'s ``**options``)
-- :class:`UserError`  every error that is the caller's to fix, with a one-line message
+- :class:`Bundle`      the three models and the threshold: :meth:`Bundle.build` (a suspect model and
+  clean images in), :meth:`Bundle.load` (digests and signature checked), :meth:`Bundle.calibrate`
+  (a new threshold from more clean images), :meth:`Bundle.save`, :meth:`Bundle.score`,
+  :meth:`Bundle.decide`
+- :class:`Decisions`   what :meth:`Bundle.decide` returns; :class:`GuardScores` what
+  :meth:`Bundle.score` returns
+- :class:`BuildConfig` the build's settings and their defaults (options of :meth:`Bundle.build`)
+- :class:`UserError`   every error that is the caller's to fix, with a one-line message
 
-These names are the stable surface; every other module is internal and may change. The modules,
+(The verbs are methods, not functions of the package: ``defense.build`` and ``defense.calibrate``
+are modules.) These names are the stable surface; every other module is internal and may change. The modules,
 each with one job:
 
 - :mod:`defense.models`        architectures (a registry) and loading user models and weights
@@ -30,9 +32,9 @@ each with one job:
 - :mod:`defense.manifest`      what a bundle says about itself (the manifest's schema)
 - :mod:`defense.bundle_trust`  the manifest's digest, signing and verification, checks of its values
 - :mod:`defense.bundle`        saving and loading bundles
-- :mod:`defense.api`           the public verbs above; :mod:`defense.build_inputs` what ``build``
-  makes of its inputs; :mod:`defense.image_inputs` images as Python holds them;
-  :mod:`defense.guard_bundle` the :class:`Bundle`
+- :mod:`defense.guard_bundle`  the :class:`Bundle`; :mod:`defense.build_job` and
+  :mod:`defense.build_inputs` what its build makes of the inputs; :mod:`defense.image_inputs` images
+  as Python holds them
 - :mod:`defense.build`         the offline job end to end, in memory
 - :mod:`defense.evaluation`    detection metrics; :mod:`defense.bootstrap` their intervals;
   :mod:`defense.plots` and :mod:`defense.report` the evaluation report
@@ -50,7 +52,6 @@ from typing import TYPE_CHECKING
 from defense.version import __version__
 
 if TYPE_CHECKING:
-    from defense.api import build, calibrate, load
     from defense.build import BuildConfig
     from defense.errors import UserError
     from defense.guard_bundle import Bundle, Decisions
@@ -58,9 +59,6 @@ if TYPE_CHECKING:
 
 # The public names and the module of each, imported on first use: ``import defense.errors`` stays light.
 _PUBLIC = {
-    "build": "defense.api",
-    "load": "defense.api",
-    "calibrate": "defense.api",
     "Bundle": "defense.guard_bundle",
     "Decisions": "defense.guard_bundle",
     "GuardScores": "defense.score",

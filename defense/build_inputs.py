@@ -1,4 +1,4 @@
-"""What :func:`defense.build` makes of what it is handed, before any training: the build's settings,
+"""What :meth:`defense.Bundle.build` makes of what it is handed, before any training: the build's settings,
 the preprocessing, the suspect model (a spec or an ``nn.Module``) checked on a probe batch, the
 auxiliary method and a supplied auxiliary model, the clean images and a separate calibration folder.
 
@@ -25,7 +25,7 @@ from defense.models.exported import check_dynamic_batch
 from defense.models.loading import ARCHIVE_KINDS, ModelSpec
 from defense.preprocessing import Preprocessing
 
-# BuildConfig fields that build() takes as its own keywords, not among **options.
+# BuildConfig fields that Bundle.build() takes as its own keywords, not among **options.
 SET_BY_BUILD = ("labels", "auxiliary", "device", "progress")
 
 
@@ -35,7 +35,7 @@ def build_config(options: dict, *, labels: bool, auxiliary: str, device: str, pr
     unknown = sorted(name for name in options if name not in names or name in SET_BY_BUILD)
     if unknown:
         known = ", ".join(name for name in names if name not in SET_BY_BUILD)
-        raise TypeError(f"build() got unknown option(s) {', '.join(unknown)}; the options are: {known}")
+        raise TypeError(f"Bundle.build() got unknown option(s) {', '.join(unknown)}; the options are: {known}")
     values = {name: tuple(value) if isinstance(names[name].default, tuple) else value
               for name, value in options.items()}
     config = BuildConfig(**values, labels=labels, auxiliary=auxiliary, device=device, progress=progress)
@@ -189,3 +189,9 @@ def separate_calibration_paths(calibration_data: Path | str | None, clean: Image
                         f"--clean-data (e.g. {sorted(shared)[0]}); the threshold must be set on images that "
                         "neither finetuning nor the rate choices saw: give a separate folder")
     return paths
+
+
+def check_out_folder(out: Path | None, overwrite: bool) -> None:
+    """--out may not hold files unless --overwrite (checked first: before any work)."""
+    if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out}: the folder exists and is not empty; choose another or pass --overwrite")
