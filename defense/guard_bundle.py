@@ -14,6 +14,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
@@ -23,6 +25,9 @@ from defense.image_inputs import ImagesLike, image_batch
 from defense.manifest import Manifest
 from defense.models.loading import ModelSpec
 from defense.score import GuardScores
+
+if TYPE_CHECKING:
+    from defense.evaluate_job import Report
 
 
 @dataclass
@@ -181,6 +186,33 @@ class Bundle:
                     progress=progress, overwrite=overwrite, verify_key=verify_key, sign_key=sign_key,
                     allowed_factory_modules=allowed_factory_modules)
         return Bundle.load(out, device=device, allowed_factory_modules=allowed_factory_modules)
+
+    def evaluate(self, clean, triggered, *, target_class: int | str | None = None, bootstrap: int = 1000,
+                 report_dir: str | Path | None = None, progress: bool = True, log=print) -> "Report":
+        """Measure the guard on clean and triggered images (``badexpert evaluate``): AUROC, TPR and
+        FPR at the threshold, clean accuracy and attack success with and without the guard.
+
+        Args:
+            clean: clean test images with labels: a folder with one sub-folder per class, named as
+                the bundle's classes, or an ``(images, labels)`` pair (images as for :meth:`score`).
+            triggered: triggered test images: a folder (one sub-folder per source class, or flat),
+                or an ``(images, source_classes)`` pair (None: sources unknown).
+            target_class: the backdoor's target, as an index or a class name (default: M's most
+                common prediction on the triggered images).
+            bootstrap: resamples for the 95% intervals (0: none).
+            report_dir: a folder for ``report.json``, ``report.md`` and the plots (None: no files).
+            progress: show progress bars. log: where the inferred target is announced.
+
+        Returns:
+            the :class:`~defense.evaluate_job.Report`.
+        """
+        from defense.evaluate_job import evaluate_guard
+
+        described = {"path": self.path, "bundle_id": self.bundle_id, "class_names": self.class_names,
+                     "architecture": self.fields.get("architecture", {}).get("name", self.spec.name),
+                     "target_fpr": self.fields["target_fpr"], "threshold": self.fields["threshold"]}
+        return evaluate_guard(self.guard, described, clean, triggered, target_class=target_class,
+                              bootstrap=bootstrap, report_dir=report_dir, progress=progress, log=log)
 
     def score(self, images: ImagesLike, batch_size: int = 256) -> GuardScores:
         """The guard's numbers for each image: M's label and confidence, the expert's and the

@@ -125,3 +125,23 @@ def test_errors_are_user_errors_with_the_commands_messages(tmp_path, weights, cl
     err = run_error(capsys, ["build", "--model", "tiny_cnn", "--weights", str(weights), "--clean-data",
                              str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
     assert err == f"badexpert: error: {raised.value}"  # the same one line
+
+
+def test_evaluate_on_tensors_and_on_folders_gives_the_same_metrics(tmp_path, weights, clean_dir):
+    from synthetic import add_trigger
+
+    bundle = Bundle.build("tiny_cnn", clean_dir, weights=weights, input_size=(16, 16), progress=False,
+                          out=tmp_path / "guard", **FAST)
+    images, labels = make_images(12, seed=4)
+    triggered = add_trigger(images)
+    write_image_folder(tmp_path / "test-clean", images, labels)
+    write_image_folder(tmp_path / "test-triggered", triggered, labels)
+    in_memory = bundle.evaluate((images, labels), (triggered, labels), target_class=0, bootstrap=20, progress=False)
+    assert in_memory.report_dir is None and in_memory.document["plots"] == {}
+    on_disk = bundle.evaluate(tmp_path / "test-clean", tmp_path / "test-triggered", target_class="class_0",
+                              bootstrap=20, report_dir=tmp_path / "report", progress=False)
+    assert in_memory.metrics == on_disk.metrics and in_memory.metrics.n_triggered == 9  # 3 are from class 0
+    # the intervals differ: the folders give the images in another order to the (seeded) resampling
+    assert all(on_disk.document["metrics"][name]["ci_low"] is not None for name in on_disk.document["metrics"])
+    assert {"report.json", "report.md"} <= {path.name for path in (tmp_path / "report").iterdir()}
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["bundle"]["bundle_id"] == bundle.bundle_id
