@@ -73,6 +73,7 @@ class GuardScores:
     score: torch.Tensor  # float64
 
     def cpu(self) -> "GuardScores":
+        """The same scores, every tensor on the CPU."""
         return GuardScores(*(tensor.cpu() for tensor in vars(self).values()))
 
     @staticmethod
