@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 import defense
 from defense import Bundle
@@ -14,8 +13,9 @@ from badexpert.main import main
 from cli_errors import run_error
 from defense.models import create_model
 from synthetic import NUM_CLASSES, make_images, write_image_folder
+from test_build_cli import build_args, clean_dir, weights  # noqa: F401 (fixtures: a tiny model, 24 clean images)
 
-FAST = {"unlearn_lr": 1e-3, "finetune_lr": 0.01, "finetune_epochs": 1}  # as tests/test_build_cli.py's build_args
+FAST = {"unlearn_lr": 1e-3, "finetune_lr": 0.01, "finetune_epochs": 1}  # as test_build_cli.build_args gives them
 # Fields that say when and how long, and the digests over them: all else must match.
 RUN_FIELDS = {"created_at", "build_seconds", "bundle_id", "content_sha256", "signature"}
 
@@ -28,30 +28,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def weights(tmp_path):
-    path = tmp_path / "model.safetensors"
-    save_file(create_model("tiny_cnn", NUM_CLASSES).state_dict(), path)
-    return path
-
-
-@pytest.fixture
-def clean_dir(tmp_path):
-    images, labels = make_images(24, seed=1)
-    write_image_folder(tmp_path / "clean", images, labels)
-    return tmp_path / "clean"
-
-
 def comparable(bundle_dir) -> dict:
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     return {key: value for key, value in manifest.items() if key not in RUN_FIELDS}
 
 
 def test_the_command_and_the_api_give_the_same_bundle(tmp_path, weights, clean_dir):
-    argv = ["build", "--model", "tiny_cnn", "--weights", str(weights), "--clean-data", str(clean_dir),
-            "--out", str(tmp_path / "by-command"), "--input-size", "16", "16", "--quiet", "--unlearn-lr", "1e-3",
-            "--finetune-lr", "0.01", "--finetune-epochs", "1", "--fpr", "0.05"]
-    assert main(argv) == 0
+    assert main(build_args(weights, clean_dir, tmp_path / "by-command", "--fpr", "0.05")) == 0
     bundle = Bundle.build("tiny_cnn", clean_dir, weights=weights, out=tmp_path / "by-api", input_size=(16, 16),
                            progress=False, fpr=0.05, **FAST)
     assert bundle.path == tmp_path / "by-api" and bundle.bundle_id == bundle.manifest.bundle_id
@@ -122,8 +105,7 @@ def test_errors_are_user_errors_with_the_commands_messages(tmp_path, weights, cl
         Bundle.build("tiny_cnn", clean_dir, weights=weights, finetune_epoch=3)
     with pytest.raises(defense.UserError) as raised:
         Bundle.build("tiny_cnn", tmp_path / "absent", weights=weights)
-    err = run_error(capsys, ["build", "--model", "tiny_cnn", "--weights", str(weights), "--clean-data",
-                             str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
+    err = run_error(capsys, build_args(weights, tmp_path / "absent", tmp_path / "out"))
     assert err == f"badexpert: error: {raised.value}"  # the same one line
 
 
