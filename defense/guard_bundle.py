@@ -1,6 +1,6 @@
 """The guard from Python: a :class:`Bundle` is built (:meth:`Bundle.build`), loaded
-(:meth:`Bundle.load`), recalibrated (:meth:`Bundle.calibrate`), saved, and scores or decides on
-images. The ``badexpert`` command calls the same methods, so both give the same bundles, defaults
+(:meth:`Bundle.load`), recalibrated (:meth:`Bundle.calibrate`), measured (:meth:`Bundle.evaluate`),
+saved, and scores or decides on images. The ``badexpert`` command calls the same methods, so both give the same bundles, defaults
 and errors.
 
 Every error that is the caller's to fix is a :class:`defense.errors.UserError` whose one-line
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -125,6 +124,10 @@ class Bundle:
         guard, manifest = load_bundle(Path(path), resolve_device(device), verify_key=verify_key,
                                       allowed_factory_modules=allowed_factory_modules)
         return cls(guard, ModelSpec.from_dict(manifest.architecture), manifest.model_dump(), manifest, Path(path))
+
+    def __repr__(self) -> str:  # short: the models and the manifest's fields would fill a notebook's cell
+        return (f"Bundle(bundle_id={self.bundle_id!r}, path={str(self.path) if self.path else None!r}, "
+                f"architecture={self.spec.name!r}, classes={len(self.class_names)}, threshold={self.threshold:.6g})")
 
     @property
     def bundle_id(self) -> str | None:
