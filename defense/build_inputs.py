@@ -10,6 +10,7 @@ name in snake case (``clean_data``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 
 import torch
@@ -27,6 +28,11 @@ from defense.preprocessing import Preprocessing
 
 # BuildConfig fields that Bundle.build() takes as its own keywords, not among **options.
 SET_BY_BUILD = ("labels", "auxiliary", "device", "progress")
+# The settings whose values the command's argument types check (badexpert/common.py), checked here
+# for Python callers: in (0, 1), in (0, 1], one of a few words.
+FRACTIONS = ("calibration_fraction", "selection_fraction", "fpr", "threshold_delta", "unlearn_target_ratio",
+             "finetune_recover_ratio", "min_early_dip", "pseudo_label_agreement_goal")
+CHOICES = {"threshold_rule": ("conformal", "ucb"), "expert_labels": ("shift", "derangement")}
 
 
 def build_config(options: dict, *, labels: bool, auxiliary: str, device: str, progress: bool) -> BuildConfig:
@@ -34,13 +40,34 @@ def build_config(options: dict, *, labels: bool, auxiliary: str, device: str, pr
     names = {field.name: field for field in dataclasses.fields(BuildConfig)}
     unknown = sorted(name for name in options if name not in names or name in SET_BY_BUILD)
     if unknown:
-        known = ", ".join(name for name in names if name not in SET_BY_BUILD)
-        raise TypeError(f"Bundle.build() got unknown option(s) {', '.join(unknown)}; the options are: {known}")
+        known = [name for name in names if name not in SET_BY_BUILD]
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        raise TypeError(f"Bundle.build() got an unknown option {unknown[0]!r}"
+                        + (f" (did you mean {close[0]!r}?)" if close else "")
+                        + f"; besides its own keywords it takes BuildConfig's fields: {', '.join(known)}")
     values = {name: tuple(value) if isinstance(names[name].default, tuple) else value
               for name, value in options.items()}
     config = BuildConfig(**values, labels=labels, auxiliary=auxiliary, device=device, progress=progress)
-    check_bcu_settings(config)
+    check_settings(config)
     return config
+
+
+def check_settings(config: BuildConfig) -> None:
+    """The values the command's argument types would refuse, and BCU's own."""
+    for name in FRACTIONS:
+        if not 0.0 < getattr(config, name) < 1.0:
+            raise UserError(f"--{name.replace('_', '-')}: must be in (0, 1), got {getattr(config, name)}")
+    if not 0.0 < config.alpha <= 1.0:
+        raise UserError(f"--alpha: must be in (0, 1], got {config.alpha}")
+    for name in ("unlearn_lr", "finetune_lr"):
+        if getattr(config, name) is not None and not getattr(config, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')}: must be positive (or None: auto), got {getattr(config, name)}")
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise UserError(f"--{name.replace('_', '-')}: expected {' or '.join(choices)}, got {getattr(config, name)!r}")
+    if any(not 0.0 <= p <= 1.0 for p in config.bcu_reinit_probabilities):
+        raise UserError(f"--bcu-reinit-probabilities: each must be in [0, 1], got {list(config.bcu_reinit_probabilities)}")
+    check_bcu_settings(config)
 
 
 def auxiliary_method(auxiliary: str | None, supplied: bool) -> str:

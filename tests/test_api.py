@@ -101,8 +101,10 @@ def test_errors_are_user_errors_with_the_commands_messages(tmp_path, weights, cl
     with pytest.raises(defense.UserError, match="expected uint8 pixels"):
         Bundle.build(module, (torch.rand(8, 3, 16, 16), torch.arange(8) % 4), architecture="tiny_cnn",
                       input_size=(16, 16))
-    with pytest.raises(TypeError, match="unknown option.*finetune_epoch\\b"):
+    with pytest.raises(TypeError, match="unknown option 'finetune_epoch' \\(did you mean 'finetune_epochs'\\?\\)"):
         Bundle.build("tiny_cnn", clean_dir, weights=weights, finetune_epoch=3)
+    with pytest.raises(defense.UserError, match=r"--fpr: must be in \(0, 1\), got 2"):  # argparse's check, for Python
+        Bundle.build("tiny_cnn", clean_dir, weights=weights, fpr=2)
     with pytest.raises(defense.UserError) as raised:
         Bundle.build("tiny_cnn", tmp_path / "absent", weights=weights)
     err = run_error(capsys, build_args(weights, tmp_path / "absent", tmp_path / "out"))
