@@ -194,3 +194,12 @@ def test_the_build_command_holds_argument_parsing_and_printing_only():
     assembled = [node.lineno for name, node in calls if name == "BuildConfig" and (node.args or node.keywords)]
     assert not assembled, f"badexpert/build.py assembles a BuildConfig (lines {assembled}): Bundle.build does"
     assert not {name for name, _ in calls if name.startswith(("load_", "check_", "resolve_"))}
+
+
+def test_the_console_script_runs_the_command_package():
+    pyproject = (REPO / "pyproject.toml").read_text()  # read as text: tomllib is Python 3.11+
+    assert '\nbadexpert = "badexpert.main:main"\n' in pyproject
+    assert 'include = ["defense*", "service*", "badexpert*"]' in pyproject
+    tree = ast.parse((REPO / "badexpert" / "main.py").read_text())
+    assert any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body)
+    assert (REPO / "badexpert" / "__main__.py").is_file()  # python -m badexpert
