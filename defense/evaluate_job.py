@@ -56,8 +56,9 @@ def check_evaluation_inputs(bootstrap: int, clean, triggered, report_dir: Path |
 
 
 def clean_test_images(clean, guard: Guard, class_names: list[str], progress: bool) -> ImageSet:
+    """The clean test images with their labels, read with the bundle's preprocessing."""
     if isinstance(clean, tuple):
-        return labeled_image_set(clean[0], clean[1], guard.preprocessing, class_names)
+        return labeled_image_set(clean[0], clean[1], guard.preprocessing, class_names, option="--clean")
     check_clean_folder(Path(clean), class_names)
     return load_image_folder(Path(clean), guard.preprocessing, class_names, labeled=True, option="--clean",
                              progress=progress)
@@ -67,7 +68,7 @@ def triggered_test_images(triggered, guard: Guard, class_names: list[str],
                           progress: bool) -> tuple[ImageSet, torch.Tensor, str]:
     """The triggered images, the source class of each (-1: unknown) and the layout they came in."""
     if isinstance(triggered, tuple):
-        images = labeled_image_set(triggered[0], triggered[1], guard.preprocessing, class_names)
+        images = labeled_image_set(triggered[0], triggered[1], guard.preprocessing, class_names, option="--triggered")
         layout = "flat" if triggered[1] is None else "by_source_class"
         return images, images.labels, layout
     images = load_image_folder(Path(triggered), guard.preprocessing, None, labeled=False, option="--triggered",

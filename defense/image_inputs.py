@@ -53,21 +53,21 @@ def _checked_tensor(images: torch.Tensor, preprocessing: Preprocessing, option: 
     return images.cpu()
 
 
-def labeled_image_set(images: ImagesLike, labels, preprocessing: Preprocessing,
-                      class_names: list[str] | None) -> ImageSet:
+def labeled_image_set(images: ImagesLike, labels, preprocessing: Preprocessing, class_names: list[str] | None,
+                      option: str = "--clean-data") -> ImageSet:
     """Clean images handed over in memory, with their labels (None: no labels, -1 each). They are
     named ``python-images/NNNNNN`` in the bundle's records, in the order given."""
-    batch = image_batch(images, preprocessing, option="--clean-data")
+    batch = image_batch(images, preprocessing, option=option)
     if labels is None:
         targets = torch.full((len(batch),), -1, dtype=torch.long)
     else:
         targets = torch.as_tensor(labels, dtype=torch.long).flatten()
         if len(targets) != len(batch):
-            raise UserError(f"--clean-data: {len(batch)} images but {len(targets)} labels")
+            raise UserError(f"{option}: {len(batch)} images but {len(targets)} labels")
         if len(targets) and int(targets.min()) < 0:
-            raise UserError("--clean-data: labels must be class indices (0, 1, ...)")
+            raise UserError(f"{option}: labels must be class indices (0, 1, ...)")
         class_names = class_names or [str(i) for i in range(int(targets.max()) + 1 if len(targets) else 0)]
         if len(targets) and int(targets.max()) >= len(class_names):
-            raise UserError(f"--clean-data: label {int(targets.max())} but {len(class_names)} class names")
+            raise UserError(f"{option}: label {int(targets.max())} but {len(class_names)} class names")
     paths = [Path(f"python-images/{index:06d}") for index in range(len(batch))]
     return ImageSet(batch, targets, list(class_names or []), paths)
