@@ -22,7 +22,7 @@ from bench.attacks import ATTACKS
 from bench.cifar10 import ARCHIVE, CACHE, CLASSES, available, load_cifar10, reserved_split
 from bench.train_attacked import model_path, train_backdoored
 from defense.bundle import load_bundle
-from cli.main import main as badexpert
+from badexpert.main import main as badexpert
 from defense.evaluation import detection_metrics
 from defense.score import GuardScores
 

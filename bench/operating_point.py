@@ -41,7 +41,7 @@ from bench.detection import write_reserved_folder
 from bench.train_attacked import model_path, train_backdoored
 from defense.build import stratified_split
 from defense.bundle import load_bundle
-from cli.main import main as badexpert
+from badexpert.main import main as badexpert
 from defense.data import load_image_folder
 from defense.evaluation import detection_metrics
 from defense.models import create_model

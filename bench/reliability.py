@@ -74,7 +74,7 @@ class Server:
     def __init__(self, bundle: Path, *extra: str):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "cli", "serve", str(bundle), "--port", str(self.port),
+        command = [sys.executable, "-m", "badexpert", "serve", str(bundle), "--port", str(self.port),
                    "--device", "cpu", "--no-access-log", "--log-level", "warning", *extra]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -153,8 +153,9 @@ def free_port() -> int:
 
 
 def badexpert_command() -> list[str]:
-    script = Path(sys.executable).parent / "badexpert"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
+    """This checkout's command: an installed ``badexpert`` script may run another checkout's code
+    (an editable install made elsewhere). tests/test_layout.py checks the script's entry point."""
+    return [sys.executable, "-m", "badexpert"]
 
 
 def start_server(bundle: Path, port: int, server_args: list[str], log_path: Path) -> subprocess.Popen:

@@ -37,7 +37,6 @@ from pydantic import ValidationError
 from safetensors.torch import save_file, save_model
 from safetensors.torch import load as load_safetensors_bytes
 
-import defense
 from defense.bundle_trust import (check_architecture_allowed, content_digest, load_signing_key, load_verify_key,
                                   sign_digest, validate_fields, verify_signature)
 from defense.errors import BundleIntegrityError, UserError
@@ -48,13 +47,14 @@ from defense.manifest import (FILE_STEMS, FORMAT_VERSION, MANIFEST, MAX_MANIFEST
 from defense.models.exported import save_exported
 from defense.models.loading import ModelSpec, instantiate
 from defense.preprocessing import Preprocessing
+from defense.version import __version__
 
 
 def package_versions() -> dict[str, str]:
     import torchvision
 
     return {
-        "badexpert": defense.__version__,
+        "badexpert": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),

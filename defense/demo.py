@@ -1,4 +1,4 @@
-"""The built-in example of ``badexpert demo`` (the command is :mod:`cli.demo`): real images, an
+"""The built-in example of ``badexpert demo`` (the command is :mod:`badexpert.demo`): real images, an
 attacker that backdoors a small CNN on them, and the trigger.
 
 1. Real images: scikit-learn's handwritten digits (1,797 scans, 8x8), upscaled to 16x16 RGB.

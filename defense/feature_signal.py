@@ -125,12 +125,13 @@ class FeatureDetector(nn.Module):
             raise ValueError("the feature layers' reference statistics must be finite with positive spreads")
         self.layers, self.signals = list(layers), signals
         for index, (layer_means, factor) in enumerate(zip(means, whitening)):
-            self.register_buffer(f"means_{index}", layer_means.double())
-            self.register_buffer(f"whitening_{index}", factor.double())
-        self.register_buffer("layer_center", layer_center.double())
-        self.register_buffer("layer_spread", layer_spread.double())
+            # contiguous: the same memory layout as after a save and load, so the same rounding
+            self.register_buffer(f"means_{index}", layer_means.double().contiguous())
+            self.register_buffer(f"whitening_{index}", factor.double().contiguous())
+        self.register_buffer("layer_center", layer_center.double().contiguous())
+        self.register_buffer("layer_spread", layer_spread.double().contiguous())
         # feature center, feature spread (upper tail), expert center, expert spread (lower tail), all log-scale
-        self.register_buffer("normalizer", normalizer.double())
+        self.register_buffer("normalizer", normalizer.double().contiguous())
 
     @property
     def num_classes(self) -> int:

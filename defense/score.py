@@ -75,6 +75,7 @@ class GuardScores:
     feature_score: torch.Tensor  # float64: the feature signal on s's scale (defense.feature_signal); NaN when off
 
     def cpu(self) -> "GuardScores":
+        """The same scores, every tensor on the CPU."""
         return GuardScores(*(tensor.cpu() for tensor in vars(self).values()))
 
     @staticmethod

@@ -1,5 +1,5 @@
 """The guard's HTTP server: FastAPI ``POST /predict`` in front of a bundle built by ``defense``.
-The ``badexpert serve`` command that starts it is :mod:`cli.serve`.
+The ``badexpert serve`` command that starts it is :mod:`badexpert.serve`.
 
 - :mod:`service.settings` every setting (``BADEXPERT_*`` environment variables and ``serve`` flags)
 - :mod:`service.app`      ``create_app(settings)``: the app factory, its routes and lifespan

@@ -1,6 +1,6 @@
 """How a test checks the CLI's contract for bad input: exit code 2 and one line on stderr."""
 
-from cli.main import main
+from badexpert.main import main
 
 
 def run_error(capsys, argv) -> str:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from defense.build import BuildConfig
 from defense.bundle import load_bundle
-from cli.main import main
+from badexpert.main import main
 from defense.models import create_model
 from service.app import create_app
 from service.settings import ServiceSettings

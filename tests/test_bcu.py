@@ -17,7 +17,7 @@ from safetensors.torch import save_model
 from defense.bcu import (DEFAULT_STAGE_PROBABILITIES, bcu_distill, conv_linear_layers, depth_stages,
                          distillation_loss, distillation_temperature, reinitialize)
 from defense.build import BuildConfig, build_guard
-from cli.main import main as badexpert
+from badexpert.main import main as badexpert
 from defense.data import ImageSet
 from defense.finetune import Diverged, predict_logits
 from defense.models import create_model

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from defense.bundle import load_bundle
-from cli.main import main
+from badexpert.main import main
 from cli_errors import run_error
 from defense.evaluation import detection_metrics
 from defense.models import create_model

@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from defense.bundle import load_bundle
-from cli.main import main
+from badexpert.main import main
 from cli_errors import run_error
 from defense.score import rejects
 from defense.threshold import conformal_rank

@@ -251,7 +251,7 @@ def test_compose_gpu_override_reserves_an_nvidia_gpu(tmp_path):
 
 
 def test_commands_in_compose_and_kubernetes_are_accepted_by_the_cli(tmp_path):
-    from cli.main import build_parser
+    from badexpert.main import build_parser
 
     parser = build_parser()
     commands = []
@@ -385,12 +385,12 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_else(tmp_pat
         pytest.skip(f"docker-py is missing ({INSTALL_HINT})")
     assert result.returncode == 0, result.stderr
     context = {p for p in json.loads(result.stdout) if (REPO / p).is_file()}
-    sources = {p.relative_to(REPO).as_posix() for package in ("defense", "service", "cli")
+    sources = {p.relative_to(REPO).as_posix() for package in ("defense", "service", "badexpert")
                for p in (REPO / package).rglob("*.py") if "__pycache__" not in p.parts}
     assert {"pyproject.toml", "README.md"} | sources <= context
     assert "docker/Dockerfile" in context  # docker-py always keeps the Dockerfile
     unexpected = {p for p in context - sources - {"pyproject.toml", "README.md", "docker/Dockerfile", ".dockerignore"}
-                  if not p.startswith(("defense/", "service/", "cli/"))}
+                  if not p.startswith(("defense/", "service/", "badexpert/"))}
     assert not unexpected, f"files in the build context that the image does not need: {sorted(unexpected)[:10]}"
     assert not any(p.endswith((".pyc", ".safetensors", ".pt")) or "__pycache__" in p for p in context)
 
@@ -407,7 +407,7 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_else(tmp_pat
     import zipfile
 
     names = zipfile.ZipFile(wheel).namelist()
-    assert "service/app.py" in names and "cli/main.py" in names
+    assert "service/app.py" in names and "badexpert/main.py" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 
 

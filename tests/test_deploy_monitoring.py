@@ -89,7 +89,7 @@ def test_drift_and_concentration_alerts_on_live_traffic_through_real_prometheus(
         env.update(BADEXPERT_BUNDLE=str(bundle), BADEXPERT_HOST="127.0.0.1", BADEXPERT_PORT=str(port),
                    BADEXPERT_DEVICE="cpu", BADEXPERT_TORCH_THREADS="1", BADEXPERT_ACCESS_LOG="false",
                    BADEXPERT_DRIFT_WINDOW=str(DRIFT_WINDOW), BADEXPERT_DRIFT_BLOCKS=str(DRIFT_BLOCKS))
-        processes.start("guard", [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())",
+        processes.start("guard", [sys.executable, "-c", "import sys; from badexpert.main import main; sys.exit(main())",
                                   "serve"], env)
         start_prometheus(processes, prometheus_bin, tmp_path, prometheus_port, [f"127.0.0.1:{port}"])
         base = f"http://127.0.0.1:{port}"

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 
 from defense.bundle import load_bundle
-from cli.main import main
+from badexpert.main import main
 from synthetic import COLORS, NUM_CLASSES, SIZE, TARGET, add_trigger, train_backdoored, write_image_folder
 
 SEED = 5

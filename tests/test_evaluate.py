@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from defense.build import BuildConfig, build_guard
 from defense.bundle import load_bundle, save_bundle
-from cli.main import main
+from badexpert.main import main
 from cli_errors import run_error
 from defense.data import ImageSet
 from defense.bootstrap import bootstrap_metrics, weighted_auroc

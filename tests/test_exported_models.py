@@ -9,7 +9,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from cli.main import main
+from badexpert.main import main
 from cli_errors import run_error
 from defense.bundle import load_bundle
 from defense.models import create_model, parse_model_spec

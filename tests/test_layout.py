@@ -1,9 +1,9 @@
 """The project's layout, read from the source with ``ast`` (nothing is imported):
 
 - no import cycle among the project's modules (imports inside functions count too);
-- ``defense`` (the offline job) imports neither ``service`` nor ``cli``; ``service`` does not
-  import ``cli``: the command-line package sits above both halves;
-- no file in ``defense/``, ``service/`` or ``cli/`` is over 350 lines, unless the first lines of its
+- ``defense`` (the offline job) imports neither ``service`` nor ``badexpert``; ``service`` does not
+  import ``badexpert``: the command-line package sits above both halves;
+- no file in ``defense/``, ``service/`` or ``badexpert/`` is over 350 lines, unless the first lines of its
   module docstring say why ("over 350 lines because ...").
 """
 
@@ -13,11 +13,11 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("defense", "service", "cli", "bench")
-SIZE_CHECKED = ("defense", "service", "cli")
+PACKAGES = ("defense", "service", "badexpert", "bench")
+SIZE_CHECKED = ("defense", "service", "badexpert")
 MAX_LINES = 350
 REASON = "over 350 lines because"
-FORBIDDEN = {"defense": ("service", "cli"), "service": ("cli",)}
+FORBIDDEN = {"defense": ("service", "badexpert"), "service": ("badexpert",)}
 
 
 def module_name(path: Path) -> str:
@@ -109,8 +109,8 @@ def test_the_cycle_finder_finds_a_cycle_and_accepts_a_tree():
 
 def test_the_walk_sees_imports_inside_functions():
     graph = import_graph()
-    assert "defense.bundle" in graph["cli.demo"]  # imported inside run_demo only
-    assert "cli.main" in graph["cli.__main__"]
+    assert "defense.bundle" in graph["badexpert.demo"]  # imported inside run_demo only
+    assert "badexpert.main" in graph["badexpert.__main__"]
 
 
 def test_no_import_cycle_among_the_project_modules():
@@ -137,3 +137,69 @@ def test_no_long_file_without_a_reason_in_its_opening_docstring():
                 long_files.append(f"{path.relative_to(REPO)} ({lines} lines)")
     assert not long_files, (f"over {MAX_LINES} lines with no reason ('{REASON} ...') in the first lines of the "
                             f"module docstring: {', '.join(long_files)}")
+
+
+# ----- the public API and the thin command ---------------------------------------------------------
+
+PUBLIC_NAMES = ("Bundle", "Decisions", "GuardScores", "Report", "BuildConfig", "UserError")
+# What badexpert/build.py may import: argument parsing and printing, the API it calls, and BuildConfig
+# for its defaults (BuildConfig() shows them in --help; built with values, it would be config assembly).
+THIN_COMMAND_IMPORTS = ("__future__", "argparse", "dataclasses", "pathlib", "badexpert.common", "badexpert",
+                        "defense.guard_bundle", "defense.build")
+
+
+def public_exports() -> dict[str, str]:
+    """defense/__init__.py's ``_PUBLIC``: each public name and the module that defines it."""
+    tree = ast.parse((REPO / "defense" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and "_PUBLIC" in ast.unparse(node).split("=")[0]:
+            return ast.literal_eval(node.value)
+    raise AssertionError("defense/__init__.py has no _PUBLIC")
+
+
+def definition(module: str, name: str) -> ast.ClassDef | ast.FunctionDef | None:
+    path = REPO / Path(*module.split(".")).with_suffix(".py")
+    return next((node for node in ast.parse(path.read_text()).body
+                 if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and node.name == name), None)
+
+
+def test_the_public_names_are_exported_with_docstrings_and_listed_in_the_readme():
+    exports = public_exports()
+    assert tuple(exports) == PUBLIC_NAMES
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## From Python"):readme.index("\n## ", readme.index("## From Python") + 1)]
+    for name, module in exports.items():
+        node = definition(module, name)
+        assert node is not None, f"{module} defines no {name}"
+        assert ast.get_docstring(node), f"{module}.{name} has no docstring"
+        assert f"`{name}`" in section, f"the README's 'From Python' does not list {name}"
+        if isinstance(node, ast.ClassDef):  # and each public method and property of a public class
+            undocumented = [item.name for item in node.body if isinstance(item, ast.FunctionDef)
+                            and not item.name.startswith("_") and not ast.get_docstring(item)]
+            assert not undocumented, f"{name}: no docstring on {', '.join(undocumented)}"
+
+
+def test_the_build_command_holds_argument_parsing_and_printing_only():
+    """No model loading, checks or config assembly in badexpert/build.py: Bundle.build does them."""
+    path = REPO / "badexpert" / "build.py"
+    imported = imported_names(path, "badexpert.build")
+    allowed = [name for name in imported
+               if any(name == prefix or name.startswith(prefix + ".") for prefix in THIN_COMMAND_IMPORTS)]
+    assert sorted(set(imported) - set(allowed)) == []
+    tree = ast.parse(path.read_text())
+    raises = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Raise)]
+    assert not raises, f"badexpert/build.py raises errors itself (lines {raises}): checks belong in defense/"
+    calls = [(node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", ""), node)
+             for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    assembled = [node.lineno for name, node in calls if name == "BuildConfig" and (node.args or node.keywords)]
+    assert not assembled, f"badexpert/build.py assembles a BuildConfig (lines {assembled}): Bundle.build does"
+    assert not {name for name, _ in calls if name.startswith(("load_", "check_", "resolve_"))}
+
+
+def test_the_console_script_runs_the_command_package():
+    pyproject = (REPO / "pyproject.toml").read_text()  # read as text: tomllib is Python 3.11+
+    assert '\nbadexpert = "badexpert.main:main"\n' in pyproject
+    assert 'include = ["defense*", "service*", "badexpert*"]' in pyproject
+    tree = ast.parse((REPO / "badexpert" / "main.py").read_text())
+    assert any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body)
+    assert (REPO / "badexpert" / "__main__.py").is_file()  # python -m badexpert

@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from defense.build import BuildConfig, build_guard
 from defense.bundle import load_bundle, save_bundle
-from cli.main import main as badexpert_main
+from badexpert.main import main as badexpert_main
 from defense.data import ImageSet
 from defense.models import create_model
 from defense.models.loading import ModelSpec
@@ -665,8 +665,9 @@ def free_port() -> int:
 
 
 def badexpert_command() -> list[str]:
-    script = Path(sys.executable).parent / "badexpert"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
+    """This checkout's command: an installed ``badexpert`` script may run another checkout's code
+    (an editable install made elsewhere). tests/test_layout.py checks the script's entry point."""
+    return [sys.executable, "-m", "badexpert"]
 
 
 def test_real_badexpert_serve_process(tiny, tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import build, calibrate, demo, evaluate, models
+from badexpert import build, calibrate, demo, evaluate, models
 from defense.errors import UserError
 
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_parser(commands)
     evaluate.add_parser(commands)
     try:
-        from cli import audit, serve
+        from badexpert import audit, serve
     except ImportError:  # the server's dependencies are optional for the offline job
         pass
     else:

@@ -1,14 +1,17 @@
-"""``badexpert build``: a suspect model and clean images in, a guard bundle out."""
+"""``badexpert build``: a suspect model and clean images in, a guard bundle out.
+
+Argument parsing and printing only: :meth:`defense.Bundle.build` does the work, with the same defaults and
+errors (tests/test_layout.py holds this module to that).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from cli import common
-from cli.common import add_threshold_arguments, print_threshold
-from defense.device import resolve_device
-from defense.errors import UserError
+from badexpert import common
+from badexpert.common import add_threshold_arguments, print_threshold
 
 
 def add_parser(commands) -> None:
@@ -138,149 +141,30 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def resolve_preprocessing(args, architecture: str):
-    from defense.preprocessing import PRESETS, Preprocessing
-
-    preset = args.preset or ("cifar" if architecture.startswith(("cifar_", "tiny_cnn")) else "imagenet")
-    values = dict(PRESETS[preset])
-    if args.input_size:
-        values["input_size"] = tuple(args.input_size)
-    if args.mean:
-        values["mean"] = tuple(args.mean)
-    if args.std:
-        values["std"] = tuple(args.std)
-    return Preprocessing(**values)
+# Bundle.build()'s keywords that are the command's options under the same name; every other BuildConfig
+# field that the command has an option for goes through as well (defense.build_inputs.build_config).
+INPUT_OPTIONS = ("weights", "num_classes", "class_names", "calibration_data", "preset", "input_size", "mean", "std",
+                 "auxiliary", "auxiliary_model", "auxiliary_weights", "sign_key", "overwrite", "device")
 
 
-def check_model_outputs(model, preprocessing, num_classes: int, spec_text: str, option: str = "--model") -> None:
-    import torch
+def build_options(args: argparse.Namespace) -> dict:
+    """:meth:`defense.Bundle.build`'s keyword arguments from the parsed options: the same names, a few
+    flags inverted (--no-labels, --no-augment, --quiet) or shortened (--pseudo-label-agreement)."""
+    from defense.build import BuildConfig
 
-    from defense.models.exported import check_dynamic_batch
-
-    height, width = preprocessing.input_size
-    probe = torch.zeros(2, 3, height, width)
-    try:
-        with torch.inference_mode():
-            logits = model.eval()(probe)
-    except Exception as error:
-        raise UserError(f"{option} {spec_text}: forward pass on {height}x{width} inputs failed ({str(error).splitlines()[0]}); "
-                        "check --input-size/--preset")
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] != num_classes:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise UserError(f"{option} {spec_text}: outputs {shape}, expected (batch, {num_classes}) logits; check --num-classes")
-    check_dynamic_batch(model, preprocessing.input_size, f"{option} {spec_text}")
+    given = vars(args)
+    settings = {field.name: given[field.name] for field in dataclasses.fields(BuildConfig)
+                if field.name in given and field.name not in INPUT_OPTIONS}
+    return {**{name: given[name] for name in INPUT_OPTIONS}, **settings,
+            "pseudo_label_agreement_goal": args.pseudo_label_agreement, "augment": not args.no_augment,
+            "labels": not args.no_labels, "progress": not args.quiet}
 
 
-def resolve_auxiliary_method(args) -> str:
-    """finetune, bcu or supplied, from --auxiliary, --auxiliary-model/--auxiliary-weights and --no-labels."""
-    supplied = args.auxiliary_model is not None or args.auxiliary_weights is not None
-    if supplied and args.auxiliary:
-        raise UserError(f"--auxiliary {args.auxiliary}: cannot be combined with --auxiliary-model/--auxiliary-weights "
-                        "(a supplied model is the auxiliary); give one or the other")
-    if len(args.bcu_reinit_probabilities) < 3:
-        raise UserError("--bcu-reinit-probabilities: give at least 3 values (stem, one or more stages, classifier)")
-    for option in ("bcu_epochs", "bcu_batch_size"):
-        if getattr(args, option) < 1:
-            raise UserError(f"--{option.replace('_', '-')}: must be at least 1")
-    if not args.bcu_lr > 0:
-        raise UserError(f"--bcu-lr: must be positive, got {args.bcu_lr}")
-    return "supplied" if supplied else args.auxiliary or "finetune"
+def run_build(args: argparse.Namespace) -> int:
+    from defense.guard_bundle import Bundle
 
-
-def load_supplied_auxiliary(args, spec, preprocessing, num_classes: int):
-    """The user's repaired model, which must share M's architecture: the bundle stores one."""
-    from defense.manifest import sha256_of
-    from defense.models import load_user_model, parse_model_spec
-    from defense.models.loading import ARCHIVE_KINDS
-
-    text = args.auxiliary_model or args.model
-
-    def renamed(error: UserError) -> UserError:  # the loaders name --model/--weights; here they mean the auxiliary's
-        return UserError(str(error).replace("--weights", "--auxiliary-weights").replace("--model", "--auxiliary-model"))
-
-    try:
-        auxiliary_spec = parse_model_spec(text, num_classes)
-    except UserError as error:
-        raise renamed(error) from None
-    archive = auxiliary_spec.kind == spec.kind and spec.kind in ARCHIVE_KINDS  # TorchScript or .pt2: any file
-    same = archive or (auxiliary_spec.kind, auxiliary_spec.name) == (spec.kind, spec.name)
-    if not same:
-        raise UserError(f"--auxiliary-model {text}: not the architecture of --model {args.model}; the bundle stores one "
-                        "architecture, so bring a repaired copy of the same model (or use --auxiliary bcu)")
-    try:
-        auxiliary = load_user_model(auxiliary_spec if archive else spec, args.auxiliary_weights)
-    except UserError as error:
-        raise renamed(error) from None
-    check_model_outputs(auxiliary, preprocessing, num_classes, text, option="--auxiliary-model")
-    source = {"spec": auxiliary_spec.to_dict()}
-    if args.auxiliary_weights is not None:
-        source.update(weights=args.auxiliary_weights.name, weights_sha256=sha256_of(args.auxiliary_weights))
-    return auxiliary, source
-
-
-def run_build(args) -> int:
-    import torch
-
-    from defense.build import BuildConfig, build_guard
-    from defense.bundle import save_bundle
-    from defense.bundle_trust import load_signing_key
-    from defense.data import load_image_folder, read_class_names, scan_flat_folder
-    from defense.models import load_user_model, parse_model_spec
-
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise UserError(f"--out {args.out}: the folder exists and is not empty; choose another or pass --overwrite")
-    sign_key = load_signing_key(args.sign_key) if args.sign_key else None  # a bad key fails before training
-    device = resolve_device(args.device)
-    auxiliary_method = resolve_auxiliary_method(args)
-    preprocessing = resolve_preprocessing(args, args.model)
-    class_names = read_class_names(args.class_names) if args.class_names else None
-    clean = load_image_folder(args.clean_data, preprocessing, class_names, labeled=not args.no_labels,
-                              progress=not args.quiet)
-    num_classes = args.num_classes or (len(clean.class_names) if clean.class_names else None)
-    if num_classes is None:
-        raise UserError("--num-classes is required with --no-labels (or give --class-names)")
-    if clean.class_names and len(clean.class_names) != num_classes:
-        raise UserError(f"--num-classes {num_classes}: the clean folder has {len(clean.class_names)} classes; "
-                        "give --class-names listing all the model's classes in output order")
-    spec = parse_model_spec(args.model, num_classes)
-    model = load_user_model(spec, args.weights)
-    check_model_outputs(model, preprocessing, num_classes, args.model)
-    supplied, supplied_source = (load_supplied_auxiliary(args, spec, preprocessing, num_classes)
-                                 if auxiliary_method == "supplied" else (None, None))
-    config = BuildConfig(
-        calibration_fraction=args.calibration_fraction, selection_fraction=args.selection_fraction, fpr=args.fpr, threshold_rule=args.threshold_rule,
-        threshold_delta=args.threshold_delta, alpha=args.alpha, seed=args.seed, unlearn_lr=args.unlearn_lr,
-        unlearn_epochs=args.unlearn_epochs, unlearn_batch_size=args.unlearn_batch_size,
-        unlearn_target_ratio=args.unlearn_target_ratio, expert_labels=args.expert_labels,
-        expert_labels_seed=args.expert_labels_seed, finetune_lr=args.finetune_lr,
-        finetune_epochs=args.finetune_epochs, finetune_batch_size=args.finetune_batch_size,
-        finetune_milestones=tuple(args.finetune_milestones), finetune_momentum=args.finetune_momentum,
-        finetune_weight_decay=args.finetune_weight_decay, finetune_recover_ratio=args.finetune_recover_ratio,
-        min_early_dip=args.min_early_dip, pseudo_label_agreement_goal=args.pseudo_label_agreement,
-        augment=not args.no_augment, labels=not args.no_labels, device=device, progress=not args.quiet,
-        auxiliary=auxiliary_method, bcu_epochs=args.bcu_epochs, bcu_lr=args.bcu_lr, bcu_batch_size=args.bcu_batch_size,
-        bcu_momentum=args.bcu_momentum, bcu_weight_decay=args.bcu_weight_decay,
-        bcu_reinit_probabilities=tuple(args.bcu_reinit_probabilities), signals=args.signals,
-        feature_stages=args.feature_stages,
-    )
-    if not clean.class_names:
-        clean.class_names = [str(i) for i in range(num_classes)]
-    calibration_paths = None
-    if args.calibration_data is not None:
-        calibration_paths = scan_flat_folder(args.calibration_data, option="--calibration-data")
-        shared = {p.resolve() for p in calibration_paths} & {p.resolve() for p in clean.paths}
-        if shared:
-            raise UserError(f"--calibration-data {args.calibration_data}: {len(shared)} of its images are also in "
-                            f"--clean-data (e.g. {sorted(shared)[0]}); the threshold must be set on images that "
-                            "neither finetuning nor the rate choices saw: give a separate folder")
-    torch.manual_seed(args.seed)
-    result = build_guard(model, clean, preprocessing, num_classes, config, auxiliary_model=supplied,
-                         calibration_paths=calibration_paths)
-    if supplied_source:
-        result.manifest_fields["auxiliary_model"]["source"] = supplied_source
-    manifest = save_bundle(args.out, result.guard, spec, result.manifest_fields, overwrite=args.overwrite,
-                           sign_key=sign_key)
-    print_build_summary(manifest, args.out)
+    bundle = Bundle.build(args.model, args.clean_data, out=args.out, **build_options(args))
+    print_build_summary(bundle.manifest, args.out)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cli.common import add_factory_modules_argument, add_threshold_arguments, print_threshold
+from badexpert.common import add_factory_modules_argument, add_threshold_arguments, print_threshold
 from defense.device import resolve_device
 
 

@@ -31,7 +31,7 @@ def run_demo(out: Path, device: str = "cpu", quiet: bool = False) -> int:
     from PIL import Image
     from safetensors.torch import save_model
 
-    from cli.build import build_command_parser
+    from badexpert.build import build_command_parser
     from defense.demo import SIZE, TARGET_CLASS, add_trigger, digit_images, train_backdoored_model, write_image_folder
     from defense.evaluation import detection_metrics, signal_breakdown
     from defense.report import signal_lines

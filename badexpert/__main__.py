@@ -1,0 +1,7 @@
+"""``python -m badexpert``: the ``badexpert`` command."""
+
+import sys
+
+from badexpert.main import main
+
+sys.exit(main())
