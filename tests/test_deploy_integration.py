@@ -163,7 +163,10 @@ def make_bundle_and_samples(root: Path):
     clean = ImageSet(images, labels, CLASS_NAMES, [Path(f"{i}.png") for i in range(len(labels))])
     config = BuildConfig(calibration_fraction=0.5, fpr=0.1, threshold_rule="conformal", unlearn_lr=1e-3,
                          unlearn_batch_size=32, finetune_lr=0.01, finetune_epochs=1, finetune_milestones=(1,),
-                         finetune_batch_size=32, progress=False, device="cpu")
+                         finetune_batch_size=32, progress=False, device="cpu",
+                         # the expert's score alone: the samples' scores must spread wider than the engines'
+                         # tolerance (1e-5), and this tiny model's feature signal sits on the expert's narrow scale
+                         signals="expert")
     result = build_guard(model.eval(), clean, preprocessing, len(CLASS_NAMES), config, log=lambda *args: None)
     spec = ModelSpec("registry", "tiny_cnn", len(CLASS_NAMES))
     save_bundle(root / "calibrated", result.guard, spec, result.manifest_fields)
