@@ -187,10 +187,11 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
     cache = ROOT / "parts" / f"{manifest['bundle_id']}_{key_of(settings, attack_name)}.safetensors"
     parts = score_parts(folder, parts_images, cache)
     _, evaluation = split_test_set(len(data["test_labels"]), seed=model_seed)
+    measured = measure(parts, manifest["feature_signal"]["layers"], attack, data["test_labels"][evaluation])
+    asr = measured["rules"]["expert"]["cal"]["asr_without_guard"]  # this attack's trigger, on the evaluation images
     result = {"attack": attack_name, "arch": arch, "model_seed": model_seed, "build_seed": build_seed,
-              "bundle_id": manifest["bundle_id"], "build_key": key, "model_asr": info["attack_success_rate"],
-              "model_clean_accuracy": info["clean_accuracy"], "counted": info["attack_success_rate"] >= MIN_ASR,
-              **measure(parts, manifest["feature_signal"]["layers"], attack, data["test_labels"][evaluation])}
+              "bundle_id": manifest["bundle_id"], "build_key": key, "model_asr": asr,
+              "model_clean_accuracy": info["clean_accuracy"], "counted": asr >= MIN_ASR, **measured}
     out = ROOT / "results" / f"{attack_name}_{arch}_seed{model_seed}_build{build_seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
