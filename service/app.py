@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from defense.bundle import package_versions
 from service.admin import add_admin_routes, admin_paths
 from service.guard_service import FAILED, READY, GuardService
-from service.inputs import InputError
+from service.inputs import InputError, capped
 from service.middleware import ApiKeyMiddleware, ObservabilityMiddleware, metrics_keys, protected_paths
 from service.schemas import (ErrorResponse, HealthResponse, InfoResponse, PredictJSONRequest, PredictResponse,
                              ReadyResponse)
@@ -83,7 +83,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return JSONResponse({"error": code, "detail": str(error.detail)}, error.status_code, headers=error.headers)
+        return JSONResponse({"error": code, "detail": capped(str(error.detail))}, error.status_code,
+                            headers=error.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from defense.preprocessing import Preprocessing
-from service.inputs import InputError, Limits, decode_base64, decode_images
+from service.inputs import InputError, Limits, check_json_values, decode_base64, decode_images
 
 BYTES_INPUT, PIXELS_INPUT = "images", "pixels"
 OUTPUTS = {"label": "INT64", "confidence": "FP32", "score": "FP64", "rejected": "BOOL", "flagged": "BOOL"}
@@ -81,9 +81,17 @@ def header_length(value: str | None, body_size: int) -> int | None:
     return length
 
 
-def parse_request(body: bytes, json_length: int | None) -> tuple[V2InferRequest, memoryview]:
-    """The JSON header, validated, and the binary tensor data after it."""
+def max_json_values(limits: Limits, input_size: tuple[int, int]) -> int:
+    """The most JSON values a v2 request may hold: a full ``pixels`` tensor in JSON, and some slack."""
+    height, width = input_size
+    return limits.max_images * height * width * 3 + 256
+
+
+def parse_request(body: bytes, json_length: int | None, max_values: int) -> tuple[V2InferRequest, memoryview]:
+    """The JSON header, validated, and the binary tensor data after it. A header that could hold more
+    than ``max_values`` values is refused before it is parsed."""
     header, binary = (body, b"") if json_length is None else (body[:json_length], body[json_length:])
+    check_json_values(header, max_values, "the inference request")
     try:
         request = V2InferRequest.model_validate_json(header)
     except ValidationError as error:

@@ -170,3 +170,136 @@ def test_every_build_and_calibrate_bundle_passes_the_check(tiny):
 
     assert tau_outside_calibration(read_manifest(tiny.bundle)) is None
     assert tau_outside_calibration(read_manifest(tiny.strict)) is None
+
+
+# ----- bodies that would stall the event loop ------------------------------------------------------
+
+MILLION = ("[" + ",".join(["1"] * 1_000_000) + "]").encode()
+BAD_BODIES = {"/predict": b'{"images": ' + MILLION + b"}",
+              "/v2/models/badexpert-guard/infer": b'{"inputs": ' + MILLION + b"}",
+              "/v2/models/badexpert-guard/infer#shape": b'{"inputs": [{"name": "pixels", "datatype": "UINT8", '
+                                                        b'"shape": ' + MILLION + b', "data": []}]}'}
+
+
+def test_a_million_item_body_is_refused_within_50_ms_of_cpu(tiny):
+    """The work a bad body costs before its refusal is all the event loop (or the GIL) can be held."""
+    import time
+
+    from service.inference_v2 import max_json_values, parse_request
+    from service.inputs import InputError, Limits, parse_json
+
+    limits = Limits(max_images=32, max_image_bytes=10 << 20, max_request_bytes=64 << 20, max_pixels=25_000_000)
+    calls = {"/predict": lambda body: parse_json(body, limits),
+             "v2": lambda body: parse_request(body, None, max_json_values(limits, (224, 224)))}
+    for path, body in BAD_BODIES.items():
+        parse = calls["/predict"] if path == "/predict" else calls["v2"]
+        started = time.thread_time()
+        with pytest.raises(InputError) as refused:
+            parse(body * (32 if path == "/predict" else 8))  # 64 MB and 16 MB: the limits, not the 2 MB probe
+        assert time.thread_time() - started < 0.05, path
+        assert refused.value.status == 413 and refused.value.code == "too_many_values", path
+
+
+def post_raw(port: int, path: str, body: bytes) -> int:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_healthz_stays_prompt_while_million_item_bodies_arrive(tiny):
+    """Before the fix each of these bodies held every request for 5 s (four at once: /healthz waited 9-11 s)."""
+    import statistics
+    import subprocess
+    import threading
+    import time
+
+    import httpx
+
+    from live_server import wait_until_ready
+    from test_service import badexpert_command, free_port
+
+    port = free_port()
+    process = subprocess.Popen(badexpert_command() + ["serve", str(tiny.bundle), "--port", str(port), "--device",
+                                                      "cpu", "--no-access-log", "--log-level", "warning"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(base, process, process.stdout.read)
+        idle = []
+        for _ in range(10):
+            started = time.monotonic()
+            httpx.get(base + "/healthz")
+            idle.append(time.monotonic() - started)
+        statuses = []
+        senders = [threading.Thread(target=lambda path=path, body=body: statuses.extend(
+            post_raw(port, path.split("#")[0], body) for _ in range(3))) for path, body in BAD_BODIES.items()]
+        for sender in senders:
+            sender.start()
+        during = []
+        while any(sender.is_alive() for sender in senders) or not during:
+            started = time.monotonic()
+            assert httpx.get(base + "/healthz", timeout=30).status_code == 200
+            during.append(time.monotonic() - started)
+        for sender in senders:
+            sender.join()
+        assert statuses == [413] * 9
+        # On a quiet machine the worst /healthz stays within a few ms of idle; the bound leaves room
+        # for a loaded CI machine and is still far below the seconds a stall took.
+        assert max(during) < max(0.5, 10 * statistics.median(idle)), (during, idle)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+# ----- 16-bit images, error bodies -----------------------------------------------------------------
+
+
+def sixteen_bit_png(values) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(values, dtype=np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_16_bit_greyscale_png_is_scaled_to_8_bits_not_clipped(tiny):
+    import numpy as np
+    from PIL import Image
+    import io
+
+    from defense.preprocessing import Preprocessing
+
+    ramp = np.tile(np.linspace(0, 65535, 16).round().astype(np.uint16), (16, 1))  # left dark, right white
+    data = sixteen_bit_png(ramp)
+    assert Image.open(io.BytesIO(data)).mode in ("I;16", "I")  # really 16 bits a pixel
+    image = Preprocessing((16, 16), (0.5,) * 3, (0.25,) * 3).load(data)
+    expected = torch.from_numpy(np.rint(ramp / 257.0).astype(np.uint8))
+    assert torch.equal(image[0], expected) and torch.equal(image[1], image[2])
+    assert float((image == 255).float().mean()) < 0.1  # clipped, 15 of 16 columns were white
+    with serving(tiny.bundle) as client:  # the server decodes through the same code
+        answer = client.post("/predict", files=[("file", ("deep.png", data, "image/png"))])
+    assert answer.status_code == 200
+
+
+def test_error_bodies_are_capped_whatever_the_input_echoed(tiny):
+    name = "x" * 1_000_000
+    body = json.dumps({"inputs": [{"name": name, "shape": [1], "datatype": "BYTES", "data": ["aGVsbG8="]}]})
+    with serving(tiny.bundle) as client:
+        v2 = client.post("/v2/models/badexpert-guard/infer", content=body, headers={"content-type": "application/json"})
+        shape = client.post("/v2/models/badexpert-guard/infer", headers={"content-type": "application/json"},
+                            content=json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8",
+                                                            "shape": [1] * 1_000_000, "data": []}]}))
+        unknown = client.get("/v2/models/" + "y" * 8000)
+    for response in (v2, shape, unknown):
+        assert 400 <= response.status_code < 500 and len(response.content) < 2048, (response.status_code,
+                                                                                    len(response.content))
+    assert "characters cut" in v2.json()["detail"]
