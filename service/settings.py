@@ -99,6 +99,8 @@ class ServiceSettings(BaseSettings):
     max_part_header_bytes: int = Field(8192, ge=64, description="largest headers of one multipart part (413 beyond)")
     max_header_bytes: int = Field(16384, ge=1024, description="largest HTTP request line and headers (431 beyond)")
     body_timeout_s: float = Field(30.0, gt=0, description="time allowed to receive a request body (408 beyond)")
+    header_timeout_s: float = Field(10.0, gt=0, description="time allowed to receive the request line and headers "
+                                    "from a connection's first byte (the connection is closed beyond)")
     max_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1, description="most request-body bytes held across all "
                                      "requests at once; beyond it requests get 503 with Retry-After at once")
     max_decode_backlog: int = Field(64, ge=1, description="most requests waiting for or in the decode threads; "

@@ -303,3 +303,38 @@ def test_error_bodies_are_capped_whatever_the_input_echoed(tiny):
         assert 400 <= response.status_code < 500 and len(response.content) < 2048, (response.status_code,
                                                                                     len(response.content))
     assert "characters cut" in v2.json()["detail"]
+
+
+# ----- slow headers --------------------------------------------------------------------------------
+
+
+def test_a_connection_whose_headers_trickle_is_closed_after_the_header_timeout(tiny):
+    import socket
+    import subprocess
+    import time
+
+    from live_server import wait_until_ready
+    from test_service import badexpert_command, free_port
+
+    port = free_port()
+    process = subprocess.Popen(badexpert_command() + ["serve", str(tiny.bundle), "--port", str(port), "--device",
+                                                      "cpu", "--header-timeout-s", "1", "--no-warmup"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", process, process.stdout.read)
+        slow, silent = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+        started = time.monotonic()
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        for connection in (slow, silent):
+            connection.settimeout(10)
+            assert connection.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - started < 5
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as prompt:  # a whole request is answered
+            prompt.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert prompt.recv(1024).startswith(b"HTTP/1.1 200")
+            time.sleep(1.5)  # idle on keep-alive past the header timeout: not closed by it
+            prompt.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert prompt.recv(1024).startswith(b"HTTP/1.1 200")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
