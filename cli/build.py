@@ -214,6 +214,7 @@ def run_build(args) -> int:
     import torch
 
     from defense.build import BuildConfig, build_guard
+    from defense.calibrate import file_digest
     from defense.bundle import save_bundle
     from defense.bundle_trust import load_signing_key
     from defense.data import load_image_folder, read_class_names, scan_flat_folder
@@ -259,10 +260,11 @@ def run_build(args) -> int:
     calibration_paths = None
     if args.calibration_data is not None:
         calibration_paths = scan_flat_folder(args.calibration_data, option="--calibration-data")
-        shared = {p.resolve() for p in calibration_paths} & {p.resolve() for p in clean.paths}
+        labeled = {file_digest(path) for path in clean.paths}
+        shared = [path for path in calibration_paths if file_digest(path) in labeled]  # by content: copies too
         if shared:
             raise UserError(f"--calibration-data {args.calibration_data}: {len(shared)} of its images are also in "
-                            f"--clean-data (e.g. {sorted(shared)[0]}); the threshold must be set on images that "
+                            f"--clean-data (by content, e.g. {shared[0]}); the threshold must be set on images that "
                             "neither finetuning nor the rate choices saw: give a separate folder")
     torch.manual_seed(args.seed)
     result = build_guard(model, clean, preprocessing, num_classes, config, auxiliary_model=supplied,
