@@ -51,7 +51,7 @@ def file_digest(path: Path) -> str:
 def content_digests(paths: list[Path]) -> list[str] | None:
     """The sorted content digests of image files, or None when they are not all files (images given in
     memory) or too many to record."""
-    if len(paths) > MAX_DIGESTS or not all(Path(path).is_file() for path in paths):
+    if len(paths) > MAX_DIGESTS or not all(path is not None and Path(path).is_file() for path in paths):
         return None
     return sorted(file_digest(path) for path in paths)
 
