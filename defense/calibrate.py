@@ -16,7 +16,7 @@ from defense.errors import UserError
 from defense.manifest import sha256_of
 from defense.guard import Guard
 from defense.score import GuardScores
-from defense.threshold import Threshold, calibrate_threshold
+from defense.threshold import DEFAULT_DELTA, DEFAULT_RULE, Threshold, calibrate_threshold
 
 QUANTILES = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -104,14 +104,12 @@ def calibration_record(threshold: Threshold, scores: torch.Tensor, images: dict,
 
 def threshold_request(manifest, fpr: float | None, rule: str | None, delta: float | None) -> tuple[float, str, float]:
     """(target FPR, rule, delta) for recalibrating ``manifest``: each given one, else the bundle's own
-    (its settings, then its threshold record), else the build's default."""
-    from defense.build import BuildConfig
-
-    settings, record, default = manifest.settings or {}, manifest.threshold or {}, BuildConfig()
+    (its settings, then its threshold record), else calibrate_threshold's default."""
+    settings, record = manifest.settings or {}, manifest.threshold or {}
     fpr = fpr if fpr is not None else manifest.target_fpr
-    rule = rule or settings.get("threshold_rule") or record.get("rule") or default.threshold_rule
+    rule = rule or settings.get("threshold_rule") or record.get("rule") or DEFAULT_RULE
     if delta is None:
-        delta = settings.get("threshold_delta") or record.get("delta") or default.threshold_delta
+        delta = settings.get("threshold_delta") or record.get("delta") or DEFAULT_DELTA
     return fpr, rule, delta
 
 

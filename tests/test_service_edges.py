@@ -338,3 +338,17 @@ def test_a_connection_whose_headers_trickle_is_closed_after_the_header_timeout(t
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_request_id_headers_are_as_the_docs_table_says(tiny):
+    from pathlib import Path
+
+    with serving(tiny.bundle) as client:
+        answer = client.get("/healthz", headers={"X-Request-ID": "client-7"})
+        plain = client.get("/healthz")
+    assert answer.headers["x-client-request-id"] == "client-7"
+    assert answer.headers["x-request-id"] != "client-7" and len(answer.headers["x-request-id"]) == 32
+    assert "x-client-request-id" not in plain.headers
+    serving_md = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    assert "| the server's (32 hex digits, unique) | | `X-Request-ID` |" in serving_md
+    assert "| `X-Request-ID` | `X-Client-Request-ID` (the client's value, echoed) | `client_request_id` |" in serving_md
