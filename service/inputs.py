@@ -33,8 +33,6 @@ _WHITESPACE = re.compile(r"\s+")
 _URLSAFE = str.maketrans("-_", "+/")
 _STREAM_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 JSON_SLICE = 1 << 20  # bytes counted per C call when a JSON body's values are counted
-
-
 MAX_DETAIL_CHARS = 1024  # an error's detail sentence; what a client sent is never echoed beyond it
 
 
