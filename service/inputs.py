@@ -29,8 +29,8 @@ JSON = "application/json"
 SUPPORTED = (MULTIPART, JSON)
 PART_NAME = "file"
 _DATA_URL = re.compile(r"data:[\w.+-]*/?[\w.+-]*((?:;[\w.+-]+=[^;,]*)*);base64,", re.IGNORECASE)
-_WHITESPACE = re.compile(r"\s+")
-_URLSAFE = str.maketrans("-_", "+/")
+_WHITESPACE_BYTES = b" \t\n\r\v\f"
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
 _STREAM_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 JSON_SLICE = 1 << 20  # bytes counted per C call when a JSON body's values are counted
 MAX_DETAIL_CHARS = 1024  # an error's detail sentence; what a client sent is never echoed beyond it
@@ -244,15 +244,21 @@ def decode_base64(text: str, index: int, limits: Limits) -> bytes:
             raise InputError(422, "malformed_base64", f"image {index}: a data URL must look like "
                              "'data:image/png;base64,<data>'", index)
         text = text[match.end():]
-    if _WHITESPACE.search(text):  # line-wrapped base64
-        text = _WHITESPACE.sub("", text)
-    if len(text) // 4 * 3 > limits.max_image_bytes + 3:  # refuse before decoding
+    if len(text) // 8 * 3 > limits.max_image_bytes + 3:  # over the limit even if half of it were line breaks
         raise _too_big(index, len(text) // 4 * 3, limits)
-    if "-" in text or "_" in text:
-        text = text.translate(_URLSAFE)
-    text += "=" * (-len(text) % 4)
     try:
-        data = base64.b64decode(text, validate=True)
+        raw = text.encode("ascii")
+    except UnicodeEncodeError:
+        raise InputError(422, "malformed_base64", f"image {index}: not valid base64 (a character outside ASCII)",
+                         index)
+    raw = raw.translate(None, _WHITESPACE_BYTES)  # line-wrapped base64; one pass of a few ms (a regex: 100+ ms)
+    if len(raw) // 4 * 3 > limits.max_image_bytes + 3:  # refuse before decoding
+        raise _too_big(index, len(raw) // 4 * 3, limits)
+    if b"-" in raw or b"_" in raw:
+        raw = raw.translate(_URLSAFE)
+    raw += b"=" * (-len(raw) % 4)
+    try:
+        data = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError) as error:
         raise InputError(422, "malformed_base64", f"image {index}: not valid base64 ({error})", index)
     if not data:

@@ -84,12 +84,19 @@ def test_the_same_key_for_two_roles_is_refused(tmp_path):
         ServiceSettings(bundle=tmp_path, api_keys=KEY, metrics_api_keys=KEY)
 
 
-def test_serve_refuses_a_separator_only_key_list_before_listening(tiny, capsys, monkeypatch):
-    from cli.main import main
+def test_serve_refuses_a_separator_only_key_list_before_listening(tiny):
+    import subprocess
 
-    monkeypatch.setenv("BADEXPERT_API_KEYS", " , ")
-    assert main(["serve", str(tiny.bundle), "--port", "0"]) != 0
-    assert "BADEXPERT_API_KEYS" in capsys.readouterr().err
+    from test_service import badexpert_command
+
+    environment = {**os.environ, "BADEXPERT_API_KEYS": " , "}
+    try:  # before the fix it served without keys (and never returned)
+        result = subprocess.run(badexpert_command() + ["serve", str(tiny.bundle), "--port", "0", "--device", "cpu"],
+                                env=environment, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("badexpert serve started with an API key list that holds no key")
+    assert result.returncode == 2 and "BADEXPERT_API_KEYS" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 # ----- admin paths -------------------------------------------------------------------------------
