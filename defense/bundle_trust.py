@@ -191,9 +191,10 @@ def tau_outside_calibration(manifest: Manifest) -> str | None:
     high = above[0] if above else None
     slack = 1e-9 * max(1.0, abs(tau))
     if tau < low[1] - slack or (high is not None and tau > high[1] + slack):
-        bounds = f"between {low[1]:.6g} and {high[1]:.6g}" if high else f"at least {low[1]:.6g}"
-        return (f"its threshold {tau:.6g} lies outside its own calibration scores: the k={k}th smallest of n={n} "
-                f"must be {bounds} (the stored score quantiles {low[0]:g} and {high[0] if high else 1:g})")
+        bounds = (f"between {low[1]:.6g} and {high[1]:.6g} (its stored {low[0]:g} and {high[0]:g} score quantiles)"
+                  if high else f"at least {low[1]:.6g} (its stored {low[0]:g} score quantile)")
+        return (f"its threshold {tau:.6g} lies outside its own calibration scores: as the k-th smallest of n calibration scores "
+                f"(k={k}, n={n}: its threshold record) it must be {bounds}")
     return None
 
 
