@@ -193,8 +193,8 @@ def tau_outside_calibration(manifest: Manifest) -> str | None:
     if tau < low[1] - slack or (high is not None and tau > high[1] + slack):
         bounds = (f"between {low[1]:.6g} and {high[1]:.6g} (its stored {low[0]:g} and {high[0]:g} score quantiles)"
                   if high else f"at least {low[1]:.6g} (its stored {low[0]:g} score quantile)")
-        return (f"its threshold {tau:.6g} lies outside its own calibration scores: as the k-th smallest of n calibration scores "
-                f"(k={k}, n={n}: its threshold record) it must be {bounds}")
+        return (f"its threshold {tau:.6g} lies outside its own calibration scores: as the k-th smallest of n "
+                f"calibration scores (k={k}, n={n}: its threshold record) it must be {bounds}")
     return None
 
 
