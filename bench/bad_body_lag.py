@@ -18,7 +18,8 @@ import threading
 import time
 
 MILLION = ("[" + ",".join(["1"] * 1_000_000) + "]").encode()
-BODIES = {"/predict": b'{"images": ' + MILLION + b"}", "/v2/models/badexpert-guard/infer": b'{"inputs": ' + MILLION + b"}"}
+BODIES = {"/predict": b'{"images": ' + MILLION + b"}",
+          "/v2/models/badexpert-guard/infer": b'{"inputs": ' + MILLION + b"}"}
 
 
 def send(port: int, path: str, body: bytes, rounds: int) -> None:
