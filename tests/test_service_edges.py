@@ -205,7 +205,9 @@ def test_a_million_item_body_is_refused_within_50_ms_of_cpu(tiny):
             with pytest.raises(InputError) as refused:
                 parse(body * copies)
             assert time.thread_time() - started < budget, (path, copies)
-            assert refused.value.status == 413 and refused.value.code == "too_many_values", path
+            # Counted out (413), or, where a 224x224 bundle's pixel tensors allow that many values in JSON,
+            # refused on the parsed list's length before validation (400).
+            assert (refused.value.status, refused.value.code) in ((413, "too_many_values"), (400, "bad_tensor")), path
 
 
 def post_raw(port: int, path: str, body: bytes) -> int:
