@@ -9,15 +9,14 @@ from defense.device import resolve_device
 
 
 def add_parser(commands) -> None:
-    from defense.build import BuildConfig
-
     calibrate = commands.add_parser(
         "calibrate", help="re-set a bundle's threshold from more clean images (no labels, no retraining)",
         description="Score a folder of clean images with a bundle's three models and write a new bundle whose "
                     "threshold rejects the target share of them: same models, new tau, a new bundle id, and the "
                     "calibration record in its manifest. The images need no labels (a flat folder, or one "
-                    "sub-folder per class) but must be clean and unseen by the build: 2,000+ bring the realized "
-                    "false-positive rate close to the target.")
+                    "sub-folder per class) but must be clean and unseen by the build (images whose content "
+                    "the build finetuned or chose rates on are refused): 2,000+ bring the realized false-positive "
+                    "rate close to the target. The target FPR and rule stay the bundle's unless given.")
     calibrate.add_argument("bundle", type=Path, metavar="BUNDLE", help="the bundle to recalibrate (left unchanged)")
     calibrate.add_argument("--clean", type=Path, required=True, metavar="DIR", help="clean images, labels ignored")
     calibrate.add_argument("--out", type=Path, required=True, metavar="DIR", help="the new bundle's folder")
@@ -27,7 +26,7 @@ def add_parser(commands) -> None:
     calibrate.add_argument("--sign-key", type=Path, metavar="PEM",
                            help="sign the new bundle with this Ed25519 private key (PEM); serve --verify-key checks it")
     add_factory_modules_argument(calibrate)
-    add_threshold_arguments(calibrate.add_argument_group("threshold"), BuildConfig())
+    add_threshold_arguments(calibrate.add_argument_group("threshold (default: as the bundle was calibrated)"))
     calibrate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
     calibrate.set_defaults(handler=run_calibrate)

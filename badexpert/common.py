@@ -38,15 +38,18 @@ def alpha(text: str) -> float:
     return value
 
 
-def add_threshold_arguments(group, defaults) -> None:
-    group.add_argument("--fpr", type=fraction, default=defaults.fpr,
-                       help="target false-positive rate: share of clean inputs rejected (default %(default)s)")
-    group.add_argument("--threshold-rule", choices=["conformal", "ucb"], default=defaults.threshold_rule,
+def add_threshold_arguments(group, defaults=None) -> None:
+    """--fpr, --threshold-rule, --threshold-delta; ``defaults`` None: they default to None, meaning the
+    bundle's own (``badexpert calibrate``)."""
+    shown = "the bundle's own" if defaults is None else "%(default)s"
+    group.add_argument("--fpr", type=fraction, default=getattr(defaults, "fpr", None),
+                       help=f"target false-positive rate: share of clean inputs rejected (default {shown})")
+    group.add_argument("--threshold-rule", choices=["conformal", "ucb"], default=getattr(defaults, "threshold_rule", None),
                        help="conformal: expected FPR = target (at most); ucb: realized FPR above the target with "
                             "probability <= --threshold-delta, paid for by rejecting fewer clean AND triggered "
-                            "inputs when calibration images are few (default %(default)s)")
-    group.add_argument("--threshold-delta", type=fraction, default=defaults.threshold_delta,
-                       help="--threshold-rule ucb: the allowed probability of exceeding the target (default %(default)s)")
+                            f"inputs when calibration images are few (default {shown})")
+    group.add_argument("--threshold-delta", type=fraction, default=getattr(defaults, "threshold_delta", None),
+                       help=f"--threshold-rule ucb: the allowed probability of exceeding the target (default {shown})")
 
 
 def add_factory_modules_argument(parser: argparse.ArgumentParser) -> None:

@@ -84,7 +84,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from defense.bundle import read_manifest
     from defense.bundle_trust import load_verify_key
     from service.app import create_app
-    from service.http_protocol import JSONErrorH11Protocol
+    from service.http_protocol import protocol_with_header_timeout
 
     settings = settings_from_args(args)
     if settings.verify_key is not None:
@@ -102,7 +102,8 @@ def run_serve(args: argparse.Namespace) -> int:
     logger.setLevel(settings.log_level.upper())
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=settings.access_log, lifespan="on", http=JSONErrorH11Protocol,
+                            access_log=settings.access_log, lifespan="on",
+                            http=protocol_with_header_timeout(settings.header_timeout_s),
                             loop=settings.event_loop, h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s)
     server = uvicorn.Server(config)

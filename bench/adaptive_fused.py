@@ -33,7 +33,7 @@ from bench.attacks import ATTACKS
 from bench.cifar10 import CLASSES, attacks_with_data, reserved_split
 from bench.feature_signal import ROOT, build_cached, key_of, measure, score_parts, split_parts
 from bench.operating_point import split_test_set
-from bench.train_attacked import PREPROCESSING, train_backdoored
+from bench.train_attacked import PREPROCESSING, recipe_attack_kwargs, train_backdoored
 from defense.build import BuildConfig, build_guard
 from defense.data import ImageSet
 from defense.progress import progress_bar
@@ -83,7 +83,7 @@ def optimize_against_guard(guard, images: torch.Tensor, target: int, lambda_expe
 def run(name: str, arch: str, seed: int, data: dict, steps: int) -> dict:
     attack = ATTACKS[name]()
     model_attack = attack.model_attack or name
-    settings = json.loads(json.dumps(dataclasses.asdict(ATTACKS[model_attack]())))
+    settings = json.loads(json.dumps(dataclasses.asdict(ATTACKS[model_attack](**recipe_attack_kwargs(arch, model_attack)))))
     folder, info, build_key = build_cached(model_attack, arch, seed, 0, data, settings)
     manifest = json.loads((folder / "manifest.json").read_text())
     surrogate = surrogate_guard(model_attack, arch, seed, data)

@@ -38,6 +38,7 @@ from bench.detection import write_reserved_folder
 from bench.operating_point import ROOT, bench_parser, build, operating_point, split_test_set, _pct
 from bench.train_attacked import model_path
 from defense.bundle import load_bundle
+from defense.manifest import sha256_of
 from defense.progress import progress_bar
 
 RESULTS = ROOT / "adaptive_trigger"
@@ -100,8 +101,10 @@ def surrogate_bundle(model_attack: str, arch: str, seed: int, data: dict, device
     clean = write_reserved_folder(data["train_images"][chosen], data["train_labels"][chosen],
                                   CACHE / "bench" / "reserved" / f"attacker_seed{seed}_n{ATTACKER_IMAGES}")
     bundle = RESULTS / "surrogates" / f"{model_attack}_{arch}_seed{seed}"
-    build(bundle, ["build", "--model", arch, "--weights", str(model_path(model_attack, arch, seed)), "--clean-data",
-                   str(clean), "--preset", "cifar", "--seed", str(ATTACKER_SEED), "--device", device])
+    weights = model_path(model_attack, arch, seed)
+    build(bundle, ["build", "--model", arch, "--weights", str(weights), "--clean-data",
+                   str(clean), "--preset", "cifar", "--seed", str(ATTACKER_SEED), "--device", device],
+          {"weights_sha256": sha256_of(weights)})
     return bundle
 
 

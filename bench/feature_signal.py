@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from bench.attacks import ATTACKS, MIN_ASR
 from bench.cifar10 import CACHE, CLASSES, attacks_with_data, reserved_split
 from bench.operating_point import split_test_set
-from bench.train_attacked import PREPROCESSING, model_path, train_backdoored
+from bench.train_attacked import PREPROCESSING, model_path, recipe_attack_kwargs, settings_variant, train_backdoored
 from defense.build import BuildConfig, build_guard, stratified_split
 from defense.bundle import load_bundle, save_bundle
 from defense.data import ImageSet
@@ -80,7 +80,7 @@ def build_cached(attack_name: str, arch: str, model_seed: int, build_seed: int, 
     under a key of everything that made it. ``training``: ``lr`` and ``attack_kwargs`` (e.g. the
     poison rate) for ``train_backdoored``, where they differ from its defaults."""
     model, info = train_backdoored(attack_name, arch, seed=model_seed, **(training or {}))
-    weights = model_path(attack_name, arch, model_seed)
+    weights = model_path(attack_name, arch, model_seed, settings_variant(attack_name, arch, attack_settings))
     config = BuildConfig(seed=build_seed, feature_stages=CANDIDATE_STAGES, progress=False)
     key = key_of(sha256_file(weights), attack_settings, dataclasses.asdict(config), arch)
     folder = ROOT / "bundles" / key
@@ -178,7 +178,7 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
     attack = ATTACKS[attack_name]()
     settings = json.loads(json.dumps(dataclasses.asdict(attack)))
     model_name = attack.model_attack or attack_name
-    attack_kwargs = (training or {}).get("attack_kwargs") or {}
+    attack_kwargs = recipe_attack_kwargs(arch, model_name, (training or {}).get("attack_kwargs"))
     folder, info, key = build_cached(model_name, arch, model_seed, build_seed, data,
                                      json.loads(json.dumps(dataclasses.asdict(ATTACKS[model_name](**attack_kwargs)))),
                                      training)
@@ -247,8 +247,9 @@ def main() -> None:
     parser.add_argument("--arch", default="cifar_resnet_compact")
     parser.add_argument("--model-seed", type=int, default=0)
     parser.add_argument("--build-seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=0.2, help="the attacked model's training rate (bench.train_attacked)")
-    parser.add_argument("--poison-rate", type=float, help="the attack's poison rate, where not its default")
+    parser.add_argument("--lr", type=float, help="the attacked model's training rate (default: the architecture's "
+                                                  "recipe in bench.train_attacked)")
+    parser.add_argument("--poison-rate", type=float, help="the attack's poison rate, where not the recipe's")
     parser.add_argument("--table", action="store_true", help="print the Markdown tables from the cached results")
     parser.add_argument("--calibration", default="cal", choices=["cal", "pool"],
                         help="tables: tau from the build's D_cal (400 images) or the 5,000-image pool")

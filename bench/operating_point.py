@@ -27,6 +27,8 @@ this release and with the float32 formula of the previous one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ from defense.build import stratified_split
 from defense.bundle import load_bundle
 from badexpert.main import main as badexpert
 from defense.data import load_image_folder
+from defense.manifest import sha256_of
 from defense.evaluation import detection_metrics
 from defense.models import create_model
 from defense.score import GuardScores, guard_scores
@@ -134,13 +137,35 @@ def bundle_threshold(manifest) -> dict:
     return {key: threshold.get(key) for key in ("rule", "n", "k", "expected_fpr", "fpr_range", "advice")}
 
 
-def build(bundle: Path, argv: list[str]) -> None:
+def build_record(bundle: Path) -> Path:
+    """Beside the bundle: what it was built from (``build``'s key)."""
+    return bundle.parent / f"{bundle.name}.build.json"
+
+
+def build(bundle: Path, argv: list[str], key: dict) -> None:
+    """``badexpert`` ``argv`` (build or calibrate) into ``bundle``, unless an earlier run built it from the
+    same ``key`` (the weights' sha256 or the source bundle's id, and the command): a bundle built from
+    other weights or settings, or with no record of them, is built again."""
+    key = {**key, "argv": argv}
+    record = build_record(bundle)
     if (bundle / "manifest.json").is_file():
-        return  # resume: built in an earlier run
+        if record.is_file() and json.loads(record.read_text()) == key:
+            return  # resume: built in an earlier run from the same weights and settings
+        print(f"  {bundle.name}: built from other weights or settings (or unrecorded): building again")
     started = time.monotonic()
+    record.unlink(missing_ok=True)
     if badexpert([*argv, "--out", str(bundle), "--overwrite", "--quiet"]) != 0:
         raise SystemExit(f"badexpert failed for {bundle}")
+    record.write_text(json.dumps(key, indent=2))
     print(f"  {bundle.name}: {time.monotonic() - started:.0f} s")
+
+
+def row_key(bundle_id: str, weights_sha256: str, attack, seed: int, n_eval: int) -> str:
+    """What a result row depends on beyond its bundle: the weights, the attack's trigger settings and
+    the evaluation split. A row is reused only when all of them match."""
+    payload = {"bundle_id": bundle_id, "weights_sha256": weights_sha256, "attack": attack.name,
+               "attack_settings": json.loads(json.dumps(dataclasses.asdict(attack))), "seed": seed, "n_eval": n_eval}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_attack(name: str, arch: str, seed: int, data: dict, device: str, optional: tuple[str, ...] = (),
@@ -153,18 +178,21 @@ def run_attack(name: str, arch: str, seed: int, data: dict, device: str, optiona
                                      CACHE / "bench" / "reserved" / f"seed{seed}_n2000")
     pool_index, eval_index = split_test_set(len(data["test_labels"]), seed)
     pool = write_pool(data["test_images"][pool_index], ROOT / f"pool_seed{seed}")
-    common = ["build", "--model", arch, "--weights", str(model_path(model_attack, arch, seed)), "--clean-data",
+    weights = model_path(model_attack, arch, seed)
+    weights_sha256 = sha256_of(weights)
+    common = ["build", "--model", arch, "--weights", str(weights), "--clean-data",
               str(reserved), "--preset", "cifar", "--seed", str(seed), "--device", device]
     folder = ROOT / "bundles" / f"{model_attack}_{arch}_seed{seed}"
     built = {**{variant: VARIANTS[variant] for variant in variants},
              **{variant: OPTIONAL_VARIANTS[variant] for variant in optional}}
     for variant, extra in built.items():
         extra = ["--calibration-data", str(pool)] if extra is None else extra
-        build(folder / variant, common + extra)
+        build(folder / variant, common + extra, {"weights_sha256": weights_sha256})
     for variant, source in RECALIBRATED.items():
-        if source in built and not (folder / variant / "manifest.json").is_file():
-            badexpert(["calibrate", str(folder / source), "--clean", str(pool), "--out", str(folder / variant),
-                       "--overwrite", "--quiet", "--device", device])
+        if source in built:
+            source_id = json.loads((folder / source / "manifest.json").read_text())["bundle_id"]
+            build(folder / variant, ["calibrate", str(folder / source), "--clean", str(pool), "--device", device],
+                  {"source_bundle_id": source_id})
 
     images, labels = data["test_images"][eval_index], data["test_labels"][eval_index]
     triggered_images = attack.apply(images)
@@ -177,13 +205,15 @@ def run_attack(name: str, arch: str, seed: int, data: dict, device: str, optiona
         bundle = variant_folder(folder, variant)
         if not (bundle / "manifest.json").is_file():
             continue
-        if earlier.get(variant, {}).get("bundle_id") == json.loads((bundle / "manifest.json").read_text())["bundle_id"]:
-            result["variants"][variant] = earlier[variant]  # measured in an earlier run: same bundle
+        key = row_key(json.loads((bundle / "manifest.json").read_text())["bundle_id"], weights_sha256, attack, seed,
+                      len(labels))
+        if earlier.get(variant, {}).get("row_key") == key:
+            result["variants"][variant] = earlier[variant]  # measured in an earlier run: same bundle, data, attack
             continue
         guard, manifest = load_bundle(bundle, device)
         clean, clean_old = score_with_logits(guard, images)
         triggered, _ = score_with_logits(guard, triggered_images)
-        row = {"bundle_id": manifest.bundle_id, "threshold": bundle_threshold(manifest),
+        row = {"bundle_id": manifest.bundle_id, "row_key": key, "threshold": bundle_threshold(manifest),
                "unlearn_lr": manifest.backdoor_expert["lr"], "finetune_lr": manifest.auxiliary_model.get("lr"),
                "ties_clean": ties(clean.score), "ties_clean_float32": ties(clean_old),
                "at_tau": operating_point(guard.rejection_threshold, clean, triggered, labels, attack)}

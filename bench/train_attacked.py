@@ -2,6 +2,11 @@
 
     python -m bench.train_attacked --attack badnet --arch cifar_resnet_compact --epochs 6
 
+The cache is keyed by what made each model: a model trained with other attack settings than the
+attack's defaults (``--poison-rate``, a mapping) is cached under its own name, and a cached model
+whose recorded epochs, learning rate or attack settings differ from those asked is trained again,
+never reused.
+
 The defender's 2,000 reserved images (bench.cifar10.reserved_split) are never trained on.
 """
 
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -26,10 +32,53 @@ from defense.progress import progress_bar
 
 PREPROCESSING = Preprocessing.from_preset("cifar")
 DEFAULT_EPOCHS = 4  # 2 CPU cores, two models side by side with one thread each: about 11 minutes per model
+DEFAULT_LR = 0.2
+# How each architecture's bench models are trained unless told otherwise (BENCHMARKS.md's commands):
+# the peak learning rate, and attack settings other than the attack's defaults (the attacker's choice
+# where the defaults do not implant the backdoor). Every bench asks train_backdoored for these.
+RECIPES: dict[str, dict] = {
+    "cifar_lenet": {"lr": 0.02, "attack_kwargs": {"badnet": {"poison_rate": 0.1}, "blend": {"poison_rate": 0.05}}},
+    "cifar_mobilenet_v2_compact": {"attack_kwargs": {"badnet": {"poison_rate": 0.1}, "blend": {"poison_rate": 0.05}}},
+}
 
 
-def model_path(attack: str, arch: str, seed: int) -> Path:
-    return CACHE / "bench" / "models" / f"{attack}_{arch}_seed{seed}.safetensors"
+def recipe_lr(arch: str, lr: float | None = None) -> float:
+    return lr if lr is not None else RECIPES.get(arch, {}).get("lr", DEFAULT_LR)
+
+
+def recipe_attack_kwargs(arch: str, attack_name: str, attack_kwargs: dict | None = None) -> dict:
+    return {**RECIPES.get(arch, {}).get("attack_kwargs", {}).get(attack_name, {}), **(attack_kwargs or {})}
+
+
+def model_path(attack: str, arch: str, seed: int, variant: str | None = None) -> Path:
+    """Where the model is cached; ``variant``: a digest of attack settings other than the attack's defaults
+    (another poison rate or mapping), so that such a model never takes the default one's place."""
+    suffix = f"-{variant}" if variant else ""
+    return CACHE / "bench" / "models" / f"{attack}_{arch}_seed{seed}{suffix}.safetensors"
+
+
+def settings_variant(attack_name: str, arch: str, settings: dict) -> str | None:
+    """None for the architecture's recipe settings of the attack, else a short digest of ``settings``
+    (model_path's variant)."""
+    default = json.loads(json.dumps(dataclasses.asdict(ATTACKS[attack_name](**recipe_attack_kwargs(arch, attack_name)))))
+    if settings == default:
+        return None
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def stale_reason(info: dict, asked: dict) -> str | None:
+    """How a cached model's recorded training differs from what is asked (None: it does not). A value
+    the entry does not record (an older cache) is not held against it, except the poison rate, which
+    every backdoored entry records."""
+    for key, value in asked.items():
+        recorded = info.get(key)
+        if value is None:
+            continue
+        if recorded is None and key == "attack_settings":
+            recorded, value, key = info.get("poison_rate"), value.get("poison_rate"), "poison_rate"
+        if recorded is not None and recorded != value:
+            return f"{key} {recorded} (asked: {value})"
+    return None
 
 
 def fit(model, images, labels, epochs: int, lr: float, seed: int, device: str, desc: str,
@@ -58,33 +107,37 @@ def fit(model, images, labels, epochs: int, lr: float, seed: int, device: str, d
     return model.eval().to(memory_format=torch.contiguous_format)
 
 
-def _cached(name: str, arch: str, seed: int, epochs: int, settings: dict | None = None):
-    """The cached model and its info, or None; a note when it was trained otherwise than asked."""
-    path = model_path(name, arch, seed)
+def _cached(name: str, arch: str, seed: int, epochs: int, settings: dict | None = None, lr: float | None = None,
+            variant: str | None = None):
+    """The cached model and its info when it was trained as asked (epochs, learning rate, attack settings:
+    poison rate and mapping included); None when there is none, or when the one cached is stale: it is
+    then trained again, never reused."""
+    path = model_path(name, arch, seed, variant) if variant else model_path(name, arch, seed)
     if not (path.is_file() and path.with_suffix(".json").is_file()):
+        return None
+    info = json.loads(path.with_suffix(".json").read_text())
+    stale = stale_reason(info, {"epochs": epochs, "lr": lr, "attack_settings": settings})
+    if stale is not None:
+        print(f"rebuilding {path.name}: the cached model was trained with {stale}")
         return None
     model = create_model(arch, num_classes=10)
     load_model(model, str(path), device="cpu")
-    info = json.loads(path.with_suffix(".json").read_text())
-    asked = {"epochs": epochs} if settings is None else {"epochs": epochs, "attack_settings": settings}
-    for key, value in asked.items():
-        if info.get(key, value) != value:  # models cached before a key was recorded pass
-            print(f"note: using the cached {name} model, trained with {key} {info[key]} (asked: {value}); "
-                  f"delete {path} to retrain")
     return model.eval(), info
 
 
-def _save(model, info: dict, name: str, arch: str, seed: int) -> None:
-    path = model_path(name, arch, seed)
+def _save(model, info: dict, name: str, arch: str, seed: int, variant: str | None = None) -> None:
+    path = model_path(name, arch, seed, variant) if variant else model_path(name, arch, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(model.cpu(), str(path))
     path.with_suffix(".json").write_text(json.dumps(info, indent=2))
 
 
 def train_clean(arch: str = "cifar_resnet_compact", epochs: int = DEFAULT_EPOCHS, seed: int = 0, device: str = "cpu",
-                lr: float = 0.2, compile_model: bool = True):
-    """A model trained without any poison (the starting point of post-development attacks)."""
-    cached = _cached("clean", arch, seed, epochs)
+                lr: float | None = None, compile_model: bool = True):
+    """A model trained without any poison (the starting point of post-development attacks); ``lr``
+    None: the architecture's recipe."""
+    lr = recipe_lr(arch, lr)
+    cached = _cached("clean", arch, seed, epochs, lr=lr)
     if cached:
         return cached
     data = load_cifar10()
@@ -93,7 +146,7 @@ def train_clean(arch: str = "cifar_resnet_compact", epochs: int = DEFAULT_EPOCHS
     model = fit(create_model(arch, num_classes=10), data["train_images"][train_index], data["train_labels"][train_index],
                 epochs, lr, seed, device, "clean", compile_model=compile_model)
     logits = predict_logits(model, data["test_images"], PREPROCESSING.normalizer().to(device), device)
-    info = {"attack": "clean", "arch": arch, "epochs": epochs, "seed": seed,
+    info = {"attack": "clean", "arch": arch, "epochs": epochs, "lr": lr, "seed": seed,
             "clean_accuracy": float((logits.argmax(1) == data["test_labels"]).float().mean()),
             "train_seconds": round(time.monotonic() - started, 1)}
     _save(model, info, "clean", arch, seed)
@@ -101,17 +154,22 @@ def train_clean(arch: str = "cifar_resnet_compact", epochs: int = DEFAULT_EPOCHS
 
 
 def train_backdoored(attack_name: str, arch: str = "cifar_resnet_compact", epochs: int | None = None, seed: int = 0,
-                     lr: float = 0.2, device: str = "cpu", attack_kwargs: dict | None = None, compile_model: bool = True):
-    """Train once; later calls load the cached weights. Returns (model, info dict).
+                     lr: float | None = None, device: str = "cpu", attack_kwargs: dict | None = None,
+                     compile_model: bool = True):
+    """Train once; later calls load the cached weights when they were trained as asked. Returns (model, info dict).
 
     Post-development attacks (``finetunes_clean_model``) start from ``train_clean``'s model and
     finetune it on the poisoned set instead of training from scratch. ``epochs`` defaults to the
-    attack's ``train_epochs`` (for those, the clean model's epochs)."""
-    attack = ATTACKS[attack_name](**(attack_kwargs or {}))
+    attack's ``train_epochs`` (for those, the clean model's epochs); ``lr`` and ``attack_kwargs``
+    to the architecture's recipe (RECIPES; given attack_kwargs override it)."""
+    lr = recipe_lr(arch, lr)
+    attack_kwargs = recipe_attack_kwargs(arch, attack_name, attack_kwargs)
+    attack = ATTACKS[attack_name](**attack_kwargs)
     if epochs is None:
         epochs = attack.train_epochs
     settings = json.loads(json.dumps(dataclasses.asdict(attack)))  # as stored: tuples become lists
-    cached = _cached(attack_name, arch, seed, epochs, settings)
+    variant = settings_variant(attack_name, arch, settings)
+    cached = _cached(attack_name, arch, seed, epochs, settings, lr=lr, variant=variant)
     if cached:
         return cached
     data = load_cifar10()
@@ -122,7 +180,7 @@ def train_backdoored(attack_name: str, arch: str = "cifar_resnet_compact", epoch
         model, clean_info = train_clean(arch, epochs, seed, device, lr, compile_model)
         model = fit(model, images, labels, attack.finetune_epochs, attack.finetune_lr, seed + 1, device, attack_name,
                     compile_model=compile_model)
-        recipe = {"finetuned_from": "clean", "clean_epochs": clean_info["epochs"],
+        recipe = {"finetuned_from": "clean", "lr": lr, "clean_epochs": clean_info["epochs"],
                   "finetune_epochs": attack.finetune_epochs, "finetune_lr": attack.finetune_lr}
     else:
         model = fit(create_model(arch, num_classes=10), images, labels, epochs, lr, seed, device, attack_name,
@@ -140,7 +198,7 @@ def train_backdoored(attack_name: str, arch: str = "cifar_resnet_compact", epoch
             "clean_accuracy": clean_accuracy, "attack_success_rate": asr,
             "train_seconds": round(time.monotonic() - started, 1), "attack_kwargs": attack_kwargs or {},
             "attack_settings": settings}
-    _save(model, info, attack_name, arch, seed)
+    _save(model, info, attack_name, arch, seed, variant)
     return model, info
 
 
@@ -153,12 +211,12 @@ def main() -> None:
                         help=f"training epochs (default: the attack's train_epochs in bench/attacks.py, the ones "
                              f"BENCHMARKS.md reports; {DEFAULT_EPOCHS} for 'clean')")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=0.2,
-                        help="peak learning rate of the one-cycle schedule (default %(default)s; a network without "
-                             "BatchNorm needs less, e.g. 0.02 for cifar_lenet)")
+    parser.add_argument("--lr", type=float,
+                        help=f"peak learning rate of the one-cycle schedule (default: the architecture's recipe, "
+                             f"else {DEFAULT_LR}; a network without BatchNorm needs less: 0.02 for cifar_lenet)")
     parser.add_argument("--poison-rate", type=float,
-                        help="the attack's poison rate instead of its default (e.g. where the default does not implant "
-                             "the backdoor in another architecture); recorded in the model's JSON")
+                        help="the attack's poison rate instead of the architecture's recipe or the attack's default; "
+                             "such a model is cached under its own name, recorded in the model's JSON")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it saves about 40%% per step on CPU)")
     args = parser.parse_args()

@@ -265,8 +265,8 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
     settings["bcu_reinit_probabilities"] = list(config.bcu_reinit_probabilities)
     labels = "given" if config.labels else "predicted by the model"
     data = {
-        "finetuning": image_record(fit.paths, "--clean-data", labels),
-        "rate_selection": image_record(select.paths, "--clean-data", labels),
+        "finetuning": image_record(fit.paths, "--clean-data", labels, digests=True),
+        "rate_selection": image_record(select.paths, "--clean-data", labels, digests=True),
         "calibration": (image_record(calibration_paths, "--calibration-data", "not used") if separate_calibration
                         else image_record(cal.paths, "--clean-data", "not used")),
         "split_seed": config.seed,

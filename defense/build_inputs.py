@@ -209,11 +209,14 @@ def separate_calibration_paths(calibration_data: Path | str | None, clean: Image
     """The --calibration-data images, none of which may be among the clean images."""
     if calibration_data is None:
         return None
+    from defense.calibrate import file_digest
+
     paths = scan_flat_folder(Path(calibration_data), option="--calibration-data")
-    shared = {p.resolve() for p in paths} & {p.resolve() for p in clean.paths}
+    labeled = {file_digest(path) for path in clean.paths if path is not None and Path(path).is_file()}
+    shared = [path for path in paths if file_digest(path) in labeled]  # by content: copies too
     if shared:
         raise UserError(f"--calibration-data {calibration_data}: {len(shared)} of its images are also in "
-                        f"--clean-data (e.g. {sorted(shared)[0]}); the threshold must be set on images that "
+                        f"--clean-data (by content, e.g. {shared[0]}); the threshold must be set on images that "
                         "neither finetuning nor the rate choices saw: give a separate folder")
     return paths
 

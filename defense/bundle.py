@@ -37,8 +37,8 @@ from pydantic import ValidationError
 from safetensors.torch import save_file, save_model
 from safetensors.torch import load as load_safetensors_bytes
 
-from defense.bundle_trust import (check_architecture_allowed, content_digest, load_signing_key, load_verify_key,
-                                  sign_digest, validate_fields, verify_signature)
+from defense.bundle_trust import (check_architecture_allowed, check_tau_within_calibration, content_digest,
+                                  load_signing_key, load_verify_key, sign_digest, validate_fields, verify_signature)
 from defense.errors import BundleIntegrityError, UserError
 from defense.feature_signal import FeatureDetector
 from defense.guard import Guard
@@ -322,6 +322,7 @@ def load_bundle(bundle_dir: Path | str, device: torch.device | str = "cpu", *, v
     manifest = read_manifest(bundle_dir)
     if verify_key is not None:
         verify_signature(bundle_dir, manifest, verify_key)
+    check_tau_within_calibration(f"bundle {bundle_dir}", manifest, signed=verify_key is not None)
     spec = ModelSpec.from_dict(manifest.architecture)
     check_architecture_allowed(f"bundle {bundle_dir}", spec, allowed_factory_modules)
     modules = {}

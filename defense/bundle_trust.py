@@ -169,3 +169,39 @@ def check_architecture_allowed(where: str, spec: ModelSpec, allowed_factory_modu
                 f"{where}: the architecture is the factory {spec.name!r}, which would import and call code named "
                 f"by the bundle; allow its module explicitly (serve --allow-factory-modules {module}, "
                 f"env BADEXPERT_ALLOW_FACTORY_MODULES; evaluate --allow-factory-modules {module})")
+
+
+def tau_outside_calibration(manifest: Manifest) -> str | None:
+    """Why the threshold cannot be the k-th smallest of the bundle's own calibration scores (as its
+    threshold record says it is), judged by the score quantiles the calibration record stores; None
+    when it can be, or when the record holds no quantiles to compare with (hand-assembled bundles)."""
+    quantiles = (manifest.calibration or {}).get("score_quantiles")
+    n, k = (manifest.threshold or {}).get("n"), (manifest.threshold or {}).get("k")
+    if not isinstance(quantiles, dict) or not quantiles or not all(isinstance(v, int) and v > 0 for v in (n, k)):
+        return None
+    try:
+        points = sorted((float(level), float(value)) for level, value in quantiles.items())
+    except (TypeError, ValueError):
+        return "its calibration record's score quantiles are not numbers"
+    tau = manifest.rejection_threshold
+    rank = (k - 1) / (n - 1) if n > 1 else 0.0  # where the k-th smallest of n sits (linear quantiles)
+    below = [(level, value) for level, value in points if level <= rank + 1e-12]
+    above = [(level, value) for level, value in points if level >= rank - 1e-12]
+    low = below[-1] if below else (0.0, 0.0)  # scores are never negative
+    high = above[0] if above else None
+    slack = 1e-9 * max(1.0, abs(tau))
+    if tau < low[1] - slack or (high is not None and tau > high[1] + slack):
+        bounds = (f"between {low[1]:.6g} and {high[1]:.6g} (its stored {low[0]:g} and {high[0]:g} score quantiles)"
+                  if high else f"at least {low[1]:.6g} (its stored {low[0]:g} score quantile)")
+        return (f"its threshold {tau:.6g} lies outside its own calibration scores: as the k-th smallest of n "
+                f"calibration scores (k={k}, n={n}: its threshold record) it must be {bounds}")
+    return None
+
+
+def check_tau_within_calibration(where: str, manifest: Manifest, signed: bool) -> None:
+    """Refuse an unsigned bundle whose threshold its own calibration record contradicts (a tau edited and
+    the digest recomputed); a bundle whose signature was verified is trusted as its signer made it."""
+    reason = tau_outside_calibration(manifest)
+    if reason is not None and not signed:
+        raise BundleIntegrityError(f"{where}: {reason}; an unsigned bundle is refused for it (rebuild or "
+                                   "recalibrate it, or sign it with --sign-key and load it with --verify-key)")

@@ -64,7 +64,7 @@ class Preprocessing:
 
     def image_to_uint8(self, image: Image.Image) -> torch.Tensor:
         """A decoded image as a (3, H, W) uint8 tensor at the input size."""
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = to_eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
         height, width = self.input_size
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.BILINEAR)
@@ -79,6 +79,20 @@ class Preprocessing:
         """Decode bytes or a file into a (3, H, W) uint8 tensor (``formats``: Pillow format names
         to try; None: any Pillow can open)."""
         return self.image_to_uint8(decode_image(source, max_pixels, formats))
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (Pillow mode I;16, or I as older Pillow opens such PNGs) scaled to 8 bits
+    (v * 255 / 65535); Pillow's own conversion would clip every value above 255 to white. An I image
+    whose values all fit in 8 bits is kept as it is. Any other mode is returned unchanged."""
+    if image.mode not in SIXTEEN_BIT_MODES and image.mode != "I":
+        return image
+    array = np.asarray(image).astype(np.float64)
+    full = 255.0 if image.mode == "I" and array.max(initial=0) <= 255 else 65535.0
+    return Image.fromarray(np.clip(np.rint(array * (255.0 / full)), 0, 255).astype(np.uint8), mode="L")
 
 
 class Normalizer(nn.Module):

@@ -30,6 +30,7 @@ from defense.score import rejects
 
 ThresholdRule = Literal["conformal", "ucb"]
 THRESHOLD_RULES = ("conformal", "ucb")
+DEFAULT_RULE, DEFAULT_DELTA = "conformal", 0.1
 RANGE_CONFIDENCE = 0.95  # the realized-FPR range reported with every threshold
 # The range is "tight enough" when its upper end is at most this multiple of the target.
 TOLERATED_OVERSHOOT = 1.5
@@ -117,7 +118,7 @@ def _advice(n: int, k: int, fpr: float, rule: str, fpr_range: tuple[float, float
 
 
 def calibrate_threshold(
-    calibration_scores: torch.Tensor, fpr: float = 0.01, rule: ThresholdRule = "conformal", delta: float = 0.1
+    calibration_scores: torch.Tensor, fpr: float = 0.01, rule: ThresholdRule = DEFAULT_RULE, delta: float = DEFAULT_DELTA
 ) -> Threshold:
     """tau from clean calibration scores. Raises :class:`ThresholdError` when the scores are not
     finite or tau would sit on a tie of calibration scores (then the rate below tau is not what

@@ -27,7 +27,7 @@ from service.settings import ServiceSettings
 SWAP_PATH, SHADOW_PATH, PROMOTE_PATH = "/v1/admin/bundle", "/v1/admin/shadow", "/v1/admin/promote"
 _PATH_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": BundleSwapRequest.model_json_schema()}}}}
-_ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 409, 422, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 409, 422, 503)}
 
 
 def admin_paths(settings: ServiceSettings) -> set[str]:
@@ -36,11 +36,19 @@ def admin_paths(settings: ServiceSettings) -> set[str]:
 
 
 def allowed_folder(root: Path, given: str) -> Path:
-    """``given`` resolved (symlinks followed), refused unless it lies under ``root`` (resolved too)."""
+    """``given`` resolved (symlinks followed), refused unless it lies under ``root`` (resolved too) and
+    so does every file in it: a folder of symlinks to a bundle elsewhere is refused too."""
+    if any(ord(char) < 32 or ord(char) == 127 for char in given):
+        raise InputError(400, "bad_path", "the path holds a control character (NUL, newline, ...)")
     base = Path(root).resolve()
     folder = (base / given).resolve()  # an absolute `given` replaces base
     if not folder.is_relative_to(base):
         raise InputError(403, "path_not_allowed", f"{given!r} is not under the server's admin_bundle_root")
+    if folder.is_dir():
+        for entry in sorted(folder.iterdir()):
+            if not entry.resolve().is_relative_to(base):
+                raise InputError(403, "path_not_allowed", f"{given!r}: {entry.name} resolves outside the server's "
+                                 "admin_bundle_root (a symlink out of it)")
     return folder
 
 

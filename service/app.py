@@ -21,8 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from defense.bundle import package_versions
 from service.admin import add_admin_routes, admin_paths
 from service.guard_service import FAILED, READY, GuardService
-from service.inputs import InputError
-from service.middleware import ApiKeyMiddleware, ObservabilityMiddleware, protected_paths
+from service.inputs import InputError, capped
+from service.middleware import ApiKeyMiddleware, ObservabilityMiddleware, metrics_keys, protected_paths
 from service.schemas import (ErrorResponse, HealthResponse, InfoResponse, PredictJSONRequest, PredictResponse,
                              ReadyResponse)
 from service.settings import ServiceSettings
@@ -68,6 +68,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     if settings.api_key_list:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list,
                            protected=protected_paths(settings) | v2_paths(settings))
+    if metrics_keys(settings):  # /metrics: the metrics keys, or the API keys when there are none
+        app.add_middleware(ApiKeyMiddleware, keys=metrics_keys(settings), protected={"/metrics"})
     if admin_paths(settings):  # the admin endpoints take admin keys only
         app.add_middleware(ApiKeyMiddleware, keys=settings.admin_api_key_list, protected=admin_paths(settings))
     app.add_middleware(ObservabilityMiddleware, metrics=service.metrics,  # outermost: sees every response
@@ -81,7 +83,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return JSONResponse({"error": code, "detail": str(error.detail)}, error.status_code, headers=error.headers)
+        return JSONResponse({"error": code, "detail": capped(str(error.detail))}, error.status_code,
+                            headers=error.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
@@ -123,7 +126,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         return JSONResponse(service.info)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
-             responses={401: {"model": ErrorResponse}})  # 401: with api_keys and protect_metrics
+             responses={401: {"model": ErrorResponse}})  # 401: with api_keys or metrics_api_keys (protect_metrics)
     async def metrics():
         data, content_type = service.metrics.exposition()
         return Response(data, media_type=content_type)

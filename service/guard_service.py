@@ -52,7 +52,7 @@ class GuardService:
 
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics(reveal_scores=settings.response_policy == "full")
         self.audit = AuditTrail(settings.audit_log, settings.quarantine_dir, chain=settings.audit_chain,
                                 min_free_bytes=settings.audit_min_free_bytes,
                                 max_image_bytes=settings.quarantine_max_image_bytes,

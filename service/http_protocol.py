@@ -1,9 +1,13 @@
 """uvicorn's HTTP/1.1 protocol (h11) with the API's JSON error body for the requests it refuses
 itself (a malformed request line, headers over ``max_header_bytes``): the client gets
-``{"error": "bad_http_request", "detail": ...}`` like every other error, not plain text."""
+``{"error": "bad_http_request", "detail": ...}`` like every other error, not plain text; and a
+header-read timeout: a connection whose request line and headers have not all arrived within
+``header_timeout_s`` of its first byte (or of opening) is closed, so slow-header connections
+cannot pile up (uvicorn itself times out only idle keep-alive connections)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import h11
@@ -23,3 +27,45 @@ class JSONErrorH11Protocol(H11Protocol):
         except h11.LocalProtocolError:  # the connection's state allows no response any more
             pass
         self.transport.close()
+
+
+class HeaderTimeoutH11Protocol(JSONErrorH11Protocol):
+    """Closes a connection whose request line and headers take longer than ``header_timeout_s``."""
+
+    header_timeout_s: float = 10.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:  # a new request begins (a keep-alive's next one too)
+            self._arm_header_timer()
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # its headers are all in
+            self._disarm_header_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.logger.info("closing a connection whose request headers took over %g s", self.header_timeout_s)
+            self.transport.close()
+
+
+def protocol_with_header_timeout(header_timeout_s: float) -> type[HeaderTimeoutH11Protocol]:
+    """The protocol class for uvicorn's ``http`` setting, with this header-read timeout."""
+    return type("BadExpertH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": header_timeout_s})

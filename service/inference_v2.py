@@ -27,17 +27,19 @@ import json
 import struct
 
 import numpy as np
+import pydantic_core
 import torch
 from pydantic import BaseModel, ValidationError
 
 from defense.preprocessing import Preprocessing
-from service.inputs import InputError, Limits, decode_base64, decode_images
+from service.inputs import InputError, Limits, check_json_values, decode_base64, decode_images
 
 BYTES_INPUT, PIXELS_INPUT = "images", "pixels"
 OUTPUTS = {"label": "INT64", "confidence": "FP32", "score": "FP64", "rejected": "BOOL", "flagged": "BOOL",
            "expert_score": "FP64", "feature_score": "FP64"}
 SCORE_OUTPUTS = ("score", "expert_score", "feature_score")  # absent with the decision_only policy
 HEADER_LENGTH = "inference-header-content-length"
+MAX_DIMENSIONS = 4  # of an input tensor's shape
 
 
 class V2Tensor(BaseModel):
@@ -84,15 +86,45 @@ def header_length(value: str | None, body_size: int) -> int | None:
     return length
 
 
-def parse_request(body: bytes, json_length: int | None) -> tuple[V2InferRequest, memoryview]:
-    """The JSON header, validated, and the binary tensor data after it."""
+def max_json_values(limits: Limits, input_size: tuple[int, int]) -> int:
+    """The most JSON values a v2 request may hold: a full ``pixels`` tensor in JSON, and some slack."""
+    height, width = input_size
+    return limits.max_images * height * width * 3 + 256
+
+
+def check_sizes(document) -> None:
+    """The list sizes a v2 request may have, checked on the parsed JSON before validation, which would
+    build an error for each item of a long list (a million of them hold the GIL for seconds)."""
+    if not isinstance(document, dict):
+        return  # validation says what is wrong
+    inputs, outputs = document.get("inputs"), document.get("outputs")
+    if isinstance(inputs, list) and len(inputs) != 1:
+        raise InputError(400, "bad_tensor", f"{len(inputs)} input tensors; send exactly one: "
+                         f"'{BYTES_INPUT}' (BYTES) or '{PIXELS_INPUT}' (UINT8)")
+    if isinstance(outputs, list) and len(outputs) > len(OUTPUTS):
+        raise InputError(400, "bad_tensor", f"{len(outputs)} requested outputs; there are {len(OUTPUTS)}: "
+                         f"{', '.join(OUTPUTS)}")
+    for tensor in inputs if isinstance(inputs, list) else []:
+        shape = tensor.get("shape") if isinstance(tensor, dict) else None
+        if isinstance(shape, list) and len(shape) > MAX_DIMENSIONS:
+            raise InputError(400, "bad_tensor", f"a shape of {len(shape)} dimensions; '{BYTES_INPUT}' is [N] and "
+                             f"'{PIXELS_INPUT}' [N, H, W, 3]")
+
+
+def parse_request(body: bytes, json_length: int | None, max_values: int) -> tuple[V2InferRequest, memoryview]:
+    """The JSON header, validated, and the binary tensor data after it. A header that could hold more
+    than ``max_values`` values is refused before it is parsed."""
     header, binary = (body, b"") if json_length is None else (body[:json_length], body[json_length:])
+    check_json_values(header, max_values, "the inference request")
     try:
-        request = V2InferRequest.model_validate_json(header)
+        document = pydantic_core.from_json(header)
+    except ValueError as error:
+        raise InputError(400, "malformed_json", f"the inference request is not valid JSON ({error})")
+    check_sizes(document)
+    try:
+        request = V2InferRequest.model_validate(document)
     except ValidationError as error:
         first = error.errors()[0]
-        if first["type"] == "json_invalid":
-            raise InputError(400, "malformed_json", f"the inference request is not valid JSON ({first['msg']})")
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise InputError(400, "malformed_json", f"inference request: {where}: {first['msg']}")
     if len(request.inputs) != 1:

@@ -4,13 +4,13 @@ The names are a contract with the deployment (Prometheus rules, Grafana dashboar
 
     badexpert_inputs_total{decision="accepted"|"rejected"}                counter
     badexpert_rejected_by_class_total{predicted_class,class_name}         counter
-    badexpert_score                                                       histogram, buckets dense around tau
+    badexpert_score                                                       histogram, buckets dense around tau (not with decision_only)
     badexpert_request_duration_seconds                                    histogram (POST /predict and v2 infer)
     badexpert_batch_size                                                  histogram (images per model forward)
     badexpert_queue_depth                                                 gauge (images waiting for the model)
     badexpert_http_requests_total{status}                                 counter
     badexpert_overload_total                                              counter (503: queue full)
-    badexpert_bundle_info{bundle_id,tau,target_fpr,mode}                  info (follows a hot swap)
+    badexpert_bundle_info{bundle_id,tau,target_fpr,mode}                  info (follows a hot swap; no tau with decision_only)
     badexpert_bundle_reloads_total{outcome="success"|"failure"|"busy"}    counter (hot swaps tried)
     badexpert_quarantine_skipped_total{reason}                            counter (originals not kept)
     badexpert_bundle_decisions_total{bundle,role="live"|"candidate",decision}  counter (with a candidate in shadow)
@@ -47,7 +47,10 @@ def score_buckets(tau: float) -> list[float]:
 class ServiceMetrics:
     """All metrics of one app. Series that depend on the bundle are created by :meth:`bind_bundle`."""
 
-    def __init__(self) -> None:
+    def __init__(self, reveal_scores: bool = True) -> None:
+        """``reveal_scores`` False (the decision_only policy): no score histogram and no tau label, so
+        nothing on /metrics locates the threshold or one request's score."""
+        self.reveal_scores = reveal_scores
         self.registry = CollectorRegistry()
         r = self.registry
         self.inputs = Counter("badexpert_inputs", "Images scored, by the guard's decision (in shadow mode: "
@@ -87,13 +90,17 @@ class ServiceMetrics:
         new bundle's buckets), one rejected-by-class series per class, the info."""
         if self.score is not None:
             self.registry.unregister(self.score)
-        self.score = Histogram("badexpert_score", "BaDExpert score of each image (low: backdoor-like; "
-                               f"flagged below tau={tau:g})", buckets=score_buckets(tau), registry=self.registry)
+            self.score = None
+        if self.reveal_scores:
+            self.score = Histogram("badexpert_score", "BaDExpert score of each image (low: backdoor-like; "
+                                   f"flagged below tau={tau:g})", buckets=score_buckets(tau), registry=self.registry)
         self._class_names = list(class_names)
         for index, name in enumerate(class_names):
             self._class_child(index, name)
-        self.bundle_info.info({"bundle_id": bundle_id, "tau": repr(float(tau)), "target_fpr": repr(float(target_fpr)),
-                               "mode": mode})
+        info = {"bundle_id": bundle_id, "tau": repr(float(tau)), "target_fpr": repr(float(target_fpr)), "mode": mode}
+        if not self.reveal_scores:
+            del info["tau"]
+        self.bundle_info.info(info)
 
     def _class_child(self, index: int, name: str):
         child = self._class_children.get((index, name))

@@ -97,11 +97,18 @@ class ApiKeyMiddleware:
 
 
 def protected_paths(settings: ServiceSettings) -> set[str]:
+    """The paths the API keys open (``/metrics`` has its own keys: :func:`metrics_keys`)."""
     if not settings.api_key_list:
         return set()
     paths = {"/predict", "/v1/info"}
-    if settings.protect_metrics:
-        paths.add("/metrics")
     if settings.protect_docs:
         paths |= {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
     return paths
+
+
+def metrics_keys(settings: ServiceSettings) -> list[str]:
+    """The keys that open ``/metrics``: the metrics keys when set, else the API keys; none (open) when
+    protect_metrics is off or no key is set."""
+    if not settings.protect_metrics:
+        return []
+    return settings.metrics_api_key_list or settings.api_key_list

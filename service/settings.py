@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Literal
 
@@ -78,7 +79,12 @@ class ServiceSettings(BaseSettings):
     api_keys: SecretStr | None = Field(None, description="comma-separated API keys (16+ characters each): /predict and "
                                        "/v1/info then need 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (prefer the "
                                        "environment variable to the flag, which other users can see)")
-    protect_metrics: bool = Field(False, description="with api_keys: /metrics needs a key too")
+    protect_metrics: bool = Field(True, description="with api_keys or metrics_api_keys: /metrics needs a key (a "
+                                  "metrics key when metrics_api_keys is set, else an API key); false only where a "
+                                  "network policy keeps /metrics from clients (docs/deploy.md)")
+    metrics_api_keys: SecretStr | None = Field(None, description="comma-separated keys (16+ characters each) for "
+                                               "/metrics alone, e.g. Prometheus's scrape key: when set, API keys "
+                                               "no longer open /metrics")
     protect_docs: bool = Field(False, description="with api_keys: /docs and /openapi.json need a key too")
     response_policy: Literal["full", "decision_only"] = Field(
         "full", description="full: responses carry each score and the threshold; decision_only: no score and no "
@@ -97,6 +103,8 @@ class ServiceSettings(BaseSettings):
     max_part_header_bytes: int = Field(8192, ge=64, description="largest headers of one multipart part (413 beyond)")
     max_header_bytes: int = Field(16384, ge=1024, description="largest HTTP request line and headers (431 beyond)")
     body_timeout_s: float = Field(30.0, gt=0, description="time allowed to receive a request body (408 beyond)")
+    header_timeout_s: float = Field(10.0, gt=0, description="time allowed to receive the request line and headers "
+                                    "from a connection's first byte (the connection is closed beyond)")
     max_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1, description="most request-body bytes held across all "
                                      "requests at once; beyond it requests get 503 with Retry-After at once")
     max_decode_backlog: int = Field(64, ge=1, description="most requests waiting for or in the decode threads; "
@@ -114,12 +122,13 @@ class ServiceSettings(BaseSettings):
         if self.max_request_bytes > self.max_bytes_in_flight:
             raise ValueError(f"max_request_bytes ({self.max_request_bytes}) must not exceed max_bytes_in_flight "
                              f"({self.max_bytes_in_flight}): such a request could never be read")
-        for key in self.api_key_list:
-            if len(key) < 16:
-                raise ValueError("api_keys: each key needs at least 16 characters")
-        for key in self.admin_api_key_list:
-            if len(key) < 16:
-                raise ValueError("admin_api_keys: each key needs at least 16 characters")
+        lists = {"api_keys": self.api_key_list, "admin_api_keys": self.admin_api_key_list,
+                 "metrics_api_keys": self.metrics_api_key_list}
+        for name, keys in lists.items():
+            check_key_list(name, getattr(self, name), keys)
+        for (name, keys), (other, other_keys) in itertools.combinations(lists.items(), 2):
+            if set(keys) & set(other_keys):
+                raise ValueError(f"{name} and {other} share a key: give each role its own keys")
         if self.admin_bundle_root is not None and not self.admin_api_key_list:
             raise ValueError("admin_bundle_root needs admin_api_keys: the admin endpoints never run without a key")
         unknown = [name for name in self.image_format_list if name not in _pillow_formats()]
@@ -129,13 +138,15 @@ class ServiceSettings(BaseSettings):
 
     @property
     def api_key_list(self) -> list[str]:
-        text = self.api_keys.get_secret_value() if self.api_keys is not None else ""
-        return [key.strip() for key in text.split(",") if key.strip()]
+        return split_keys(self.api_keys)
 
     @property
     def admin_api_key_list(self) -> list[str]:
-        text = self.admin_api_keys.get_secret_value() if self.admin_api_keys is not None else ""
-        return [key.strip() for key in text.split(",") if key.strip()]
+        return split_keys(self.admin_api_keys)
+
+    @property
+    def metrics_api_key_list(self) -> list[str]:
+        return split_keys(self.metrics_api_keys)
 
     @property
     def factory_module_list(self) -> list[str]:
@@ -148,6 +159,22 @@ class ServiceSettings(BaseSettings):
     @property
     def bundle_dir(self) -> Path:
         return Path(self.bundle)
+
+
+def split_keys(value: SecretStr | None) -> list[str]:
+    text = value.get_secret_value() if value is not None else ""
+    return [key.strip() for key in text.split(",") if key.strip()]
+
+
+def check_key_list(name: str, value: SecretStr | None, keys: list[str]) -> None:
+    """A key setting is unset (or the empty string, as Compose passes an unset variable) or holds keys of
+    16+ characters: a value of separators and blanks only would silently serve without keys."""
+    if value is not None and value.get_secret_value() != "" and not keys:
+        raise ValueError(f"{name} is set but holds no key (only commas or blanks) ({env_name(name)}, "
+                         f"--{name.replace('_', '-')}): give keys of 16+ characters, or unset it to serve without them")
+    for key in keys:
+        if len(key) < 16:
+            raise ValueError(f"{name}: each key needs at least 16 characters")
 
 
 def _pillow_formats() -> set[str]:

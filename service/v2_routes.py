@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse, Response
 from defense.bundle import package_versions
 from service.decisions import Decisions, signal_parts, withheld
 from service.guard_service import FAILED, GuardService
-from service.inference_v2 import HEADER_LENGTH, header_length, model_metadata, parse_request, read_images, response_body
-from service.inputs import JSON, InputError
+from service.inference_v2 import (HEADER_LENGTH, header_length, max_json_values, model_metadata, parse_request,
+                                  read_images, response_body)
+from service.inputs import JSON, InputError, capped
 from service.schemas import ErrorResponse
 from service.served_bundle import ServedBundle
 from service.settings import ServiceSettings
@@ -49,7 +50,7 @@ def check_v2_media_type(kind: str) -> None:
 
 
 def _unknown_model(name: str) -> JSONResponse:
-    return JSONResponse({"error": "not_found", "detail": f"no model {name!r} here"}, 404)
+    return JSONResponse({"error": "not_found", "detail": capped(f"no model {name!r} here")}, 404)
 
 
 def add_v2_routes(app: FastAPI, service: GuardService, settings: ServiceSettings) -> None:
@@ -100,7 +101,8 @@ async def infer_v2(service: GuardService, request: Request, model_name: str) -> 
     given_length = request.headers.get(HEADER_LENGTH)
 
     def parse(kind: str, content_type: str, body: bytes, bundle: ServedBundle):
-        v2_request, binary = parse_request(body, header_length(given_length, len(body)))
+        v2_request, binary = parse_request(body, header_length(given_length, len(body)),
+                                           max_json_values(service.limits, bundle.guard.preprocessing.input_size))
         parsed["request"] = v2_request
         return read_images(v2_request, binary, service.limits, bundle.guard.preprocessing)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Tests with one of these markers run in CI or fail it: a skip there means something was not tested.
+# Under CI=true every skip fails the run (tests/conftest.py ALLOWED_SKIPS lists the exceptions); outside CI,
+# skips of tests with these markers are listed in the summary with how to install what they need.
 STRICT_MARKERS = ("deploy", "integration")
 # Every test in these modules is a deployment test (marked `deploy` at collection).
 DEPLOY_MODULE_PREFIX = "test_deploy"

@@ -1,10 +1,11 @@
-"""Suite-wide hooks: deployment and integration tests may not skip in CI.
+"""Suite-wide hooks: no test may skip in CI unless it is on the allowlist below.
 
 - Every test in tests/test_deploy*.py is marked `deploy`; `integration` is marked by hand.
-- With CI=true (.ci/run sets it), a skip of a `deploy` or `integration` test is turned into a
-  failure, and so is a deployment module that skips as a whole at import: a green CI run has run
-  them all. Outside CI they skip with their reason, and the summary says how many and how to
-  install what they need.
+- With CI=true (.ci/run sets it), a skipped test is turned into a failure, and so is a module that
+  skips as a whole at import (a module-level ``pytest.importorskip``), unless its node id is in
+  ``ALLOWED_SKIPS`` with the reason it may skip: a green CI run has run everything else.
+- Outside CI they skip with their reason, and the summary lists the deployment and integration
+  tests that did not run and how to install what they need.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from ci import INSTALL_COMMAND, STRICT_MARKERS, ci_strict, is_deploy_module
 pytest_plugins = ["pytester"]
 
 _skipped_key = pytest.StashKey[list]()
+
+# Node ids (a test, or a module's path for a whole-module skip) that may skip under CI=true, each with
+# the reason. Keep it short: every entry is something a green CI run did not test.
+ALLOWED_SKIPS: dict[str, str] = {}
+
+
+def _allowed(nodeid: str) -> bool:
+    return nodeid in ALLOWED_SKIPS or nodeid.split("[", 1)[0] in ALLOWED_SKIPS
 
 
 @pytest.fixture(scope="session")
@@ -54,16 +63,16 @@ def _reason(report) -> str:
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if not report.skipped or hasattr(report, "wasxfail"):
+    if not report.skipped or hasattr(report, "wasxfail") or _allowed(item.nodeid):
         return
     markers = [name for name in STRICT_MARKERS if item.get_closest_marker(name)]
-    if not markers:
-        return
     reason = _reason(report)
     if ci_strict():
         report.outcome = "failed"
-        report.longrepr = f"CI=true: this {markers[0]} test skipped, which CI does not allow: {reason}"
-    else:
+        what = f"this {markers[0]} test" if markers else "this test"
+        report.longrepr = (f"CI=true: {what} skipped, which CI does not allow (tests/conftest.py ALLOWED_SKIPS "
+                           f"lists the exceptions): {reason}")
+    elif markers:
         item.config.stash[_skipped_key].append(f"{item.nodeid}: {reason}")
 
 
@@ -71,13 +80,16 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and isinstance(collector, pytest.Module) and is_deploy_module(collector.path):
-        reason = _reason(report)
-        if ci_strict():
-            report.outcome = "failed"
-            report.longrepr = f"CI=true: deployment module {collector.path.name} skipped, which CI does not allow: {reason}"
-        else:
-            collector.config.stash[_skipped_key].append(f"{collector.nodeid} (whole module): {reason}")
+    if not (report.skipped and isinstance(collector, pytest.Module)) or _allowed(collector.nodeid):
+        return
+    reason = _reason(report)
+    if ci_strict():
+        report.outcome = "failed"
+        kind = "deployment module" if is_deploy_module(collector.path) else "module"
+        report.longrepr = (f"CI=true: {kind} {collector.path.name} skipped as a whole, which CI does not allow "
+                           f"(tests/conftest.py ALLOWED_SKIPS lists the exceptions): {reason}")
+    elif is_deploy_module(collector.path):
+        collector.config.stash[_skipped_key].append(f"{collector.nodeid} (whole module): {reason}")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

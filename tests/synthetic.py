@@ -78,3 +78,17 @@ def manifest_fields(num_classes: int = NUM_CLASSES) -> dict:
         "accuracy_on_selection": {}, "backdoor_expert": {"lr": 1e-4}, "auxiliary_model": {"lr": 0.1},
         "settings": {}, "build_seconds": 0.0,
     }
+
+
+def threshold_at(fields: dict, tau: float, scores) -> dict:
+    """``fields`` (a manifest's) with a threshold record that puts ``tau`` where a calibration on
+    ``scores`` plus tau itself would: tau the k-th smallest of n, and the score quantiles of those n.
+    For test bundles whose tau is set by hand (the loader refuses a tau its own record contradicts)."""
+    from defense.calibrate import QUANTILES
+
+    values = torch.cat([torch.as_tensor(scores, dtype=torch.float64).flatten(), torch.tensor([float(tau)], dtype=torch.float64)]).sort().values
+    k = int((values < tau).sum()) + 1
+    quantiles = torch.quantile(values, torch.tensor(QUANTILES, dtype=torch.float64))
+    return {**fields, "threshold": {**fields.get("threshold", {}), "tau": float(tau), "n": len(values), "k": k},
+            "calibration": {**fields.get("calibration", {}), "n": len(values), "k": k,
+                            "score_quantiles": {f"{q:g}": float(v) for q, v in zip(QUANTILES, quantiles)}}}

@@ -32,7 +32,7 @@ def test_bench_trains_each_attack_for_its_own_epochs_unless_told(monkeypatch):
 
     asked = []
 
-    def cached_model(name, arch, seed, epochs, settings=None):
+    def cached_model(name, arch, seed, epochs, settings=None, **training):
         asked.append((name, epochs))
         return "model", {"epochs": epochs}
 
@@ -44,14 +44,14 @@ def test_bench_trains_each_attack_for_its_own_epochs_unless_told(monkeypatch):
     assert asked == [("badnet_all_to_all", 20), ("adaptive_patch", 12), ("tact", 4), ("badnet", 3)]
 
 
-def test_a_cached_model_trained_with_other_attack_settings_is_flagged(monkeypatch, tmp_path, capsys):
+def test_a_cached_model_trained_with_other_attack_settings_is_not_reused(monkeypatch, tmp_path, capsys):
     import bench.train_attacked as train_attacked
 
-    monkeypatch.setattr(train_attacked, "model_path", lambda name, arch, seed: tmp_path / f"{name}.safetensors")
+    monkeypatch.setattr(train_attacked, "model_path", lambda name, arch, seed, variant=None: tmp_path / f"{name}.safetensors")
     settings = {"target_class": 0, "poison_rate": 0.05, "finetune_epochs": 1}
     train_attacked._save(create_model("tiny_cnn", num_classes=10), {"epochs": 4, "attack_settings": settings},
                          "finetune", "tiny_cnn", 0)
     assert train_attacked._cached("finetune", "tiny_cnn", 0, 4, settings) is not None
-    assert "note" not in capsys.readouterr().out
-    train_attacked._cached("finetune", "tiny_cnn", 0, 4, {**settings, "finetune_epochs": 2})
+    assert "rebuilding" not in capsys.readouterr().out
+    assert train_attacked._cached("finetune", "tiny_cnn", 0, 4, {**settings, "finetune_epochs": 2}) is None
     assert "'finetune_epochs': 1" in capsys.readouterr().out

@@ -58,3 +58,44 @@ def test_calibration_draws_count_a_tau_on_a_tie_as_refused():
     fprs, asrs, refused = draw_operating_points(pool, clean, clean, torch.tensor([True, True]), 2, n=4, fpr=0.2,
                                                 rule="conformal", draws=3)
     assert refused == 3 and len(fprs) == len(asrs) == 0
+
+
+def test_a_bundle_is_resumed_only_when_built_from_the_same_weights_and_settings(monkeypatch, tmp_path):
+    """bench.operating_point used to resume any bundle folder with a manifest, whatever it was built from."""
+    import json
+
+    import bench.operating_point as operating_point
+
+    runs = []
+
+    def fake_badexpert(argv):
+        out = argv[argv.index("--out") + 1]
+        runs.append(argv[:argv.index("--out")])
+        (tmp_path / out).mkdir(parents=True, exist_ok=True)
+        (tmp_path / out / "manifest.json").write_text(json.dumps({"bundle_id": f"b{len(runs)}"}))
+        return 0
+
+    monkeypatch.setattr(operating_point, "badexpert", fake_badexpert)
+    bundle = tmp_path / "bundles" / "cal20"
+    argv = ["build", "--weights", "w.safetensors", "--calibration-fraction", "0.2"]
+    operating_point.build(bundle, argv, {"weights_sha256": "aa"})
+    operating_point.build(bundle, argv, {"weights_sha256": "aa"})  # the same: resumed
+    assert len(runs) == 1
+    operating_point.build(bundle, argv, {"weights_sha256": "bb"})  # retrained weights at the same path
+    operating_point.build(bundle, argv[:-1] + ["0.4"], {"weights_sha256": "bb"})  # other build settings
+    assert len(runs) == 3
+    operating_point.build_record(bundle).unlink()  # a bundle from before records were kept
+    operating_point.build(bundle, argv[:-1] + ["0.4"], {"weights_sha256": "bb"})
+    assert len(runs) == 4
+
+
+def test_result_rows_are_keyed_by_more_than_the_bundle_id():
+    from bench.attacks import ATTACKS
+    from bench.operating_point import row_key
+
+    blend = ATTACKS["blend"]()
+    key = row_key("bundle", "aa", blend, 0, 5000)
+    assert key == row_key("bundle", "aa", ATTACKS["blend"](), 0, 5000)
+    assert len({key, row_key("bundle", "bb", blend, 0, 5000), row_key("bundle", "aa", ATTACKS["blend"](poison_rate=0.05), 0, 5000),
+                row_key("bundle", "aa", blend, 1, 5000), row_key("bundle", "aa", blend, 0, 4000),
+                row_key("other", "aa", blend, 0, 5000)}) == 6

@@ -166,3 +166,51 @@ def test_calibrate_checks_and_signs_with_ed25519_keys(workspace, capsys, tmp_pat
     assert manifest.recalibrated_from == json.loads((root / "bundle" / "manifest.json").read_text())["bundle_id"]
     with pytest.raises(Exception, match="sign"):
         load_bundle(tmp_path / "signed", verify_key=tmp_path / "theirs.pub")
+
+
+def test_calibrate_keeps_the_bundles_target_and_rule_unless_given(workspace, capsys, tmp_path):
+    """The bundle was built with --fpr 0.05: a recalibration without --fpr stays a 5% guard (it used to
+    become a 1% one, BuildConfig's default), and its own recalibration keeps what it was given."""
+    root = workspace["root"]
+    assert main(["calibrate", str(root / "bundle"), "--clean", str(root / "more"), "--out", str(tmp_path / "kept"),
+                 "--quiet"]) == 0
+    kept = json.loads((tmp_path / "kept" / "manifest.json").read_text())
+    assert kept["target_fpr"] == 0.05 and kept["threshold"]["rule"] == "conformal"
+    assert kept["threshold"]["k"] == conformal_rank(500, 0.05)
+    assert main(["calibrate", str(root / "bundle"), "--clean", str(root / "more"), "--out", str(tmp_path / "ucb"),
+                 "--fpr", "0.1", "--threshold-rule", "ucb", "--threshold-delta", "0.2", "--quiet"]) == 0
+    assert main(["calibrate", str(tmp_path / "ucb"), "--clean", str(root / "unlabeled"), "--out",
+                 str(tmp_path / "again"), "--quiet"]) == 0
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert again["target_fpr"] == 0.1 and again["threshold"]["rule"] == "ucb" and again["threshold"]["delta"] == 0.2
+
+
+def test_calibrate_refuses_a_copy_of_the_builds_own_images_by_content(workspace, capsys, tmp_path):
+    root = workspace["root"]
+    manifest = json.loads((root / "bundle" / "manifest.json").read_text())
+    assert len(manifest["data"]["finetuning"]["content_sha256_16"]) == manifest["data"]["finetuning"]["n"]
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for index, path in enumerate(sorted((root / "reserved").rglob("*.png"))[:30]):
+        shutil.copy(path, copies / f"renamed_{index}.png")  # another folder, other names: same content
+    for index, path in enumerate(sorted((root / "more").rglob("*.png"))[:100]):
+        shutil.copy(path, copies / f"fresh_{index}.png")
+    err = run_error(capsys, ["calibrate", str(root / "bundle"), "--clean", str(copies), "--out",
+                             str(tmp_path / "o"), "--quiet"])
+    assert "--clean" in err and "30 of its images have the content of images the build" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bundle_without_content_digests_still_recalibrates_with_a_warning(workspace, capsys, tmp_path):
+    from defense.bundle import save_bundle
+    from defense.models.loading import ModelSpec
+
+    root = workspace["root"]
+    guard, manifest = load_bundle(root / "bundle")
+    fields = manifest.model_dump()
+    for step in ("finetuning", "rate_selection"):
+        fields["data"][step].pop("content_sha256_16")  # as an earlier release wrote it
+    save_bundle(tmp_path / "old", guard, ModelSpec.from_dict(manifest.architecture), fields)
+    assert main(["calibrate", str(tmp_path / "old"), "--clean", str(root / "more"), "--out", str(tmp_path / "new"),
+                 "--quiet"]) == 0
+    assert "records no content digests of its finetuning and rate_selection images" in capsys.readouterr().out

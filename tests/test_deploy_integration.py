@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from ci import ci_strict
-from synthetic import fit
+from synthetic import fit, threshold_at
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -189,8 +189,7 @@ def make_bundle_and_samples(root: Path):
     assert high - low > 1e-4, f"sample scores too close to split: {sorted(scores)}"
     tau = (low + high) / 2
     guard.rejection_threshold = tau
-    fields = copy.deepcopy(result.manifest_fields)
-    fields["threshold"]["tau"] = tau
+    fields = threshold_at(copy.deepcopy(result.manifest_fields), tau, scores)  # a record that places tau
     save_bundle(root / "bundle", guard, spec, fields)
     flagged = [files[i] for i in ranked[:cut]]
     accepted = [files[i] for i in ranked[cut:]]

@@ -46,7 +46,7 @@ from service.metrics import score_buckets
 from service.schemas import PredictResponse
 from service.settings import ServiceSettings
 from live_server import wait_until_ready
-from synthetic import fit
+from synthetic import fit, threshold_at
 
 CLASS_NAMES = ["red", "green", "blue"]
 SIZE = 16
@@ -135,8 +135,7 @@ def build_tiny(root: Path) -> Tiny:
     assert ordered[middle - 1] < ordered[middle], "the samples need distinct scores"
     strict_tau = float((ordered[middle - 1] + ordered[middle]) / 2)
     guard.rejection_threshold = strict_tau
-    fields = copy.deepcopy(result.manifest_fields)
-    fields["threshold"]["tau"] = strict_tau
+    fields = threshold_at(copy.deepcopy(result.manifest_fields), strict_tau, offline.score)
     save_bundle(root / "strict", guard, spec, fields)
     return Tiny(root / "bundle", root / "strict", strict_tau, files, offline.score, offline.label, offline.confidence)
 
@@ -851,8 +850,11 @@ def test_api_keys_are_enforced_and_health_probes_stay_open(tiny):
         assert client.get("/v1/info").status_code == 401
         assert client.get("/v1/info", headers={"x-api-key": "first-key-0123456789"}).status_code == 200
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
-        assert client.get("/metrics").status_code == 200 and client.get("/docs").status_code == 200
-    with serving(tiny.bundle, api_keys=keys, protect_metrics=True, protect_docs=True) as client:
+        assert client.get("/metrics").status_code == 401  # protect_metrics is on by default
+        assert client.get("/docs").status_code == 200
+    with serving(tiny.bundle, api_keys=keys, protect_metrics=False) as client:  # a network policy guards it instead
+        assert client.get("/metrics").status_code == 200
+    with serving(tiny.bundle, api_keys=keys, protect_docs=True) as client:
         for path in ("/metrics", "/docs", "/openapi.json"):
             assert client.get(path).status_code == 401, path
             assert client.get(path, headers={"x-api-key": "first-key-0123456789"}).status_code == 200, path
@@ -1248,8 +1250,7 @@ def test_a_score_exactly_at_the_threshold_is_served_as_accepted_and_one_ulp_abov
     fields = {key: value for key, value in manifest.model_dump().items()}
     for name, tau in (("at", served), ("above", math.nextafter(served, math.inf))):
         guard.rejection_threshold = tau
-        fields["threshold"] = {**manifest.threshold, "tau": tau}
-        save_bundle(tmp_path / name, guard, spec, fields)
+        save_bundle(tmp_path / name, guard, spec, threshold_at(fields, tau, tiny.scores))
         with serving(tmp_path / name) as client:
             prediction = client.post("/predict", files=multipart([image])).json()["predictions"][0]
         assert prediction["score"] == served
