@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.attacks import ATTACKS, MIN_ASR
+from bench.calibration_draws import draw_operating_points, summarize
 from bench.cifar10 import CACHE, CLASSES, attacks_with_data, reserved_split
 from bench.operating_point import split_test_set
 from bench.train_attacked import PREPROCESSING, model_path, recipe_attack_kwargs, settings_variant, train_backdoored
@@ -48,7 +49,7 @@ from defense.feature_signal import reference_scale
 from defense.feature_fit import activations_and_scores
 from defense.features import INPUT_SUFFIX, ActivationTap
 from defense.models.loading import ModelSpec
-from defense.threshold import calibrate_threshold
+from defense.threshold import calibrate_threshold, conformal_rank
 
 ROOT = CACHE / "bench" / "feature_signal"
 CANDIDATE_STAGES = 8  # every resolution's end: the subsets below are taken from these
@@ -174,6 +175,24 @@ def measure(parts: dict[str, torch.Tensor], names: list[str], attack, test_label
     return {"layers": names, "rules": rows}
 
 
+def calibration_promise(parts: dict[str, torch.Tensor], names: list[str], attack, test_labels: torch.Tensor,
+                        draws: int = 1000, n: int = 400, fpr: float = 0.01) -> dict:
+    """The threshold's promise for the expert's score and the fused one: ``draws`` calibration sets of
+    ``n`` images (the build's D_cal size) drawn from the 5,000-image pool, each tau by the conformal
+    rule, the realized FPR and ASR on the evaluation images (bench.calibration_draws' method)."""
+    sources = test_labels[attack.counted(test_labels)]
+    successful = parts["triggered.label"] == attack.targets(sources)
+    out = {}
+    for rule, subset in (("expert", None), ("fused", layer_subsets(names)["default"])):
+        scores = rule_scores(parts, rule, subset)
+        fprs, asrs, refused = draw_operating_points(scores["pool"], scores["clean"], scores["triggered"], successful,
+                                                    len(sources), n, fpr, "conformal", draws)
+        summary = summarize(fprs, asrs, refused, n, conformal_rank(n, fpr), "conformal", len(scores["clean"]), 0.0)
+        out[rule] = {key: value for key, value in dataclasses.asdict(summary).items()
+                     if key not in ("build_fpr", "build_fpr_percentile")}
+    return out
+
+
 def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: int, training: dict | None = None) -> Path:
     attack = ATTACKS[attack_name]()
     settings = json.loads(json.dumps(dataclasses.asdict(attack)))
@@ -187,7 +206,9 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
     cache = ROOT / "parts" / f"{manifest['bundle_id']}_{key_of(settings, attack_name)}.safetensors"
     parts = score_parts(folder, parts_images, cache)
     _, evaluation = split_test_set(len(data["test_labels"]), seed=model_seed)
-    measured = measure(parts, manifest["feature_signal"]["layers"], attack, data["test_labels"][evaluation])
+    names = manifest["feature_signal"]["layers"]
+    measured = measure(parts, names, attack, data["test_labels"][evaluation])
+    measured["draws"] = calibration_promise(parts, names, attack, data["test_labels"][evaluation])
     asr = measured["rules"]["expert"]["cal"]["asr_without_guard"]  # this attack's trigger, on the evaluation images
     result = {"attack": attack_name, "arch": arch, "model_seed": model_seed, "build_seed": build_seed,
               "bundle_id": manifest["bundle_id"], "build_key": key, "model_asr": asr,
@@ -241,6 +262,22 @@ def rule_means(calibration: str = "cal") -> str:
     return "\n".join(lines)
 
 
+def promise_table() -> str:
+    """Per guard: the realized FPR over calibration draws (mean, share inside the printed range) and
+    the mean ASR at tau, for the expert's score and the fused one."""
+    lines = ["| arch | attack | draws (n) | expert: FPR mean / in range / ASR mean | fused: FPR mean / in range / ASR mean |",
+             "|---|---|---|---|---|"]
+    for path in sorted((ROOT / "results").glob("*.json")):
+        result = json.loads(path.read_text())
+        if not result["counted"] or "draws" not in result:
+            continue
+        cells = [f"{d['fpr_mean']:.2%} / {d['fpr_in_range']:.0%} / {d['asr_mean']:.1%}"
+                 for d in (result["draws"]["expert"], result["draws"]["fused"])]
+        lines.append(f"| {result['arch']} | {result['attack']} | {result['draws']['fused']['draws']} "
+                     f"({result['draws']['fused']['n']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attacks", nargs="*", default=[], choices=sorted(ATTACKS))
@@ -261,6 +298,8 @@ def main() -> None:
         print(table(calibration=args.calibration))
         print()
         print(rule_means(args.calibration))
+        print()
+        print(promise_table())
 
 
 if __name__ == "__main__":
