@@ -54,6 +54,7 @@ from defense.threshold import calibrate_threshold, conformal_rank
 ROOT = CACHE / "bench" / "feature_signal"
 CANDIDATE_STAGES = 8  # every resolution's end: the subsets below are taken from these
 PARTS = ("select", "cal", "pool", "clean", "triggered")
+FEATURE_WEIGHTS = (0.75, 0.5)  # fused@W: the feature anomaly weighted by W (rejected variants, measured)
 
 
 def sha256_file(path: Path) -> str:
@@ -127,9 +128,11 @@ def score_parts(folder: Path, parts: dict[str, torch.Tensor], cache: Path) -> di
     return out
 
 
-def rule_scores(parts: dict[str, torch.Tensor], rule: str, subset: list[int] | None) -> dict[str, torch.Tensor]:
+def rule_scores(parts: dict[str, torch.Tensor], rule: str, subset: list[int] | None,
+                feature_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Each part's decision score under ``rule`` (higher: cleaner), with reference scales from
-    D_select exactly as :func:`defense.feature_signal.fit_feature_detector` sets them."""
+    D_select exactly as :func:`defense.feature_signal.fit_feature_detector` sets them.
+    ``feature_weight`` < 1 makes the feature signal's anomaly count less (a rejected variant)."""
     expert = {name: parts[f"{name}.expert_log"] for name in PARTS}
     if rule == "expert":
         return {name: value.exp() for name, value in expert.items()}
@@ -139,7 +142,7 @@ def rule_scores(parts: dict[str, torch.Tensor], rule: str, subset: list[int] | N
     expert_center, expert_spread = reference_scale(expert["select"], upper=False)
     out = {}
     for name in PARTS:
-        feature_anomaly = (raw[name] - feature_center) / feature_spread
+        feature_anomaly = feature_weight * (raw[name] - feature_center) / feature_spread
         feature_log = expert_center - expert_spread * feature_anomaly
         if rule == "features":
             log_score = feature_log
@@ -161,8 +164,10 @@ def measure(parts: dict[str, torch.Tensor], names: list[str], attack, test_label
     rules = [("expert", None)] + [(f"{rule}:{subset_name}", subset)
                                   for subset_name, subset in layer_subsets(names).items()
                                   for rule in ("features", "fused", "sum")]
+    rules += [(f"fused@{weight}:default", layer_subsets(names)["default"]) for weight in FEATURE_WEIGHTS]
     for name, subset in rules:
-        scores = rule_scores(parts, name.split(":")[0], subset)
+        rule, _, weight = name.split(":")[0].partition("@")
+        scores = rule_scores(parts, rule, subset, float(weight or 1.0))
         row = {}
         for calibration in ("cal", "pool"):
             tau = calibrate_threshold(scores[calibration], fpr).tau

@@ -196,11 +196,12 @@ def fit_feature_detector(fit_activations: list[torch.Tensor], fit_labels: torch.
                               torch.ones(len(layers)), torch.tensor([0.0, 1.0, 0.0, 1.0]), signals)
     distances = staging.layer_log_distances(reference_activations, reference_labels)
     centers, spreads = zip(*(reference_scale(distances[:, i], upper=True) for i in range(len(layers))))
-    staging.layer_center.copy_(torch.tensor(centers))
-    staging.layer_spread.copy_(torch.tensor(spreads))
+    staging.layer_center.copy_(torch.tensor(centers, dtype=torch.float64))
+    staging.layer_spread.copy_(torch.tensor(spreads, dtype=torch.float64))
     feature_center, feature_spread = reference_scale(staging.raw_anomaly(reference_activations, reference_labels), upper=True)
     expert_center, expert_spread = reference_scale(reference_expert_log_scores, upper=False)
-    staging.normalizer.copy_(torch.tensor([feature_center, feature_spread, expert_center, expert_spread]))
+    staging.normalizer.copy_(torch.tensor([feature_center, feature_spread, expert_center, expert_spread],
+                                         dtype=torch.float64))
     return staging
 
 
