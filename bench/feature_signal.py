@@ -67,8 +67,9 @@ def key_of(*items) -> str:
 
 def layer_subsets(layers: list[str], default_stages: int = BuildConfig.feature_stages) -> dict[str, list[int]]:
     """Index subsets of ``layers`` (stage ends in order, then the classifier's input if any)."""
-    stages = [i for i, name in enumerate(layers) if not name.endswith(INPUT_SUFFIX)]
-    head = [i for i, name in enumerate(layers) if name.endswith(INPUT_SUFFIX)]
+    # find_feature_layers puts the classifier's input last; a stage end is never last with a suffix
+    head = [len(layers) - 1] if layers and layers[-1].endswith(INPUT_SUFFIX) else []
+    stages = [i for i in range(len(layers)) if i not in head]
     subsets = {"default": stages[-default_stages:] + head, "stages": stages}
     if head:
         subsets["penultimate"] = head

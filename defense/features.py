@@ -38,20 +38,32 @@ def pooled(activation: torch.Tensor) -> torch.Tensor:
     return activation.flatten(1)
 
 
+def _resolution(value) -> tuple[int, int] | None:
+    """H, W of a 4-D tensor (None for anything else, and for a 1x1 global pool's output)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 4 and tuple(value.shape[2:]) != (1, 1):
+        return tuple(value.shape[2:])
+    return None
+
+
 def find_feature_layers(model: nn.Module, example: torch.Tensor, max_stages: int = 4) -> list[str]:
     """The layers whose activations the feature signal reads, found from one forward of
-    ``example`` (a normalized batch of at least one input). The last ``max_stages`` resolutions'
-    stage ends, then the classifier's input when the model ends in an ``nn.Linear``."""
-    calls: list[tuple[str, tuple[int, ...]]] = []
+    ``example`` (a normalized batch of at least one input): the ends of the last ``max_stages``
+    resolutions, then the classifier's input when the model ends in an ``nn.Linear``.
+
+    A resolution's end is read where the next resolution begins, as the *input* of the outermost
+    module that takes this resolution in and gives the next one out (``stages.1:input`` of a CIFAR
+    ResNet, ``features.4:input`` of a MobileNet): a boundary between blocks, so the serving
+    engines keep fusing what lies inside blocks. The last resolution's end is the last module that
+    outputs it."""
+    calls: list[tuple[str, tuple | None, tuple | None]] = []  # post-order: (name, input resolution, output resolution)
     counts: dict[str, int] = {}
     linear_calls: list[str] = []
     handles = []
 
     def recorder(name: str, module: nn.Module):
-        def hook(_module, _inputs, output):
+        def hook(_module, inputs, output):
             counts[name] = counts.get(name, 0) + 1
-            if isinstance(output, torch.Tensor):
-                calls.append((name, tuple(output.shape)))
+            calls.append((name, _resolution(inputs[0]) if inputs else None, _resolution(output)))
             if isinstance(module, nn.Linear):
                 linear_calls.append(name)
         return hook
@@ -65,13 +77,20 @@ def find_feature_layers(model: nn.Module, example: torch.Tensor, max_stages: int
     finally:
         for handle in handles:
             handle.remove()
+    once = [(name, given, out) for name, given, out in calls if counts[name] == 1]
     last_at_resolution: OrderedDict[tuple[int, int], str] = OrderedDict()
-    for name, shape in calls:
-        if len(shape) == 4 and counts[name] == 1 and shape[2:] != (1, 1):  # 1x1: a global pool, = the classifier's input
-            last_at_resolution.pop(shape[2:], None)  # keep resolutions in the order they end
-            last_at_resolution[shape[2:]] = name
-    stages = list(last_at_resolution.values())[-max_stages:] if max_stages else []
-    layers = [name for name in stages]
+    for name, _, out in once:
+        if out is not None:
+            last_at_resolution.pop(out, None)  # keep resolutions in the order they end
+            last_at_resolution[out] = name
+    resolutions = list(last_at_resolution)
+    ends = []
+    for here, following in zip(resolutions, resolutions[1:]):
+        crossing = [name for name, given, out in once if given == here and out == following]
+        ends.append(crossing[-1] + INPUT_SUFFIX if crossing else last_at_resolution[here])
+    if resolutions:
+        ends.append(last_at_resolution[resolutions[-1]])
+    layers = ends[-max_stages:] if max_stages else []
     if linear_calls and counts[linear_calls[-1]] == 1:
         layers.append(linear_calls[-1] + INPUT_SUFFIX)
     return layers

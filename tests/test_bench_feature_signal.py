@@ -13,7 +13,7 @@ from defense.feature_signal import FeatureDetector
 
 
 def test_layer_subsets_split_stage_ends_from_the_classifiers_input():
-    names = ["a", "b", "c", "d", "e", "fc:input"]
+    names = ["a:input", "b:input", "c", "d", "e", "fc:input"]
     subsets = layer_subsets(names, default_stages=4)
     assert subsets == {"default": [1, 2, 3, 4, 5], "stages": [0, 1, 2, 3, 4], "penultimate": [5], "last2": [4, 5]}
     assert layer_subsets(["a", "b"]) == {"default": [0, 1], "stages": [0, 1]}  # no classifier input: no head subsets

@@ -70,12 +70,29 @@ def test_the_fused_rule_is_the_more_suspect_of_the_two_signals():
 
 def test_the_layers_are_the_stage_ends_and_the_classifiers_input():
     example = torch.randn(2, 3, 32, 32)
+    # each resolution's end is the input of the block that starts the next one: a boundary between blocks
     assert find_feature_layers(create_model("cifar_resnet_compact", 10), example) == [
-        "stages.0", "stages.1", "stages", "linear:input"]
+        "stages.1:input", "stages.2:input", "stages", "linear:input"]
     assert find_feature_layers(create_model("cifar_resnet_compact", 10), example, max_stages=1) == [
         "stages", "linear:input"]
-    # a shared module called twice is never chosen; a global pool (1x1) is the classifier's input already
-    assert find_feature_layers(create_model("tiny_cnn", 10), example) == ["2", "5", "8", "11:input"]
+    # a global pool's 1x1 output is the classifier's input already
+    assert find_feature_layers(create_model("tiny_cnn", 10), example) == ["3:input", "6:input", "8", "11:input"]
+    assert find_feature_layers(create_model("cifar_mobilenet_v2_compact", 10), example)[:2] == [
+        "features.4:input", "features.7:input"]  # between inverted-residual blocks, not inside one
+
+
+def test_a_module_called_twice_is_never_chosen():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+            self.pool, self.head = nn.MaxPool2d(2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.pool(self.act(self.conv(x)))
+            return self.head(self.act(x).mean(dim=(2, 3)))  # self.act runs at two resolutions
+
+    assert find_feature_layers(Shared(), torch.randn(2, 3, 8, 8)) == ["pool:input", "pool", "head:input"]
 
 
 def test_the_tap_keeps_the_pooled_activations_of_the_latest_forward():
