@@ -198,6 +198,8 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
         raise UserError(f"--auxiliary {config.auxiliary}: expected finetune, bcu or a supplied model")
     if config.signals not in SIGNALS:
         raise UserError(f"--signals {config.signals}: expected one of {', '.join(SIGNALS)}")
+    if config.feature_stages < 0:
+        raise UserError(f"--feature-stages {config.feature_stages}: must be 0 (the classifier's input only) or more")
     if (config.auxiliary == "supplied") != (auxiliary_model is not None):
         raise ValueError("pass auxiliary_model exactly when config.auxiliary is 'supplied'")
     started = time.monotonic()

@@ -218,3 +218,17 @@ def test_a_model_without_readable_layers_keeps_the_experts_score_with_a_warning(
     warnings: list[str] = []
     assert add_feature_signal(guard, clean, clean, NUM_CLASSES, BuildConfig(), lambda *_: None, warnings) is None
     assert guard.feature_detector is None and "feature signal is off" in warnings[0]
+
+
+def test_bad_signal_options_are_refused_with_the_option_named():
+    from defense.build import BuildConfig, build_guard
+    from defense.data import ImageSet
+    from defense.errors import UserError
+
+    images, labels = make_images(40, seed=0)
+    clean = ImageSet(images, labels, [], [None] * 40)
+    model = create_model("tiny_cnn", NUM_CLASSES)
+    for config, message in ((BuildConfig(signals="both"), "--signals both"),
+                            (BuildConfig(feature_stages=-1), "--feature-stages -1")):
+        with pytest.raises(UserError, match=message):
+            build_guard(model, clean, PREPROCESSING, NUM_CLASSES, config, log=lambda *_: None)
