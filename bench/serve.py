@@ -36,6 +36,7 @@ from bench.cifar10 import CACHE
 from bench.load import batch_counts, get, json_body, multipart_body, png_bytes, run_load
 from defense.bundle import load_bundle, save_bundle
 from defense.engine import ENGINES, build_engine
+from defense.feature_fit import fit_guard_features
 from defense.guard import Guard
 from defense.models import create_model
 from defense.models.loading import ModelSpec
@@ -80,10 +81,12 @@ SCENARIOS = (
 )
 
 
-def bundle_for(name: str) -> Path:
-    """The bench bundle of a model setup (random weights, tau at the median of random images' scores)."""
+def bundle_for(name: str, signals: str = "fused") -> Path:
+    """The bench bundle of a model setup (random weights, tau at the median of random images' scores);
+    ``signals`` other than "expert": with the feature signal, fitted on random images (the layers and
+    matrix sizes of a real build)."""
     setup = MODELS[name]
-    path = BUNDLES / f"{setup.arch}_{setup.size}"
+    path = BUNDLES / f"{setup.arch}_{setup.size}" if signals == "expert" else BUNDLES / f"{setup.arch}_{setup.size}_{signals}"
     if (path / "manifest.json").exists():
         return path
     torch.manual_seed(0)
@@ -91,6 +94,10 @@ def bundle_for(name: str) -> Path:
                                              "input_size": (setup.size, setup.size)})
     models = [create_model(setup.arch, NUM_CLASSES).eval() for _ in range(3)]
     guard = Guard(*models, preprocessing=preprocessing, rejection_threshold=1.0)
+    if signals != "expert":
+        reference = torch.randint(0, 256, (64, 3, setup.size, setup.size), dtype=torch.uint8,
+                                  generator=torch.Generator().manual_seed(2))
+        fit_guard_features(guard, sample_images(setup, 128), reference, NUM_CLASSES, signals)
     scores = guard.score_batch(sample_images(setup, 32)).score
     guard.rejection_threshold = float(scores.median())
     fields = {"created_at": "2026-01-01T00:00:00+00:00", "class_names": [f"class_{i}" for i in range(NUM_CLASSES)],
@@ -196,9 +203,10 @@ def http_scenarios(port: int, setup: ModelSetup, duration_s: float, scenarios=SC
     return rows
 
 
-def bench_model(name: str, duration_s: float, server_args: list[str], out: Path, log=print) -> dict:
+def bench_model(name: str, duration_s: float, server_args: list[str], out: Path, log=print,
+                signals: str = "fused") -> dict:
     setup = MODELS[name]
-    bundle = bundle_for(name)
+    bundle = bundle_for(name, signals)
     log(f"{name}: in-process timings")
     local = in_process(bundle, setup, duration_s)
     port = free_port()
@@ -268,15 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 0.6 s per scenario, the first model only")
     parser.add_argument("--server-arg", action="append", default=[], help="an extra 'badexpert serve' argument")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for serve.json and serve.md")
+    parser.add_argument("--signals", default="fused", choices=["expert", "fused"],
+                        help="the bundle's signals: fused (the build's default) or the expert's score alone")
     args = parser.parse_args(argv)
     models = args.models or (DEFAULT_MODELS[:1] if args.quick else DEFAULT_MODELS)
     duration = args.duration or (0.6 if args.quick else 6.0)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    results = [bench_model(name, duration, args.server_arg, args.out, log=lambda text: print(text, flush=True))
-               for name in models]
+    results = [bench_model(name, duration, args.server_arg, args.out, log=lambda text: print(text, flush=True),
+                           signals=args.signals) for name in models]
     markdown = table(results)
-    summary = {"machine": machine(), "duration_s": duration, "seconds": round(time.monotonic() - started, 1),
+    summary = {"machine": machine(), "duration_s": duration, "signals": args.signals, "seconds": round(time.monotonic() - started, 1),
                "results": results}
     (args.out / "serve.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out / "serve.md").write_text(markdown)
