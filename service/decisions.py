@@ -34,6 +34,13 @@ def withheld(decisions: Decisions, settings: ServiceSettings) -> list[bool]:
     return [rejected and hide for rejected in decisions.rejected]
 
 
+def attach_signal_parts(decisions: Decisions, scores: GuardScores) -> None:
+    """Keep each signal's score for the answer (the full response policy shows them)."""
+    decisions.expert_scores = scores.expert_score.tolist()
+    if decisions.bundle.guard.feature_detector is not None:
+        decisions.feature_scores = scores.feature_score.tolist()
+
+
 def signal_parts(decisions: Decisions, index: int) -> dict:
     """The image's score per signal: the expert's (paper Eq. 3) and the feature signal's (on the
     same scale; null when the bundle has none). The decision score is the smaller of the two."""

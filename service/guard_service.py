@@ -26,7 +26,7 @@ from defense.device import resolve_device
 from defense.score import GuardScores, rejects
 from service.audit import AuditTrail
 from service.batcher import MicroBatcher, Overloaded, ShuttingDown
-from service.decisions import Decisions, audit_records, predict_answer
+from service.decisions import Decisions, attach_signal_parts, audit_records, predict_answer
 from service.bundle_reload import BundleReloader
 from service.inputs import (MULTIPART, ByteBudget, InputError, Limits, Reservation, body_budget_exhausted,
                             check_content_length, check_media_type, decode_images, media_type, parse_json,
@@ -319,8 +319,9 @@ class GuardService:
             return self.unavailable()
         flagged = rejects(scores.score, bundle.tau).tolist()  # the guard's one rule: a NaN score is flagged
         decisions = Decisions(bundle, scores.label.tolist(), scores.confidence.tolist(), scores.score.tolist(),
-                              flagged, [flag and self.enforce for flag in flagged], scores.expert_score.tolist(),
-                              scores.feature_score.tolist() if bundle.guard.feature_detector is not None else None)
+                              flagged, [flag and self.enforce for flag in flagged])
+        if self.show_scores:  # the signals' parts are answered only with the full response policy
+            attach_signal_parts(decisions, scores)
         candidate = candidate_decisions(lineup, scores)
         if (any(flagged) or (candidate is not None and any(candidate.flagged))) and self.audit.enabled:
             failure = await self._audit(request, bundle, scores, flagged, blobs, images, candidate)
