@@ -56,3 +56,25 @@ def test_a_smaller_feature_weight_lets_the_feature_signal_reject_less():
     center = float(torch.quantile(parts["select.expert_log"], 0.5))
     assert torch.allclose(log_half - center, (log_full - center) / 2)  # half the anomaly, half the distance from the center
     assert not math.isnan(float(log_half.sum()))
+
+
+def test_knn_distance_is_the_kth_nearest_cosine_distance_within_the_label():
+    from bench.feature_statistics import knn_distance
+    fit = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    fit_labels = torch.tensor([0, 0, 0, 1])
+    query, labels = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([0, 1])
+    # label 0: cosine distances 0, 1, 1 - 1/sqrt(2); the 2nd nearest is 1 - 1/sqrt(2)
+    got = knn_distance(query, labels, fit, fit_labels, k=2)
+    assert got[0].item() == pytest.approx(1 - 2 ** -0.5)
+    assert got[1].item() == pytest.approx(2.0)  # label 1 has one fitted row, opposite: its distance
+
+
+def test_ted_rank_counts_the_rows_closer_than_the_nearest_of_the_same_label():
+    from bench.feature_statistics import nearest_same_class_rank
+    fit = torch.tensor([[0.0], [1.0], [2.0], [3.0]])  # standardized by mean 1.5, std 1.29...
+    fit_labels = torch.tensor([0, 0, 1, 1])
+    rank = nearest_same_class_rank(torch.tensor([[0.1], [0.1]]), torch.tensor([0, 1]), fit, fit_labels)
+    scale = float(fit.std())
+    assert math.floor(rank[0].item()) == 0 and math.floor(rank[1].item()) == 2  # two label-0 rows come first
+    d = 1.9 / scale  # the nearest label-1 row, in standardized units
+    assert rank[1].item() == pytest.approx(2 + d / (1 + d))
