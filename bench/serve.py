@@ -181,12 +181,13 @@ def badexpert_command() -> list[str]:
 
 def start_server(bundle: Path, port: int, server_args: list[str], log_path: Path,
                  checkout: Path | None = None) -> subprocess.Popen:
-    """``badexpert serve`` on loopback; ``checkout``: another checkout's code (first on PYTHONPATH)."""
+    """``badexpert serve`` on loopback; ``checkout``: another checkout's code, run from its folder (``-m``
+    puts the working directory before PYTHONPATH) with it on PYTHONPATH."""
     log = open(log_path, "w")
     environment = None if checkout is None else {**os.environ, "PYTHONPATH": str(checkout)}
     process = subprocess.Popen(badexpert_command() + ["serve", str(bundle), "--port", str(port), "--device", "cpu",
                                                       *server_args], stdout=log, stderr=subprocess.STDOUT,
-                               env=environment)
+                               env=environment, cwd=checkout)
     deadline = time.monotonic() + 180
     while True:
         if process.poll() is not None:
