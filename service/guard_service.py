@@ -42,7 +42,7 @@ log = logging.getLogger("badexpert.serve")
 
 LOADING, READY, FAILED, SHUTTING_DOWN = "loading", "ready", "failed", "shutting_down"
 INLINE_PIXELS = 512 * 512  # most pixels (all images of a request) decoded on the event loop of an idle server
-BUSY_INLINE_PIXELS = 128 * 128  # of a busy one: a thread hop costs more than decoding this few (docs/serving.md)
+BUSY_INLINE_PIXELS = 64 * 64  # of a busy one: a thread hop costs more than decoding this few (docs/serving.md)
 
 # (media type, Content-Type header, body, bundle) -> (the encoded images, or b"" each, and (N, 3, H, W) uint8)
 Parse = Callable[[str, str, bytes, ServedBundle], tuple[list[bytes], torch.Tensor]]
