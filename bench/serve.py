@@ -1,20 +1,27 @@
-"""Serving speed (issue 18): the bare model, the guard in-process, and a real ``badexpert serve``
-under HTTP load, in one run, as one Markdown table.
+"""Serving speed (issues 18 and 30): the bare model (eager, and TorchScript frozen and optimized:
+the best bare engine on CPU), the guard in-process, and a real ``badexpert serve`` under HTTP
+load, in three interleaved rounds, as one Markdown table of medians and ranges.
 
     python -m bench.serve                       # compact CIFAR ResNet (32x32) and mobilenet_v3_small (224x224)
-    python -m bench.serve --quick               # smoke run: short scenarios, first model only
+    python -m bench.serve --quick               # smoke run: short scenarios, first model only, one round
+    python -m bench.serve --models compact --before /path/to/old/checkout   # before/after, interleaved
     python -m bench.serve --server-arg=--max-wait-ms=0 --server-arg=--torch-threads=1
 
 Per model: a bundle with random weights (detection quality is irrelevant to speed), written once
-under ``~/.cache/badexpert/bench/serve/``; then in-process timings (bare model: batch-64
-throughput and batch-1 latency; guard: ``Guard.score_batch``), then a ``badexpert serve``
-subprocess on loopback with its defaults (plus ``--device cpu`` and any ``--server-arg``), loaded
-by client threads on keep-alive ``http.client`` connections, one scenario after another, each
-bounded by a duration. Mean batch size comes from the server's ``badexpert_batch_size`` histogram.
+under ``~/.cache/badexpert/bench/serve/``; a ``badexpert serve`` subprocess on loopback with its
+defaults (plus ``--device cpu`` and any ``--server-arg``) and, with ``--before``, a second one run
+from another checkout. Each round times, in this process, the bare model and the guard's engines
+(batch-64 throughput, batch-1 latency, CPU per image), then each HTTP scenario against each server
+in turn, so that a machine's background load hits the bare and the guarded paths alike. The load
+comes from ``wrk`` (:mod:`bench.native_load`, installed by the project's set-up) when it is on the
+PATH, else from Python client threads (:mod:`bench.load`): ``--load-generator``. Mean batch size
+comes from the server's ``badexpert_batch_size`` histogram, its CPU time per image from
+``/proc/PID/stat`` over the measured seconds (:mod:`bench.process_cpu`).
 
-Ratios: an HTTP row's throughput over the bare model's batch-64 throughput, its p50 over the bare
-batch-1 forward; the batching gain is 64-client over 1-client throughput. Outputs:
-``serve.json`` and ``serve.md`` in ``--out`` (default ``~/.cache/badexpert/bench/results/``).
+Ratios are taken within each round, then their median and range: an HTTP row's throughput over the
+bare TorchScript model's batch-64 throughput, its p50 over the bare TorchScript batch-1 forward
+(eager's beside them). Outputs: ``serve.json`` and ``serve.md`` in ``--out`` (default
+``~/.cache/badexpert/bench/results/``); the table is :mod:`bench.serve_table`'s.
 """
 
 from __future__ import annotations
@@ -32,8 +39,12 @@ from pathlib import Path
 
 import torch
 
+from bench.bare_engines import bare_eager, bare_torchscript
 from bench.cifar10 import CACHE
 from bench.load import batch_counts, get, json_body, multipart_body, png_bytes, run_load
+from bench.native_load import run_wrk, wrk_path
+from bench.process_cpu import cpu_seconds
+from bench.serve_table import table
 from defense.bundle import load_bundle, save_bundle
 from defense.engine import ENGINES, build_engine
 from defense.feature_fit import fit_guard_features
@@ -114,42 +125,45 @@ def sample_images(setup: ModelSetup, count: int) -> torch.Tensor:
     return torch.randint(0, 256, (count, 3, setup.size, setup.size), dtype=torch.uint8, generator=generator)
 
 
-def _timed(function, duration_s: float, minimum: int = 3) -> list[float]:
-    times, stop = [], time.perf_counter() + duration_s
+def _timed(function, duration_s: float, minimum: int = 3) -> tuple[list[float], float]:
+    """Each call's wall seconds, and this process's CPU seconds over all of them."""
+    times, stop, cpu = [], time.perf_counter() + duration_s, time.process_time()
     while len(times) < minimum or time.perf_counter() < stop:
         started = time.perf_counter()
         function()
         times.append(time.perf_counter() - started)
-    return times
+    return times, time.process_time() - cpu
 
 
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def in_process(bundle: Path, setup: ModelSetup, duration_s: float) -> dict:
-    """Bare model (normalizer + M), the eager guard and the other engines, batch 64 and batch 1, in this process."""
+def in_process_paths(bundle: Path, setup: ModelSetup) -> list[tuple[str, object]]:
+    """(name, function of a uint8 batch): the bare model eager and TorchScript, the eager guard and
+    the guard's other engines, each warmed up."""
     guard, _ = load_bundle(bundle, "cpu")
     batch, one = sample_images(setup, 64), sample_images(setup, 1)
-
-    @torch.inference_mode()
-    def bare(images):
-        return guard.model(guard.normalizer(images))
-
     checks = [sample_images(setup, 2), sample_images(setup, 1), sample_images(setup, 5)]
     engines = {name: build_engine(guard, name, checks) for name in ENGINES if name != "eager"}
-    for images in (batch, one):  # warm up
-        bare(images)
-        guard.score_batch(images)
-        for engine in engines.values():
-            engine(images)
-    results = {}
-    paths = [("bare", bare), ("guard", guard.score_batch)]
+    paths = [("bare", bare_eager(guard)), ("bare_torchscript", bare_torchscript(guard, batch)),
+             ("guard", guard.score_batch)]
     paths += [(f"guard_{name}", engine) for name, engine in engines.items() if engine.name == name]
+    for _, function in paths:
+        for images in (batch, one, batch, one):  # warm up (TorchScript optimizes on its first calls)
+            function(images)
+    return paths
+
+
+def in_process(paths: list[tuple[str, object]], setup: ModelSetup, duration_s: float) -> dict:
+    """Each path's batch-64 throughput (and CPU ms per image) and batch-1 latency, in this process."""
+    batch, one = sample_images(setup, 64), sample_images(setup, 1)
+    results = {}
     for name, function in paths:
-        big = _median(_timed(lambda: function(batch), duration_s))
-        small = _median(_timed(lambda: function(one), duration_s / 2, minimum=10))
-        results[name] = {"batch64_images_per_s": 64 / big, "batch1_ms": 1000 * small}
+        big, big_cpu = _timed(lambda: function(batch), duration_s)
+        small, _ = _timed(lambda: function(one), duration_s / 2, minimum=10)
+        results[name] = {"batch64_images_per_s": 64 / _median(big), "batch1_ms": 1000 * _median(small),
+                         "batch64_cpu_ms_per_image": 1000 * big_cpu / (64 * len(big))}
     return results
 
 
@@ -165,10 +179,15 @@ def badexpert_command() -> list[str]:
     return [sys.executable, "-m", "badexpert"]
 
 
-def start_server(bundle: Path, port: int, server_args: list[str], log_path: Path) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, server_args: list[str], log_path: Path,
+                 checkout: Path | None = None) -> subprocess.Popen:
+    """``badexpert serve`` on loopback; ``checkout``: another checkout's code, run from its folder (``-m``
+    puts the working directory before PYTHONPATH) with it on PYTHONPATH."""
     log = open(log_path, "w")
+    environment = None if checkout is None else {**os.environ, "PYTHONPATH": str(checkout)}
     process = subprocess.Popen(badexpert_command() + ["serve", str(bundle), "--port", str(port), "--device", "cpu",
-                                                      *server_args], stdout=log, stderr=subprocess.STDOUT)
+                                                      *server_args], stdout=log, stderr=subprocess.STDOUT,
+                               env=environment, cwd=checkout)
     deadline = time.monotonic() + 180
     while True:
         if process.poll() is not None:
@@ -184,83 +203,78 @@ def start_server(bundle: Path, port: int, server_args: list[str], log_path: Path
         time.sleep(0.2)
 
 
-def http_scenarios(port: int, setup: ModelSetup, duration_s: float, scenarios=SCENARIOS) -> list[dict]:
-    images = [png_bytes(image) for image in sample_images(setup, 16)]
-    rows = []
-    for scenario in scenarios:
-        blobs = images[:scenario.images_per_request]
-        body, content_type = (multipart_body if scenario.body == "multipart" else json_body)(blobs)
-        run_load("127.0.0.1", port, body, content_type, scenario.images_per_request, scenario.clients,
-                 min(0.5, duration_s / 4))  # warm the connections and the server's path
-        images_before, forwards_before = batch_counts("127.0.0.1", port)
-        result = run_load("127.0.0.1", port, body, content_type, scenario.images_per_request, scenario.clients,
-                          duration_s)
-        images_after, forwards_after = batch_counts("127.0.0.1", port)
-        forwards = forwards_after - forwards_before
-        rows.append({"scenario": scenario.name, "clients": scenario.clients,
-                     "images_per_request": scenario.images_per_request, "body": scenario.body, **result.summary(),
-                     "mean_batch": round((images_after - images_before) / forwards, 2) if forwards else None})
-    return rows
+def load(port: int, body: bytes, content_type: str, scenario: Scenario, duration_s: float, generator: str) -> dict:
+    """The measured load: LoadResult.summary()'s fields and the generator's name."""
+    if generator == "wrk":
+        return run_wrk("127.0.0.1", port, body, content_type, scenario.images_per_request, scenario.clients,
+                       duration_s)
+    result = run_load("127.0.0.1", port, body, content_type, scenario.images_per_request, scenario.clients,
+                      duration_s)
+    return {**result.summary(), "generator": "python"}
+
+
+def http_scenario(port: int, pid: int, setup: ModelSetup, scenario: Scenario, duration_s: float,
+                  generator: str = "python") -> dict:
+    """One scenario against the server on ``port`` (process ``pid``): a short warm-up, then the
+    measured load, with the server's mean batch size and CPU milliseconds per answered image."""
+    blobs = [png_bytes(image) for image in sample_images(setup, scenario.images_per_request)]
+    body, content_type = (multipart_body if scenario.body == "multipart" else json_body)(blobs)
+    run_load("127.0.0.1", port, body, content_type, scenario.images_per_request, scenario.clients,
+             min(0.5, duration_s / 4))  # warm the connections and the server's path
+    images_before, forwards_before = batch_counts("127.0.0.1", port)
+    cpu_before = cpu_seconds(pid)
+    result = load(port, body, content_type, scenario, duration_s, generator)
+    cpu_after = cpu_seconds(pid)
+    images_after, forwards_after = batch_counts("127.0.0.1", port)
+    forwards = forwards_after - forwards_before
+    cpu_ms = None
+    if cpu_before is not None and cpu_after is not None and result["images"]:
+        cpu_ms = round(1000 * (cpu_after - cpu_before) / result["images"], 3)
+    return {"scenario": scenario.name, "clients": scenario.clients, "images_per_request": scenario.images_per_request,
+            "body": scenario.body, **result, "server_cpu_ms_per_image": cpu_ms,
+            "mean_batch": round((images_after - images_before) / forwards, 2) if forwards else None}
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def bench_model(name: str, duration_s: float, server_args: list[str], out: Path, log=print,
-                signals: str = "fused") -> dict:
+                signals: str = "fused", rounds: int = 3, generator: str = "python",
+                before: Path | None = None) -> dict:
+    """``rounds`` interleaved rounds of every in-process path and every HTTP scenario, against this
+    checkout's server ("after") and, with ``before``, one run from that checkout."""
     setup = MODELS[name]
     bundle = bundle_for(name, signals)
-    log(f"{name}: in-process timings")
-    local = in_process(bundle, setup, duration_s)
-    port = free_port()
-    log(f"{name}: starting badexpert serve on port {port} {' '.join(server_args)}")
-    process = start_server(bundle, port, server_args, out / f"serve-{name}.log")
+    log(f"{name}: preparing the in-process paths (bare eager and TorchScript, the guard's engines)")
+    paths = in_process_paths(bundle, setup)
+    servers: dict[str, tuple[int, subprocess.Popen]] = {}
     try:
-        info = json.loads(get("127.0.0.1", port, "/v1/info")[1])
-        rows = []
-        for scenario in SCENARIOS:
-            log(f"{name}: {scenario.name}")
-            rows += http_scenarios(port, setup, duration_s, [scenario])
+        for label, checkout in (("after", None), ("before", before)) if before else (("after", None),):
+            port = free_port()
+            log(f"{name}: starting badexpert serve ({label}) on port {port} {' '.join(server_args)}")
+            servers[label] = port, start_server(bundle, port, server_args, out / f"serve-{name}-{label}.log", checkout)
+        info = json.loads(get("127.0.0.1", servers["after"][0], "/v1/info")[1])
+        measured = []
+        for number in range(1, rounds + 1):
+            log(f"{name}: round {number} of {rounds}: in-process")
+            local = in_process(paths, setup, duration_s)
+            rows = {label: [] for label in servers}
+            for scenario in SCENARIOS:
+                for label, (port, process) in servers.items():
+                    log(f"{name}: round {number}: {scenario.name} ({label}, {generator})")
+                    rows[label].append(http_scenario(port, process.pid, setup, scenario, duration_s, generator))
+            measured.append({"in_process": local, "http": rows})
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    return {"model": name, "arch": setup.arch, "input_size": setup.size, "in_process": local, "http": rows,
-            "batching": info.get("batching"), "server_args": server_args}
-
-
-def table(results: list[dict]) -> str:
-    lines = ["| model | path | img/s | vs bare b64 | p50 ms | p99 ms | p50 / bare b1 | mean batch | statuses |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for result in results:
-        bare, guard = result["in_process"]["bare"], result["in_process"]["guard"]
-        reference, single = bare["batch64_images_per_s"], bare["batch1_ms"]
-        model = f"{result['arch']} {result['input_size']}px"
-        lines.append(f"| {model} | bare model in-process, batch 64 | {reference:,.0f} | 1.00 | | | | 64 | |")
-        lines.append(f"| {model} | bare model in-process, batch 1 | {1000 / single:,.0f} | {1000 / single / reference:.2f} "
-                     f"| {single:.2f} | | 1.0 | 1 | |")
-        lines.append(f"| {model} | guard in-process, batch 64 | {guard['batch64_images_per_s']:,.0f} | "
-                     f"{guard['batch64_images_per_s'] / reference:.2f} | | | | 64 | |")
-        lines.append(f"| {model} | guard in-process, batch 1 | {1000 / guard['batch1_ms']:,.0f} | "
-                     f"{1000 / guard['batch1_ms'] / reference:.2f} | {guard['batch1_ms']:.2f} | | "
-                     f"{guard['batch1_ms'] / single:.1f} | 1 | |")
-        for engine in ENGINES:
-            timing = result["in_process"].get(f"guard_{engine}")
-            if timing is not None:
-                lines.append(f"| {model} | guard in-process, {engine} engine, batch 64 / batch 1 | "
-                             f"{timing['batch64_images_per_s']:,.0f} | {timing['batch64_images_per_s'] / reference:.2f} | "
-                             f"{timing['batch1_ms']:.2f} | | {timing['batch1_ms'] / single:.1f} | 64 / 1 | |")
-        for row in result["http"]:
-            statuses = ", ".join(f"{code}: {count}" for code, count in sorted(row["statuses"].items()))
-            lines.append(f"| {model} | {row['scenario']} | {row['images_per_s']:,.0f} | "
-                         f"{row['images_per_s'] / reference:.3f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
-                         f"{row['p50_ms'] / single:.1f} | {row['mean_batch'] or 0:.1f} | {statuses} |")
-        by_name = {row["scenario"]: row for row in result["http"]}
-        one, many = by_name.get(SCENARIOS[0].name), by_name.get(SCENARIOS[2].name)
-        if one and many and one["images_per_s"]:
-            result["batching_gain_64_vs_1"] = many["images_per_s"] / one["images_per_s"]
-            lines.append(f"| {model} | batching gain (64 clients / 1 client) | {result['batching_gain_64_vs_1']:.2f}x "
-                         "| | | | | | |")
-    return "\n".join(lines) + "\n"
+        for _, process in servers.values():
+            _stop(process)
+    return {"model": name, "arch": setup.arch, "input_size": setup.size, "rounds": measured,
+            "batching": info.get("batching"), "server_args": server_args, "generator": generator,
+            "before": str(before) if before else None}
 
 
 def machine() -> dict:
@@ -272,22 +286,32 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help=f"default: {' '.join(DEFAULT_MODELS)}")
-    parser.add_argument("--duration", type=float, help="seconds per scenario (default 6; 0.6 with --quick)")
+    parser.add_argument("--duration", type=float, help="seconds per scenario (default 4; 0.6 with --quick)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 0.6 s per scenario, the first model only")
     parser.add_argument("--server-arg", action="append", default=[], help="an extra 'badexpert serve' argument")
+    parser.add_argument("--before", type=Path, help="another checkout of the project: its server is measured too, "
+                                                    "interleaved with this checkout's (before/after)")
+    parser.add_argument("--load-generator", default="auto", choices=["auto", "wrk", "python"],
+                        help="auto: wrk when it is installed, else Python client threads")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for serve.json and serve.md")
     parser.add_argument("--signals", default="fused", choices=["expert", "fused"],
                         help="the bundle's signals: fused (the build's default) or the expert's score alone")
     args = parser.parse_args(argv)
     models = args.models or (DEFAULT_MODELS[:1] if args.quick else DEFAULT_MODELS)
-    duration = args.duration or (0.6 if args.quick else 6.0)
+    duration = args.duration or (0.6 if args.quick else 4.0)
+    rounds = args.rounds or (1 if args.quick else 3)
+    generator = args.load_generator if args.load_generator != "auto" else ("wrk" if wrk_path() else "python")
+    if generator == "wrk" and wrk_path() is None:
+        parser.error("wrk is not installed (scripts/install-deploy-tools.sh installs it)")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results = [bench_model(name, duration, args.server_arg, args.out, log=lambda text: print(text, flush=True),
-                           signals=args.signals) for name in models]
-    markdown = table(results)
-    summary = {"machine": machine(), "duration_s": duration, "signals": args.signals, "seconds": round(time.monotonic() - started, 1),
-               "results": results}
+                           signals=args.signals, rounds=rounds, generator=generator,
+                           before=args.before.resolve() if args.before else None) for name in models]
+    markdown = table(results, SCENARIOS)
+    summary = {"machine": machine(), "duration_s": duration, "rounds": rounds, "generator": generator,
+               "signals": args.signals, "seconds": round(time.monotonic() - started, 1), "results": results}
     (args.out / "serve.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out / "serve.md").write_text(markdown)
     print(markdown)

@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             if checkout is not None:
                 os.environ["PYTHONPATH"] = checkout
             port = free_port()
-            try:
-                servers[name] = (port, start_server(bundle, port, extra, logs / f"{name}.log"))
+            try:  # from the checkout's folder: `python -m` puts the working directory before PYTHONPATH
+                servers[name] = (port, start_server(bundle, port, extra, logs / f"{name}.log",
+                                                    Path(checkout) if checkout else None))
             finally:
                 os.environ.pop("PYTHONPATH", None)
                 if saved is not None:

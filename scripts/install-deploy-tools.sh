@@ -4,6 +4,8 @@
 #
 #   Debian packages   prometheus (prometheus + promtool), docker-compose (Compose 1.29, Python),
 #                     nginx (nginx -t on the load balancer configuration)
+#   Debian, optional  wrk (bench.serve's native HTTP load generator): installed on its own, and a
+#                     failure only says so (the bench then uses Python client threads)
 #   PyPI, into .venv  kubernetes-validate (Kubernetes JSON schemas, offline),
 #                     dockerfile (BuildKit's own Dockerfile parser), PyYAML; all three are in
 #                     pyproject's test extras too, so `make test` has them already
@@ -59,6 +61,16 @@ if [ ${#missing_apt[@]} -gt 0 ]; then
     fi
 fi
 
+# Optional: wrk, for bench.serve; apt-get as root (or passwordless sudo) only, and never an error.
+if ! command -v wrk > /dev/null; then
+    if [ "$(id -u)" = 0 ]; then WRK_SUDO=""; elif command -v sudo > /dev/null && sudo -n true 2> /dev/null; then WRK_SUDO="sudo -n"; else WRK_SUDO=none; fi
+    if [ "$WRK_SUDO" != none ] && command -v apt-get > /dev/null; then
+        say "apt-get install wrk (optional: bench.serve's load generator)"
+        DEBIAN_FRONTEND=noninteractive $WRK_SUDO apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=120 wrk \
+            > /tmp/install-deploy-tools.wrk.log 2>&1 || say "wrk not installed (log: /tmp/install-deploy-tools.wrk.log): bench.serve uses Python client threads"
+    fi
+fi
+
 # Python tools go into the project's virtual environment (the one `make test` uses and creates).
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
@@ -72,7 +84,7 @@ fi
 report() { if command -v "$1" > /dev/null || [ -x "$SBIN/$1" ]; then echo "yes"; else echo "MISSING"; fi; }
 python_tools=$("$VENV/bin/python" -c 'import yaml, kubernetes_validate, dockerfile; print("yes")' 2> /dev/null || echo MISSING)
 summary="promtool $(report promtool), prometheus $(report prometheus), docker-compose $(report docker-compose), nginx $(report nginx), python tools $python_tools"
-say "$summary"
+say "$summary; optional: wrk $(report wrk)"
 case "$summary" in
     *MISSING*)
         say "the deployment tests that need the MISSING tools will skip: as root, run"

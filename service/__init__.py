@@ -11,6 +11,8 @@ The ``badexpert serve`` command that starts it is :mod:`badexpert.serve`.
 - :mod:`service.shadow`   a candidate bundle in shadow beside the live one
 - :mod:`service.decisions` one request's decisions and the ``/predict`` answer
 - :mod:`service.middleware` request ids, status counts, API keys
+- :mod:`service.predict_route` the lean ``POST /predict`` path (no router or endpoint wrapper per request)
+- :mod:`service.http_protocol` uvicorn's h11 protocol with JSON 400s, a header timeout, coalesced writes
 - :mod:`service.inputs`   reading one request's images (multipart or JSON base64), with limits
 - :mod:`service.batcher`  the micro-batcher that coalesces concurrent requests for the device
 - :mod:`service.metrics`  Prometheus metrics on a per-app registry

@@ -23,6 +23,7 @@ from service.admin import add_admin_routes, admin_paths
 from service.guard_service import FAILED, READY, GuardService
 from service.inputs import InputError, capped
 from service.middleware import ApiKeyMiddleware, ObservabilityMiddleware, metrics_keys, protected_paths
+from service.predict_route import LeanPredictMiddleware
 from service.schemas import (ErrorResponse, HealthResponse, InfoResponse, PredictJSONRequest, PredictResponse,
                              ReadyResponse)
 from service.settings import ServiceSettings
@@ -65,6 +66,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                               "score falls below the bundle's threshold are flagged and, in enforce mode, rejected.")
     app.state.service = service
     app.state.settings = settings
+    app.add_middleware(LeanPredictMiddleware, predict=service.predict)  # first added: innermost, inside the keys
     if settings.api_key_list:
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list,
                            protected=protected_paths(settings) | v2_paths(settings))

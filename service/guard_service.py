@@ -29,8 +29,8 @@ from service.batcher import MicroBatcher, Overloaded, ShuttingDown
 from service.decisions import Decisions, attach_signal_parts, audit_records, predict_answer
 from service.bundle_reload import BundleReloader
 from service.inputs import (MULTIPART, ByteBudget, InputError, Limits, Reservation, body_budget_exhausted,
-                            check_content_length, check_media_type, decode_images, media_type, parse_json,
-                            parse_multipart, pixels_within, read_body)
+                            check_content_length, check_media_type, decode_images, media_type,
+                            parse_json, parse_multipart, pixels_within, read_body_within)
 from service.metrics import ServiceMetrics
 from service.monitoring import LiveMonitoring, follow_lineup, record_request
 from service.served_bundle import ServedBundle, load_served_bundle
@@ -42,6 +42,7 @@ log = logging.getLogger("badexpert.serve")
 
 LOADING, READY, FAILED, SHUTTING_DOWN = "loading", "ready", "failed", "shutting_down"
 INLINE_PIXELS = 512 * 512  # most pixels (all images of a request) decoded on the event loop of an idle server
+BUSY_INLINE_PIXELS = 64 * 64  # of a busy one: a thread hop costs more than decoding this few (docs/serving.md)
 
 # (media type, Content-Type header, body, bundle) -> (the encoded images, or b"" each, and (N, 3, H, W) uint8)
 Parse = Callable[[str, str, bytes, ServedBundle], tuple[list[bytes], torch.Tensor]]
@@ -212,11 +213,11 @@ class GuardService:
     # ----- one request ---------------------------------------------------------------------------
 
     def prepare(self, kind: str, content_type: str, body: bytes, bundle: ServedBundle | None = None,
-                inline: bool = False) -> tuple[list[bytes], torch.Tensor] | None:
+                inline: int = 0) -> tuple[list[bytes], torch.Tensor] | None:
         """Blocking (decode thread): the /predict request's image bytes and their (N, 3, H, W) uint8 tensor.
-        ``inline`` (on the event loop): None instead when the headers say more than INLINE_PIXELS."""
+        ``inline`` pixels (on the event loop): None instead when the headers say more than that."""
         blobs = parse_multipart(content_type, body, self.limits) if kind == MULTIPART else parse_json(body, self.limits)
-        if inline and not pixels_within(blobs, INLINE_PIXELS, self.limits.formats):
+        if inline and not pixels_within(blobs, inline, self.limits.formats):
             return None
         preprocessing = (bundle or self.live).guard.preprocessing
         return blobs, decode_images(preprocessing, blobs, self.limits.max_pixels, self.limits.formats)
@@ -260,8 +261,8 @@ class GuardService:
         """One image request on any endpoint: admission, the body within the limits, ``parse`` in a decode
         thread (body -> image bytes and uint8 tensor, through service.inputs), the batcher, the audit
         trail, metrics; ``answer`` formats the decisions. The request keeps the bundle it starts on.
-        ``inline``: ``parse`` takes ``inline=True`` and may then decode a small body of an idle server on
-        the event loop (it returns None when the images are too large for that)."""
+        ``inline``: ``parse`` takes ``inline=PIXELS`` and may then decode a small body on the event loop
+        (it returns None when the images hold more pixels than that)."""
         problem = self.readiness_problem()
         if problem is not None:
             return self.unavailable(problem)
@@ -290,9 +291,8 @@ class GuardService:
                         parse: Parse, answer: Callable[[Decisions], Response], inline: bool) -> Response:
         bundle = lineup.live
         try:
-            body = await asyncio.wait_for(
-                read_body(request, self.limits, self.body_budget, reservation, self._retry_after),
-                self.settings.body_timeout_s)
+            body = await read_body_within(self.settings.body_timeout_s, request, self.limits, self.body_budget,
+                                          reservation, self._retry_after)
         except (asyncio.TimeoutError, TimeoutError):
             raise InputError(408, "body_timeout", f"the request body did not arrive within "
                              f"{self.settings.body_timeout_s:g} s")
@@ -300,8 +300,8 @@ class GuardService:
         if full is not None:
             return self.overloaded(full)
         content_type, prepared = request.headers.get("content-type", ""), None
-        if inline and len(body) <= self.settings.inline_decode_bytes and self.decode_backlog == 0 and self.batcher.idle:
-            prepared = parse(kind, content_type, body, bundle, inline=True)  # idle server, small images: no thread hop
+        if inline and len(body) <= self.settings.inline_decode_bytes and self.decode_backlog == 0:  # no thread hop
+            prepared = parse(kind, content_type, body, bundle, inline=INLINE_PIXELS if self.batcher.idle else BUSY_INLINE_PIXELS)
         if prepared is None:
             self.decode_backlog += 1
             try:

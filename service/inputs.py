@@ -8,6 +8,7 @@ reading), and the images are kept as bytes: they are decoded by :func:`decode_im
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -123,6 +124,15 @@ def check_content_length(request: Request, limits: Limits) -> int | None:
 def body_budget_exhausted(retry_after: dict[str, str]) -> InputError:
     return InputError(503, "overloaded", "the server holds as many request bytes as it may; retry shortly",
                       headers=retry_after)
+
+
+async def read_body_within(seconds: float, *args) -> bytes:
+    """:func:`read_body` (same arguments), TimeoutError past ``seconds``; asyncio.timeout (3.11+) is a
+    timer, where wait_for makes a task per request."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await read_body(*args)
+    return await asyncio.wait_for(read_body(*args), seconds)
 
 
 async def read_body(request: Request, limits: Limits, budget: ByteBudget, reservation: Reservation,

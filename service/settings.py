@@ -35,9 +35,10 @@ class ServiceSettings(BaseSettings):
     quarantine_dir: Path | None = Field(None, description="folder keeping the bytes of flagged inputs, named by their sha256")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503")
     decode_threads: int = Field(2, ge=1, description="threads decoding images (Pillow) off the event loop")
-    inline_decode_bytes: int = Field(65536, ge=0, description="on an idle server (nothing queued, decoding or "
-                                     "running), a body up to this size is decoded on the event loop, without a thread "
-                                     "hop (0: always in the decode threads)")
+    inline_decode_bytes: int = Field(65536, ge=0, description="a body up to this size, with no other request "
+                                     "decoding, is decoded on the event loop without a thread hop: up to 512x512 "
+                                     "pixels in all on an idle server (nothing queued or running), 64x64 on a busy "
+                                     "one (0: always in the decode threads)")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads for large batches (default: torch's choice)")
     small_batch_size: int = Field(8, ge=0, description="batches of up to this many images run on small_batch_threads "
                                   "torch threads (0: every batch on torch_threads)")
