@@ -58,6 +58,9 @@ def write_markdown(path: Path, report: dict) -> None:
                   "| signal | AUROC | clean rejected at tau | triggered rejected at tau |", "|---|---|---|---|"]
         lines += [f"| {name} | {_percent(f['auroc'], 2)} | {_percent(f['fpr_at_tau'], 2)}% | {_percent(f['tpr_at_tau'], 1)}% |"
                   for name, f in report["signals"].items()]
+    if report.get("self_test"):
+        lines += ["", f"Build self-test: {report['self_test']['summary']}. What it promises: "
+                      f"{report['self_test']['promise']}."]
     for warning in report["warnings"]:
         lines.append(f"\n**Warning:** {warning}")
     lines += ["", "## Plots", ""]
@@ -99,3 +102,4 @@ def metric_lines(metric_report: dict) -> list[str]:
         interval = "" if bounds is None else f"  [{bounds[0]}, {bounds[1]}]"
         lines.append(f"  {label:34s} {value:>8s}{interval}")
     return lines
+
