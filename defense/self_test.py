@@ -116,16 +116,19 @@ class SelfTest:
         height, width = fit.images.shape[-2:]
         self.canaries = draw_canaries(num_classes, height, width, config.canary_seed)
         log(f"self-test: implanting {len(self.canaries)} canary backdoors in a copy of M")
+        started = time.monotonic()
         self.copy, self.implant = implant_canaries(model, self.canaries, fit.images, fit.labels, select.images,
                                                    select.labels, self.normalizer, device=config.device,
                                                    seed=config.seed, progress=config.progress)
         log(f"  canaried copy: canary success on D_select {', '.join(f'{s:.0%}' for s in self.implant['asr_on_selection'])}, "
             f"clean accuracy {self.implant['clean_accuracy']:.3f} (M: {self.implant['model_accuracy']:.3f})")
-        self.auxiliary_lr = auxiliary_lr
+        self.implant["seconds"] = round(time.monotonic() - started, 2)
+        self.auxiliary_lr, started = auxiliary_lr, time.monotonic()
         self.auxiliary = clean_finetune(self.copy, fit.images, fit.labels, self.normalizer, auxiliary_lr,
                                         config.finetune_epochs, config.finetune_batch_size, config.finetune_milestones,
                                         config.finetune_momentum, config.finetune_weight_decay, config.augment,
                                         config.device, config.seed, config.progress)
+        self.auxiliary_seconds = round(time.monotonic() - started, 2)
 
     def expert(self, model: nn.Module, lr: float) -> nn.Module:
         """``model`` unlearned at ``lr`` exactly as the build's expert is."""
@@ -136,6 +139,7 @@ class SelfTest:
 
     def figures_at(self, lr: float) -> dict:
         """The canary guard's figures with its expert unlearned at ``lr``."""
+        started = time.monotonic()
         guard = Guard(self.copy, self.expert(self.copy, lr), self.auxiliary, self.preprocessing,
                       rejection_threshold=math.nan, alpha=self.config.alpha, device=torch.device(self.config.device))
         signals = "expert"
@@ -148,15 +152,16 @@ class SelfTest:
                 guard.set_feature_detector(None)
         figures = canary_figures(guard, self.canaries, self.select, self.config)
         guard.set_feature_detector(None)
-        return {"lr": lr, "signals": signals, **figures}
+        return {"lr": lr, "signals": signals, **figures, "seconds": round(time.monotonic() - started, 2)}
 
     def record(self, figures: dict, mode: str) -> dict:
         """The manifest's ``self_test`` section (no canary pattern: only its hash)."""
         canaries = [{**canary.describe(), **measured} for canary, measured in zip(self.canaries, figures["canaries"])]
         return {"mode": mode, "auroc": figures["auroc"], "pass_rate_at_tau": figures["pass_rate_at_tau"],
                 "tau": figures["tau"], "signals": figures["signals"], "unlearning_lr": figures["lr"],
-                "auxiliary_lr": self.auxiliary_lr, "measured_on": f"D_select ({len(self.select)} clean images and "
-                "their canary-triggered copies from non-target classes)", "canaries": canaries,
+                "auxiliary_lr": self.auxiliary_lr, "auxiliary_seconds": self.auxiliary_seconds,
+                "measured_on": f"D_select ({len(self.select)} clean images and their canary-triggered copies from "
+                               "non-target classes)", "canaries": canaries,
                 "copy": self.implant, "seeded": self.config.canary_seed is not None, "promise": PROMISE}
 
 
