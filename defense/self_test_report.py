@@ -29,9 +29,11 @@ def self_test_lines(self_test: dict | None) -> list[str]:
     if not self_test:
         return ["  self-test: off"]
     lines = [f"  self-test: {self_test_sentence(self_test)}"]
-    if self_test.get("mode") == "choose":
+    if self_test.get("mode") == "choose" and self_test["chosen_lr"] != self_test["rule_lr"]:
         lines.append(f"    unlearning lr {self_test['chosen_lr']:g} chosen by the canary (the accuracy rule's: "
                      f"{self_test['rule_lr']:g})")
+    elif self_test.get("mode") == "choose":
+        lines.append(f"    the canary kept the accuracy rule's unlearning lr {self_test['rule_lr']:g}")
     lines.append(f"    ({self_test['promise']})")
     return lines
 
