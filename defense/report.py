@@ -102,4 +102,3 @@ def metric_lines(metric_report: dict) -> list[str]:
         interval = "" if bounds is None else f"  [{bounds[0]}, {bounds[1]}]"
         lines.append(f"  {label:34s} {value:>8s}{interval}")
     return lines
-
