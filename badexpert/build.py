@@ -136,6 +136,14 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     signals.add_argument("--feature-stages", type=int, default=defaults.feature_stages, metavar="N",
                          help="the feature signal reads the ends of M's last N resolutions and the classifier's "
                               "input (default %(default)s)")
+    self_test = parser.add_argument_group("self-test (docs/method.md, section 9)")
+    self_test.add_argument("--self-test", choices=["off", "report", "choose"], default=defaults.self_test,
+                           help="report: implant secret canary backdoors in a copy of the model, run the guard procedure "
+                                "on it and report how well it catches them (AUROC, share passing at tau); choose: also "
+                                "pick the unlearning rate that catches them best; off: neither (default %(default)s)")
+    self_test.add_argument("--canary-seed", type=int, default=None, metavar="N",
+                           help="draw the canaries from this seed instead of at random (a reproducible build; anyone "
+                                "who knows N knows the canaries)")
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default %(default)s: CUDA when present)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -183,5 +191,6 @@ def print_build_summary(manifest, out: Path) -> None:
     else:
         print("  signals: expert (the feature signal is off)")
     print_threshold(manifest)
+    common.print_self_test(manifest)
     print(f"  build took {manifest.build_seconds:.0f} s")
     print(f"next: badexpert serve {out}")

@@ -66,3 +66,11 @@ def print_threshold(manifest) -> None:
     print(f"  threshold {threshold.describe()}")
     for warning in getattr(manifest, "warnings", None) or []:
         print(f"  warning: {warning}")
+
+
+def print_self_test(manifest) -> None:
+    """The build's canary self-test, as the summary and ``evaluate`` print it (``self-test: off`` without one)."""
+    from defense.self_test_report import self_test_lines
+
+    for line in self_test_lines((manifest.model_extra or {}).get("self_test")):
+        print(line)

@@ -66,5 +66,8 @@ def run_evaluate(args) -> int:
         log(line)
     for line in signal_lines(report.document["signals"]):
         log(line)
+    if report.document.get("self_test"):
+        log(f"  the build's self-test: {report.document['self_test']['summary']}")
+        log(f"    ({report.document['self_test']['promise']})")
     print(f"report written to {args.report}/ (report.md, report.json, {', '.join(report.document['plots'].values())})")
     return 0

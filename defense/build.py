@@ -31,6 +31,7 @@ from defense.guard import Guard
 from defense.preprocessing import Preprocessing
 from defense.calibrate import calibration_record, image_record, require_finite, score_batches
 from defense.rates import all_finite, choose_finetuning_rate, choose_unlearning_rate
+from defense.self_test import run_self_test
 from defense.threshold import calibrate_threshold
 
 # Fewer clean images than this earn a warning (BENCHMARKS.md, reserved-set size).
@@ -84,6 +85,10 @@ class BuildConfig:
     # (M's hidden activations alone) or "fused" (the more suspect of the two; BENCHMARKS.md, "A second signal").
     signals: str = "fused"
     feature_stages: int = 4  # the feature signal reads the ends of M's last this-many resolutions, and the classifier's input
+    # The canary self-test (defense/self_test.py): "off", "report" (measure the guard procedure on canary
+    # backdoors implanted in a copy of M) or "choose" (also pick the unlearning rate by the canary).
+    self_test: str = "report"
+    canary_seed: int | None = None  # None: the canaries are drawn at random (secrets), so nobody can know them
     device: str = "cpu"
     progress: bool = True
 
@@ -198,6 +203,8 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
         raise UserError(f"--auxiliary {config.auxiliary}: expected finetune, bcu or a supplied model")
     if config.signals not in SIGNALS:
         raise UserError(f"--signals {config.signals}: expected one of {', '.join(SIGNALS)}")
+    if config.self_test not in ("off", "report", "choose"):
+        raise UserError(f"--self-test {config.self_test}: expected off, report or choose")
     if config.feature_stages < 0:
         raise UserError(f"--feature-stages {config.feature_stages}: must be 0 (the classifier's input only) or more")
     if (config.auxiliary == "supplied") != (auxiliary_model is not None):
@@ -244,6 +251,11 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
                                                    model_accuracy, config, log)
     auxiliary, auxiliary_record = make_auxiliary(model, auxiliary_model, fit, select, normalizer, model_accuracy,
                                                  config, log)
+    self_test_record = None
+    if config.self_test != "off":
+        expert, expert_record, self_test_record = run_self_test(
+            model, expert, expert_record, auxiliary_record, fit, select, num_classes, preprocessing, model_accuracy,
+            config, log, warnings)
     warnings += [r["warning"] for r in (expert_record, auxiliary_record) if "warning" in r]
 
     guard = Guard(model, expert, auxiliary, preprocessing, rejection_threshold=math.nan, alpha=config.alpha,
@@ -287,6 +299,7 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
         "backdoor_expert": expert_record,
         "auxiliary_model": auxiliary_record,
         **({"feature_signal": feature_record} if feature_record else {}),
+        **({"self_test": self_test_record} if self_test_record else {}),
         "settings": settings,
         "seed": config.seed,
         "warnings": warnings,

@@ -32,7 +32,8 @@ SET_BY_BUILD = ("labels", "auxiliary", "device", "progress")
 # for Python callers: in (0, 1), in (0, 1], one of a few words.
 FRACTIONS = ("calibration_fraction", "selection_fraction", "fpr", "threshold_delta", "unlearn_target_ratio",
              "finetune_recover_ratio", "min_early_dip", "pseudo_label_agreement_goal")
-CHOICES = {"threshold_rule": ("conformal", "ucb"), "expert_labels": ("shift", "derangement")}
+CHOICES = {"threshold_rule": ("conformal", "ucb"), "expert_labels": ("shift", "derangement"),
+           "self_test": ("off", "report", "choose")}
 
 
 def build_config(options: dict, *, labels: bool, auxiliary: str, device: str, progress: bool) -> BuildConfig:
@@ -65,6 +66,9 @@ def check_settings(config: BuildConfig) -> None:
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             raise UserError(f"--{name.replace('_', '-')}: expected {' or '.join(choices)}, got {getattr(config, name)!r}")
+    if config.self_test == "choose" and config.unlearn_lr is not None:
+        raise UserError(f"--self-test choose: chooses the unlearning rate, so it cannot be combined with "
+                        f"--unlearn-lr {config.unlearn_lr:g}; use --self-test report to measure a fixed rate")
     if any(not 0.0 <= p <= 1.0 for p in config.bcu_reinit_probabilities):
         raise UserError(f"--bcu-reinit-probabilities: each must be in [0, 1], got {list(config.bcu_reinit_probabilities)}")
     check_bcu_settings(config)

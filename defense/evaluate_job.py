@@ -26,6 +26,7 @@ from defense.evaluation_inputs import check_clean_folder, resolve_target_class, 
 from defense.guard import Guard
 from defense.image_inputs import labeled_image_set
 from defense.report import json_number, write_report
+from defense.self_test_report import self_test_summary
 from defense.score import rejects
 
 
@@ -163,6 +164,7 @@ def evaluate_guard(guard: Guard, bundle: dict, clean, triggered, *, target_class
             for population, scores in (("clean_correct", auroc_clean), ("triggered_successful", auroc_triggered))
             if len(scores)
         },
+        "self_test": self_test_summary(bundle.get("self_test")),
         "plots": plots,
         "warnings": warnings,
         "device": guard.device.type,

@@ -213,7 +213,8 @@ class Bundle:
 
         described = {"path": self.path, "bundle_id": self.bundle_id, "class_names": self.class_names,
                      "architecture": self.fields.get("architecture", {}).get("name", self.spec.name),
-                     "target_fpr": self.fields["target_fpr"], "threshold": self.fields["threshold"]}
+                     "target_fpr": self.fields["target_fpr"], "threshold": self.fields["threshold"],
+                     "self_test": self.fields.get("self_test")}
         return evaluate_guard(self.guard, described, clean, triggered, target_class=target_class,
                               bootstrap=bootstrap, report_dir=report_dir, progress=progress, log=log)
 

@@ -58,6 +58,9 @@ def write_markdown(path: Path, report: dict) -> None:
                   "| signal | AUROC | clean rejected at tau | triggered rejected at tau |", "|---|---|---|---|"]
         lines += [f"| {name} | {_percent(f['auroc'], 2)} | {_percent(f['fpr_at_tau'], 2)}% | {_percent(f['tpr_at_tau'], 1)}% |"
                   for name, f in report["signals"].items()]
+    if report.get("self_test"):
+        lines += ["", f"Build self-test: {report['self_test']['summary']}. What it promises: "
+                      f"{report['self_test']['promise']}."]
     for warning in report["warnings"]:
         lines.append(f"\n**Warning:** {warning}")
     lines += ["", "## Plots", ""]

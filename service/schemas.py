@@ -77,6 +77,9 @@ class InfoResponse(BaseModel):
     response_policy: Literal["full", "decision_only"] = "full"
     signals: dict | None = Field(None, description="what decides: 'rule' (expert, features or fused) and the feature "
                                                    "layers (absent with the decision_only response policy)")
+    self_test: dict | None = Field(None, description="the build's canary self-test: AUROC and the share of canary-"
+                                                     "triggered inputs that pass at tau, on canary backdoors implanted "
+                                                     "in a copy of the model, with what that promises (null: none)")
     versions: dict = Field(description="'bundle': the versions that built the bundle; 'server': the versions serving it")
 
 

@@ -21,6 +21,7 @@ from defense.bundle import load_bundle, package_versions
 from defense.engine import GuardEngine, build_engine
 from defense.guard import Guard
 from defense.manifest import Manifest
+from defense.self_test_report import self_test_summary
 from defense.score import GuardScores
 from service.inputs import Limits, decode_images
 from service.schemas import InfoResponse
@@ -133,6 +134,7 @@ def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manif
                   "torch_threads": [settings.small_batch_threads, torch.get_num_threads()]},
         versions={"bundle": manifest.versions, "server": package_versions()},
         response_policy=settings.response_policy, signals=signals_info(manifest),
+        self_test=self_test_summary((manifest.model_extra or {}).get("self_test")),
     ).model_dump()
     if settings.response_policy != "full":  # decision_only: nothing that locates the threshold
         for name in ("alpha", "threshold", "calibration", "signals"):

@@ -159,3 +159,12 @@ def test_expert_labels_derangement_is_drawn_at_random_or_from_its_seed_and_recor
     load_bundle(tmp_path / "deranged")  # the manifest with the new fields verifies and loads
     drawn = json.loads((tmp_path / "random" / "manifest.json").read_text())["backdoor_expert"]["wrong_label_of"]
     assert sorted(drawn) == list(range(NUM_CLASSES)) and all(drawn[c] != c for c in range(NUM_CLASSES))
+
+
+def test_self_test_options_are_named(capsys, tmp_path, weights, clean_dir):
+    for bad in (["--self-test", "maybe"], ["--canary-seed", "x"]):  # argparse's own: exit 2, the option named
+        with pytest.raises(SystemExit) as exit_info:
+            main(build_args(weights, clean_dir, tmp_path / "out", *bad))
+        assert exit_info.value.code == 2 and bad[0] in capsys.readouterr().err
+    err = run_error(capsys, build_args(weights, clean_dir, tmp_path / "out", "--self-test", "choose"))
+    assert "--self-test choose" in err and "--unlearn-lr 0.001" in err

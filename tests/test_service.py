@@ -576,6 +576,8 @@ def test_readiness_before_during_and_after_loading(tiny, tmp_path):
         assert info["class_names"] == CLASS_NAMES and info["input_size"] == [SIZE, SIZE]
         assert info["threshold"] == pytest.approx(float(load_bundle(tiny.bundle)[1].rejection_threshold))
         assert info["target_fpr"] == 0.1 and info["mode"] == "enforce" and "torch" in info["versions"]["server"]
+        assert info["self_test"]["mode"] == "report" and "canary" in info["self_test"]["summary"]
+        assert "does not measure the unknown backdoor" in info["self_test"]["promise"]
         assert client.post("/predict", files=multipart(tiny.files[:1])).status_code == 200
 
     # A bundle whose weights do not match their hashes never becomes ready.

@@ -1,0 +1,192 @@
+"""The canary self-test, measured: does the canary's figure predict the real attack's, and does
+choosing the unlearning rate by the canary (``--self-test choose``) beat the accuracy rule?
+
+    python -m bench.self_test --attacks badnet blend wanet                        # compact ResNet
+    python -m bench.self_test --attacks badnet blend --arch cifar_lenet
+    python -m bench.self_test --table                                             # Markdown from the JSONs
+
+For each attack's cached model (bench.train_attacked) one build with ``--self-test choose`` (canary
+seed = build seed, so the figures reproduce) on the 2,000 reserved training images, with the build's
+other defaults. Its ``self_test.candidates`` hold the canary's figures at the accuracy rule's rate
+and its neighbours. The real attack is measured on the 5,000 evaluation images at the build's own
+tau: for the chosen guard, and, when the canary chose another rate, for a ``--self-test off``
+build (today's guard, the rule's rate). Results are cached under
+``$BADEXPERT_CACHE/bench/self_test`` keyed by the model file's sha256, the attack's settings, the
+build's settings and the canary's constants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from bench.attacks import ATTACKS, MIN_ASR
+from bench.cifar10 import CACHE, CLASSES, attacks_with_data, reserved_split
+from bench.operating_point import split_test_set
+from bench.train_attacked import PREPROCESSING, model_path, recipe_attack_kwargs, settings_variant, train_backdoored
+from defense import canary as canary_constants
+from defense import self_test as self_test_constants
+from defense.build import BuildConfig, build_guard
+from defense.data import ImageSet
+from defense.evaluation import detection_metrics
+
+ROOT = CACHE / "bench" / "self_test"
+BAR = 0.99  # the table's flag: a canary AUROC below this
+
+
+def key_of(*items) -> str:
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def constants(module) -> dict:
+    return {name: getattr(module, name) for name in dir(module) if name.isupper()}
+
+
+def real_figures(guard, test_images, test_labels, attack) -> dict:
+    """The real attack at the guard's tau on the evaluation images: AUROC, ASR with and without, FPR."""
+    counted = attack.counted(test_labels)
+    sources = test_labels[counted]
+    clean, triggered = guard.score(test_images), guard.score(attack.apply(test_images[counted]))
+    metrics = detection_metrics(guard.rejection_threshold, clean.score, clean.label, test_labels, triggered.score,
+                                triggered.label, sources, attack.targets(sources))
+    return {"auroc": metrics.auroc, "asr_with_guard": metrics.asr_with_guard, "fpr": metrics.fpr,
+            "asr_without_guard": metrics.asr_without_guard, "tau": guard.rejection_threshold}
+
+
+def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: int) -> Path:
+    attack = ATTACKS[attack_name]()
+    model_name = attack.model_attack or attack_name
+    attack_settings = json.loads(json.dumps(dataclasses.asdict(ATTACKS[model_name](**recipe_attack_kwargs(arch, model_name)))))
+    model, info = train_backdoored(model_name, arch, seed=model_seed)
+    weights = model_path(model_name, arch, model_seed, settings_variant(model_name, arch, attack_settings))
+    config = BuildConfig(seed=build_seed, self_test="choose", canary_seed=build_seed, progress=False)
+    key = key_of(hashlib.sha256(weights.read_bytes()).hexdigest(), attack_settings, dataclasses.asdict(config), arch,
+                 constants(canary_constants), constants(self_test_constants))
+    out = ROOT / "results" / f"{attack_name}_{arch}_seed{model_seed}_build{build_seed}_{key}.json"
+    if out.is_file():
+        return out
+    _, reserved = reserved_split(len(data["train_labels"]), seed=model_seed)
+    images, labels = data["train_images"][reserved], data["train_labels"][reserved]
+    clean = ImageSet(images, labels, CLASSES, [Path(f"reserved/{i:05d}.png") for i in range(len(labels))])
+    _, evaluation = split_test_set(len(data["test_labels"]), seed=model_seed)
+    test_images, test_labels = data["test_images"][evaluation], data["test_labels"][evaluation]
+    # CPU seconds: with OMP_NUM_THREADS=1, the build's time on a quiet core (wall time counts pauses)
+    cpu = time.process_time()
+    chosen = build_guard(model, clean, PREPROCESSING, 10, config, log=lambda *_: None)
+    cpu_choose = time.process_time() - cpu
+    fields = chosen.manifest_fields
+    self_test = fields["self_test"]
+    guards = {"choose": {"unlearning_lr": self_test["chosen_lr"], "build_seconds": fields["build_seconds"],
+                         "cpu_seconds": cpu_choose,
+                         **real_figures(chosen.guard, test_images, test_labels, attack)}}
+    if self_test["chosen_lr"] == self_test["rule_lr"]:
+        share = self_test["seconds"] / fields["build_seconds"]  # the self-test's share of the wall time, for both
+        guards["rule"] = {**guards["choose"], "build_seconds": fields["build_seconds"] - self_test["seconds"],
+                          "cpu_seconds": cpu_choose * (1 - share), "cpu_estimated": True}
+    else:
+        cpu = time.process_time()
+        today = build_guard(model, clean, PREPROCESSING, 10, dataclasses.replace(config, self_test="off"),
+                            log=lambda *_: None)
+        guards["rule"] = {"unlearning_lr": self_test["rule_lr"], "build_seconds": today.manifest_fields["build_seconds"],
+                          "cpu_seconds": time.process_time() - cpu,
+                          **real_figures(today.guard, test_images, test_labels, attack)}
+    result = {"attack": attack_name, "arch": arch, "model_seed": model_seed, "build_seed": build_seed, "key": key,
+              "model_clean_accuracy": info["clean_accuracy"], "model_asr": guards["rule"]["asr_without_guard"],
+              "counted": guards["rule"]["asr_without_guard"] >= MIN_ASR, "guards": guards,
+              "self_test": {k: v for k, v in self_test.items() if k != "promise"},
+              "auxiliary_lr": fields["auxiliary_model"]["lr"], "self_test_seconds": self_test["seconds"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return out
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation: Pearson's of the ranks (NaN when either side is constant)."""
+    rx, ry = ranks(x), ranks(y)
+    n = len(x)
+    mx, my = sum(rx) / n, sum(ry) / n
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx, sy = sum((a - mx) ** 2 for a in rx) ** 0.5, sum((b - my) ** 2 for b in ry) ** 0.5
+    return cov / (sx * sy) if sx and sy else float("nan")
+
+
+def candidate_at(result: dict, lr: float) -> dict:
+    return next(c for c in result["self_test"]["candidates"] if c["lr"] == lr)
+
+
+def cost_cell(result: dict) -> str:
+    """CPU seconds of today's build (off), of report (estimated: off plus the implant, the copy's
+    auxiliary and one candidate, at their share of the choose build's wall time) and of choose."""
+    rule, chosen, st = result["guards"]["rule"], result["guards"]["choose"], result["self_test"]
+    if "cpu_seconds" not in chosen:
+        return "n/a (no CPU time recorded)"
+    at_rule = candidate_at(result, st["rule_lr"])
+    share = (st["copy"]["seconds"] + st["auxiliary_seconds"] + at_rule["seconds"]) / chosen["build_seconds"]
+    report = rule["cpu_seconds"] + share * chosen["cpu_seconds"]
+    return f"{rule['cpu_seconds']:.0f} / {report:.0f} / {chosen['cpu_seconds']:.0f}"
+
+
+def table() -> str:
+    results = [json.loads(path.read_text()) for path in sorted((ROOT / "results").glob("*.json"))]
+    results = [r for r in results if r["counted"]]
+    lines = ["| arch | attack | copy: canary ASR / clean acc (M's) | rule lr: canary AUROC / pass | real AUROC / ASR at tau "
+             "| canary's lr: canary AUROC / pass | real AUROC / ASR at tau | build CPU s (off / report / choose) |",
+             "|---|---|---|---|---|---|---|---|"]
+    pairs = []
+    for r in results:
+        st, rule, chosen = r["self_test"], r["guards"]["rule"], r["guards"]["choose"]
+        at_rule = candidate_at(r, st["rule_lr"])
+        copy = st["copy"]
+        pairs.append((at_rule["auroc"], rule["auroc"], rule["asr_with_guard"]))
+        lines.append(
+            f"| {r['arch']} | {r['attack']} | {', '.join(f'{a:.0%}' for a in copy['asr_on_selection'])} / "
+            f"{copy['clean_accuracy']:.1%} ({copy['model_accuracy']:.1%}) | {st['rule_lr']:g}: {100 * at_rule['auroc']:.2f} / "
+            f"{at_rule['pass_rate_at_tau']:.1%} | {100 * rule['auroc']:.2f} / {rule['asr_with_guard']:.1%} | "
+            f"{st['chosen_lr']:g}: {100 * st['auroc']:.2f} / {st['pass_rate_at_tau']:.1%} | {100 * chosen['auroc']:.2f} / "
+            f"{chosen['asr_with_guard']:.1%} | {cost_cell(r)} |")
+    if len(pairs) >= 2:
+        rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+        flagged = [p for p in pairs if p[0] < BAR]
+        leaky = [p for p in pairs if p[2] > 0.10]
+        lines += ["", f"Spearman rank correlation of canary AUROC (at the rule's rate) and real AUROC over {len(pairs)} "
+                      f"guards: {rho:.2f}. Canary AUROC below {BAR}: {len(flagged)} guards, of which "
+                      f"{sum(p[2] > 0.10 for p in flagged)} really let more than 10% through; guards that let more "
+                      f"than 10% through: {len(leaky)}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attacks", nargs="*", default=[], choices=sorted(ATTACKS))
+    parser.add_argument("--arch", default="cifar_resnet_compact")
+    parser.add_argument("--model-seed", type=int, default=0)
+    parser.add_argument("--build-seed", type=int, default=0)
+    parser.add_argument("--table", action="store_true", help="print the Markdown table from the cached results")
+    args = parser.parse_args()
+    for name, data in attacks_with_data(args.attacks):
+        print(f"{name}: {run(name, data, args.arch, args.model_seed, args.build_seed)}", flush=True)
+    if args.table:
+        print(table())
+
+
+if __name__ == "__main__":
+    main()
