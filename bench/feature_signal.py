@@ -109,6 +109,11 @@ def split_parts(data: dict, model_seed: int, build_seed: int, attack) -> dict[st
             "clean": test_images, "triggered": attack.apply(test_images[counted])}
 
 
+def parts_cache(manifest: dict, attack_settings: dict, attack_name: str) -> Path:
+    """Where a guard's scored parts are cached: its bundle id and the inference-time attack's settings."""
+    return ROOT / "parts" / f"{manifest['bundle_id']}_{key_of(attack_settings, attack_name)}.safetensors"
+
+
 def score_parts(folder: Path, parts: dict[str, torch.Tensor], cache: Path) -> dict[str, torch.Tensor]:
     """Per part: label, expert log score, (N, L) log distances; cached as safetensors."""
     if cache.is_file():
@@ -209,8 +214,7 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
                                      training)
     parts_images = split_parts(data, model_seed, build_seed, attack)
     manifest = json.loads((folder / "manifest.json").read_text())
-    cache = ROOT / "parts" / f"{manifest['bundle_id']}_{key_of(settings, attack_name)}.safetensors"
-    parts = score_parts(folder, parts_images, cache)
+    parts = score_parts(folder, parts_images, parts_cache(manifest, settings, attack_name))
     _, evaluation = split_test_set(len(data["test_labels"]), seed=model_seed)
     names = manifest["feature_signal"]["layers"]
     measured = measure(parts, names, attack, data["test_labels"][evaluation])
@@ -284,12 +288,17 @@ def promise_table() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that name a bench guard: which attacks, on which architecture, which model and build seeds."""
     parser.add_argument("--attacks", nargs="*", default=[], choices=sorted(ATTACKS))
     parser.add_argument("--arch", default="cifar_resnet_compact")
     parser.add_argument("--model-seed", type=int, default=0)
     parser.add_argument("--build-seed", type=int, default=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_guard_arguments(parser)
     parser.add_argument("--lr", type=float, help="the attacked model's training rate (default: the architecture's "
                                                   "recipe in bench.train_attacked)")
     parser.add_argument("--poison-rate", type=float, help="the attack's poison rate, where not the recipe's")

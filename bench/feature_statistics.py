@@ -33,7 +33,8 @@ import torch
 
 from bench.attacks import ATTACKS
 from bench.cifar10 import CACHE, attacks_with_data, reserved_split
-from bench.feature_signal import ROOT as SIGNAL_ROOT, build_cached, key_of, layer_subsets, measure, score_parts, split_parts
+from bench.feature_signal import (add_guard_arguments, build_cached, key_of, layer_subsets, measure, parts_cache,
+                                  score_parts, split_parts)
 from bench.operating_point import split_test_set
 from bench.train_attacked import recipe_attack_kwargs
 from defense.build import BuildConfig, stratified_split
@@ -120,7 +121,7 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int = 0, build_seed
     if out.is_file():
         return out
     images = split_parts(data, model_seed, build_seed, attack)
-    expert_parts = score_parts(folder, images, SIGNAL_ROOT / "parts" / f"{manifest['bundle_id']}_{key_of(settings, attack_name)}.safetensors")
+    expert_parts = score_parts(folder, images, parts_cache(manifest, settings, attack_name))
     _, reserved = reserved_split(len(data["train_labels"]), seed=model_seed)
     labels = data["train_labels"][reserved]
     fit_index, _, _ = stratified_split(labels, (BuildConfig.selection_fraction, BuildConfig.calibration_fraction), build_seed)
@@ -132,7 +133,8 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int = 0, build_seed
     fit_acts, fit_labels = activations(guard, layers, data["train_images"][reserved][fit_index])
     part_acts = {name: activations(guard, layers, part) for name, part in images.items()}
     _, evaluation = split_test_set(len(data["test_labels"]), seed=model_seed)
-    result = {"attack": attack_name, "arch": arch, "bundle_id": manifest["bundle_id"], "layers": layers, "statistics": {}}
+    result = {"attack": attack_name, "arch": arch, "model_seed": model_seed, "build_seed": build_seed,
+              "bundle_id": manifest["bundle_id"], "layers": layers, "statistics": {}}
     for statistic in STATISTICS:
         source = SOURCES[statistic]
         fitted = fit_layers(fit_acts[source], fit_labels, 10) if statistic.startswith("mahalanobis") else None
@@ -147,14 +149,24 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int = 0, build_seed
         measured = measure(parts, layers, attack, data["test_labels"][evaluation])["rules"]
         result["statistics"][statistic] = {"features": measured["features:default"]["cal"],
                                            "fused": measured["fused:default"]["cal"]}
-        result["expert"] = measured["expert"]["cal"]
+    result["expert"] = measured["expert"]["cal"]  # the same for every statistic
     ROOT.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return out
 
 
+def latest_results() -> list[dict]:
+    """One result per guard (attack, arch, seeds): the newest, where a changed build setting made a
+    new bundle of the same guard (its cache entry is new; the old one stays on disk)."""
+    newest: dict[tuple, dict] = {}
+    for path in sorted(ROOT.glob("*.json"), key=lambda p: p.stat().st_mtime):
+        result = json.loads(path.read_text())
+        newest[(result["arch"], result["attack"], result.get("model_seed", 0), result.get("build_seed", 0))] = result
+    return [newest[key] for key in sorted(newest)]
+
+
 def table() -> str:
-    results = [json.loads(path.read_text()) for path in sorted(ROOT.glob("*.json"))]
+    results = latest_results()
     header = ("| arch | attack | expert | " + " | ".join(f"{s} alone / fused" for s in STATISTICS) + " |")
     lines = [header, "|" + "---|" * (3 + len(STATISTICS))]
     for r in results:
@@ -178,12 +190,11 @@ def table() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attacks", nargs="*", default=[], choices=sorted(ATTACKS))
-    parser.add_argument("--arch", default="cifar_resnet_compact")
+    add_guard_arguments(parser)
     parser.add_argument("--table", action="store_true", help="print the Markdown tables from the cached results")
     args = parser.parse_args()
     for name, data in attacks_with_data(args.attacks):
-        print(f"{name}: {run(name, data, args.arch)}")
+        print(f"{name}: {run(name, data, args.arch, args.model_seed, args.build_seed)}")
     if args.table:
         print(table())
 

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
+
+from scipy.stats import rankdata, spearmanr
 
 from bench.attacks import ATTACKS, MIN_ASR
 from bench.cifar10 import CACHE, CLASSES, attacks_with_data, reserved_split
+from bench.feature_signal import add_guard_arguments, key_of, sha256_file
 from bench.operating_point import split_test_set
 from bench.train_attacked import PREPROCESSING, model_path, recipe_attack_kwargs, settings_variant, train_backdoored
 from defense import canary as canary_constants
@@ -38,8 +41,6 @@ ROOT = CACHE / "bench" / "self_test"
 BAR = 0.99  # the table's flag: a canary AUROC below this
 
 
-def key_of(*items) -> str:
-    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def constants(module) -> dict:
@@ -64,7 +65,7 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
     model, info = train_backdoored(model_name, arch, seed=model_seed)
     weights = model_path(model_name, arch, model_seed, settings_variant(model_name, arch, attack_settings))
     config = BuildConfig(seed=build_seed, self_test="choose", canary_seed=build_seed, progress=False)
-    key = key_of(hashlib.sha256(weights.read_bytes()).hexdigest(), attack_settings, dataclasses.asdict(config), arch,
+    key = key_of(sha256_file(weights), attack_settings, dataclasses.asdict(config), arch,
                  constants(canary_constants), constants(self_test_constants))
     out = ROOT / "results" / f"{attack_name}_{arch}_seed{model_seed}_build{build_seed}_{key}.json"
     if out.is_file():
@@ -105,28 +106,15 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
 
 
 def ranks(values: list[float]) -> list[float]:
-    """1-based ranks, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
+    """1-based ranks, ties sharing their mean rank (scipy's rankdata)."""
+    return [float(r) for r in rankdata(values)]
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation: Pearson's of the ranks (NaN when either side is constant)."""
-    rx, ry = ranks(x), ranks(y)
-    n = len(x)
-    mx, my = sum(rx) / n, sum(ry) / n
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sx, sy = sum((a - mx) ** 2 for a in rx) ** 0.5, sum((b - my) ** 2 for b in ry) ** 0.5
-    return cov / (sx * sy) if sx and sy else float("nan")
+    """Spearman's rank correlation (scipy's; NaN when either side is constant)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant input: scipy warns and returns NaN, as documented
+        return float(spearmanr(x, y).statistic)
 
 
 def candidate_at(result: dict, lr: float) -> dict:
@@ -176,10 +164,7 @@ def table() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attacks", nargs="*", default=[], choices=sorted(ATTACKS))
-    parser.add_argument("--arch", default="cifar_resnet_compact")
-    parser.add_argument("--model-seed", type=int, default=0)
-    parser.add_argument("--build-seed", type=int, default=0)
+    add_guard_arguments(parser)
     parser.add_argument("--table", action="store_true", help="print the Markdown table from the cached results")
     args = parser.parse_args()
     for name, data in attacks_with_data(args.attacks):
