@@ -40,7 +40,7 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    from defense.build import BuildConfig
+    from defense.build import FINETUNE_RECIPES, BuildConfig
 
     defaults = BuildConfig()
     io = parser.add_argument_group("inputs and output")
@@ -93,6 +93,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--finetune-lr", type=common.learning_rate, default=None, metavar="auto|LR",
                         help="auxiliary model's SGD learning rate; auto tries 0.1 downwards and keeps the first "
                              "rate that stays finite and recovers --finetune-recover-ratio of M's accuracy (default auto)")
+    method.add_argument("--finetune-recipe", choices=list(FINETUNE_RECIPES), default=defaults.finetune_recipe,
+                        help="how clean finetuning moves M (docs/method.md, section 3): plain (the paper's), warmup "
+                             "(rate warm-up over the first epoch and gradient clipping: larger rates stay stable on "
+                             "models without BatchNorm) or fresh_head (the classifier layer re-initialized first); "
+                             "--self-test choose may pick another (default %(default)s)")
     method.add_argument("--finetune-recover-ratio", type=common.fraction, default=defaults.finetune_recover_ratio,
                         help="--finetune-lr auto: the largest rate whose M' keeps this share of M's D_select accuracy "
                              "(default %(default)s)")

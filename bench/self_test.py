@@ -1,5 +1,6 @@
 """The canary self-test, measured: does the canary's figure predict the real attack's, and does
-choosing the unlearning rate by the canary (``--self-test choose``) beat the accuracy rule?
+choosing the unlearning rate and the auxiliary's recipe by the canary (``--self-test choose``) beat
+the accuracy rule and the plain recipe?
 
     python -m bench.self_test --attacks badnet blend wanet                        # compact ResNet
     python -m bench.self_test --attacks badnet blend --arch cifar_lenet
@@ -8,11 +9,12 @@ choosing the unlearning rate by the canary (``--self-test choose``) beat the acc
 For each attack's cached model (bench.train_attacked) one build with ``--self-test choose`` (canary
 seed = build seed, so the figures reproduce) on the 2,000 reserved training images, with the build's
 other defaults. Its ``self_test.candidates`` hold the canary's figures at the accuracy rule's rate
-and its neighbours. The real attack is measured on the 5,000 evaluation images at the build's own
-tau: for the chosen guard, and, when the canary chose another rate, for a ``--self-test off``
-build (today's guard, the rule's rate). Results are cached under
+and its neighbours, its ``recipe_candidates`` each auxiliary recipe's. The real attack is measured
+on the 5,000 evaluation images at the build's own tau: for the chosen guard, and, when the canary
+chose another rate or recipe, for a ``--self-test off`` build (today's guard: the rule's rate, the
+plain recipe). Results are cached under
 ``$BADEXPERT_CACHE/bench/self_test`` keyed by the model file's sha256, the attack's settings, the
-build's settings and the canary's constants.
+build's settings, the canary's and the self-test's constants and the recipes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bench.cifar10 import CACHE, CLASSES, attacks_with_data, reserved_split
 from bench.feature_signal import add_guard_arguments, key_of, sha256_file
 from bench.operating_point import split_test_set
 from bench.train_attacked import PREPROCESSING, model_path, recipe_attack_kwargs, settings_variant, train_backdoored
+from defense import auxiliary_recipes
 from defense import canary as canary_constants
 from defense import self_test as self_test_constants
 from defense.build import BuildConfig, build_guard
@@ -66,7 +69,7 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
     weights = model_path(model_name, arch, model_seed, settings_variant(model_name, arch, attack_settings))
     config = BuildConfig(seed=build_seed, self_test="choose", canary_seed=build_seed, progress=False)
     key = key_of(sha256_file(weights), attack_settings, dataclasses.asdict(config), arch,
-                 constants(canary_constants), constants(self_test_constants))
+                 constants(canary_constants), constants(self_test_constants), constants(auxiliary_recipes))
     out = ROOT / "results" / f"{attack_name}_{arch}_seed{model_seed}_build{build_seed}_{key}.json"
     if out.is_file():
         return out
@@ -81,10 +84,11 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
     cpu_choose = time.process_time() - cpu
     fields = chosen.manifest_fields
     self_test = fields["self_test"]
-    guards = {"choose": {"unlearning_lr": self_test["chosen_lr"], "build_seconds": fields["build_seconds"],
+    guards = {"choose": {"unlearning_lr": self_test["chosen_lr"], "auxiliary_recipe": self_test["chosen_recipe"],
+                         "build_seconds": fields["build_seconds"],
                          "cpu_seconds": cpu_choose,
                          **real_figures(chosen.guard, test_images, test_labels, attack)}}
-    if self_test["chosen_lr"] == self_test["rule_lr"]:
+    if (self_test["chosen_lr"], self_test["chosen_recipe"]) == (self_test["rule_lr"], self_test["rule_recipe"]):
         share = self_test["seconds"] / fields["build_seconds"]  # the self-test's share of the wall time, for both
         guards["rule"] = {**guards["choose"], "build_seconds": fields["build_seconds"] - self_test["seconds"],
                           "cpu_seconds": cpu_choose * (1 - share), "cpu_estimated": True}
@@ -92,7 +96,8 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
         cpu = time.process_time()
         today = build_guard(model, clean, PREPROCESSING, 10, dataclasses.replace(config, self_test="off"),
                             log=lambda *_: None)
-        guards["rule"] = {"unlearning_lr": self_test["rule_lr"], "build_seconds": today.manifest_fields["build_seconds"],
+        guards["rule"] = {"unlearning_lr": self_test["rule_lr"], "auxiliary_recipe": self_test["rule_recipe"],
+                          "build_seconds": today.manifest_fields["build_seconds"],
                           "cpu_seconds": time.process_time() - cpu,
                           **real_figures(today.guard, test_images, test_labels, attack)}
     result = {"attack": attack_name, "arch": arch, "model_seed": model_seed, "build_seed": build_seed, "key": key,
@@ -133,11 +138,25 @@ def cost_cell(result: dict) -> str:
     return f"{rule['cpu_seconds']:.0f} / {report:.0f} / {chosen['cpu_seconds']:.0f}"
 
 
+def latest_results() -> list[dict]:
+    """One result per guard (arch, attack, model seed, build seed): the newest file, whatever its key."""
+    latest: dict[tuple, dict] = {}
+    for path in sorted((ROOT / "results").glob("*.json"), key=lambda path: path.stat().st_mtime):
+        result = json.loads(path.read_text())
+        latest[(result["arch"], result["attack"], result["model_seed"], result["build_seed"])] = result
+    return [latest[guard] for guard in sorted(latest)]
+
+
+def chosen_cell(self_test: dict) -> str:
+    """The canary's choice: its unlearning rate, and its auxiliary recipe where it measured them."""
+    recipe = self_test.get("chosen_recipe")
+    return f"{self_test['chosen_lr']:g}" + (f", {recipe}" if recipe else "")
+
+
 def table() -> str:
-    results = [json.loads(path.read_text()) for path in sorted((ROOT / "results").glob("*.json"))]
-    results = [r for r in results if r["counted"]]
+    results = [r for r in latest_results() if r["counted"]]
     lines = ["| arch | attack | copy: canary ASR / clean acc (M's) | rule lr: canary AUROC / pass | real AUROC / ASR at tau "
-             "| canary's lr: canary AUROC / pass | real AUROC / ASR at tau | build CPU s (off / report / choose) |",
+             "| canary's lr, recipe: canary AUROC / pass | real AUROC / ASR at tau | build CPU s (off / report / choose) |",
              "|---|---|---|---|---|---|---|---|"]
     pairs = []
     for r in results:
@@ -149,7 +168,7 @@ def table() -> str:
             f"| {r['arch']} | {r['attack']} | {', '.join(f'{a:.0%}' for a in copy['asr_on_selection'])} / "
             f"{copy['clean_accuracy']:.1%} ({copy['model_accuracy']:.1%}) | {st['rule_lr']:g}: {100 * at_rule['auroc']:.2f} / "
             f"{at_rule['pass_rate_at_tau']:.1%} | {100 * rule['auroc']:.2f} / {rule['asr_with_guard']:.1%} | "
-            f"{st['chosen_lr']:g}: {100 * st['auroc']:.2f} / {st['pass_rate_at_tau']:.1%} | {100 * chosen['auroc']:.2f} / "
+            f"{chosen_cell(st)}: {100 * st['auroc']:.2f} / {st['pass_rate_at_tau']:.1%} | {100 * chosen['auroc']:.2f} / "
             f"{chosen['asr_with_guard']:.1%} | {cost_cell(r)} |")
     if len(pairs) >= 2:
         rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])

@@ -29,6 +29,7 @@ The modules, each with one job:
 - :mod:`defense.score`         the BaDExpert score (pure tensor math)
 - :mod:`defense.threshold`     calibrating the rejection threshold
 - :mod:`defense.finetune`      backdoor expert (unlearning) and auxiliary model (clean finetuning)
+- :mod:`defense.auxiliary_recipes` the auxiliary's finetuning recipes (plain, warm-up, fresh head)
 - :mod:`defense.guard`         the three models together, scoring batches
 - :mod:`defense.manifest`      what a bundle says about itself (the manifest's schema)
 - :mod:`defense.bundle_trust`  the manifest's digest, signing and verification, checks of its values

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from defense.auxiliary_recipes import FINETUNE_RECIPES, finetune_recipe  # noqa: F401 (the CLI lists the recipes)
 from defense.bcu import DEFAULT_STAGE_PROBABILITIES, bcu_auxiliary
 from defense.data import ImageSet, iter_image_batches
 from defense.errors import UserError
@@ -65,6 +66,7 @@ class BuildConfig:
     finetune_milestones: tuple[int, ...] = (2, 4, 6, 8)
     finetune_momentum: float = 0.9
     finetune_weight_decay: float = 1e-4
+    finetune_recipe: str = "plain"  # defense/auxiliary_recipes.py: "plain" (the paper's), "warmup" or "fresh_head"
     finetune_recover_ratio: float = 0.8  # M' must end at or above this fraction of M's D_select accuracy
     # Below this early dip (the share of M's D_select accuracy the auxiliary lost at its lowest in the
     # epochs before the first milestone), the build warns that it likely kept the backdoor (BENCHMARKS.md).
@@ -203,6 +205,7 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
         raise UserError(f"--auxiliary {config.auxiliary}: expected finetune, bcu or a supplied model")
     if config.signals not in SIGNALS:
         raise UserError(f"--signals {config.signals}: expected one of {', '.join(SIGNALS)}")
+    finetune_recipe(config.finetune_recipe)  # a UserError naming the known recipes
     if config.self_test not in ("off", "report", "choose"):
         raise UserError(f"--self-test {config.self_test}: expected off, report or choose")
     if config.feature_stages < 0:
@@ -253,9 +256,9 @@ def build_guard(model: nn.Module, clean: ImageSet, preprocessing: Preprocessing,
                                                  config, log)
     self_test_record = None
     if config.self_test != "off":
-        expert, expert_record, self_test_record = run_self_test(
-            model, expert, expert_record, auxiliary_record, fit, select, num_classes, preprocessing, model_accuracy,
-            config, log, warnings)
+        expert, expert_record, auxiliary, auxiliary_record, self_test_record = run_self_test(
+            model, expert, expert_record, auxiliary, auxiliary_record, fit, select, num_classes, preprocessing,
+            model_accuracy, config, log, warnings)
     warnings += [r["warning"] for r in (expert_record, auxiliary_record) if "warning" in r]
 
     guard = Guard(model, expert, auxiliary, preprocessing, rejection_threshold=math.nan, alpha=config.alpha,

@@ -138,14 +138,26 @@ def clean_finetune(
     seed: int = 0,
     progress: bool = True,
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    warmup_epochs: int = 0,
+    max_grad_norm: float | None = None,
+    fresh_head: bool = False,
 ) -> nn.Module:
-    """Auxiliary model: a copy of ``model`` finetuned on true labels (SGD, Nesterov, lr / 10 at milestones)."""
+    """Auxiliary model: a copy of ``model`` finetuned on true labels (SGD, Nesterov, lr / 10 at milestones).
+
+    The auxiliary recipes (defense/auxiliary_recipes.py) add: ``warmup_epochs`` (the rate rises
+    linearly from near 0 over the first epochs, per step), ``max_grad_norm`` (gradient clipping), both
+    for models without BatchNorm whose large rates collapse, and ``fresh_head`` (the classifier layer
+    re-initialized before finetuning, so it is relearned from clean images only)."""
     auxiliary = copy.deepcopy(model).to(device).train()
+    if fresh_head:
+        reinitialize_classifier(auxiliary, seed)
     normalizer = normalizer.to(device)
     optimizer = torch.optim.SGD(auxiliary.parameters(), lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+    steps_per_epoch = -(-len(labels) // batch_size)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=0.1)
+    warmup_steps = warmup_epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(seed)
-    steps = epochs * -(-len(labels) // batch_size)
+    steps, step = epochs * steps_per_epoch, 0
     with progress_bar(total=steps, desc=f"auxiliary model (lr {lr:g})", unit="batch", enabled=progress, leave=False) as bar:
         for epoch in range(epochs):
             auxiliary.train()
@@ -156,13 +168,43 @@ def clean_finetune(
                 loss = F.cross_entropy(auxiliary(normalizer(batch)), labels[index].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                if max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(auxiliary.parameters(), max_grad_norm)
+                step += 1
+                _step_warmed_up(optimizer, step / warmup_steps if step < warmup_steps else 1.0)
                 _check_finite(auxiliary, loss.detach())
                 bar.update()
             schedule.step()
             if on_epoch_end is not None:
                 on_epoch_end(epoch, auxiliary.eval())
     return auxiliary.eval()
+
+
+def _step_warmed_up(optimizer: torch.optim.Optimizer, scale: float) -> None:
+    """One optimizer step at ``scale`` times the scheduled rate; the schedule's own rate is left as it was."""
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] *= scale
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, scheduled):
+        group["lr"] = lr
+
+
+def classifier_layer(model: nn.Module) -> nn.Linear:
+    """The model's last ``nn.Linear`` in registration order: the classifier of every registry model
+    and of torchvision's classifiers."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no nn.Linear layer to serve as its classifier")
+    return linears[-1]
+
+
+def reinitialize_classifier(model: nn.Module, seed: int) -> None:
+    """Draw the classifier layer's weights afresh (PyTorch's default initialization, seeded)."""
+    layer = classifier_layer(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer.reset_parameters()
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ import secrets
 import torch
 import torch.nn as nn
 
+from defense.auxiliary_recipes import FinetuneRecipe, finetune_recipe
 from defense.data import ImageSet
 from defense.errors import UserError
 from defense.finetune import Diverged, accuracy, clean_finetune, mislabeling, predict_logits, unlearn
@@ -87,9 +88,12 @@ def choose_unlearning_rate(model, fit: ImageSet, cal_images, cal_reference, num_
 
 def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, normalizer,
                            reference_accuracy: float, config, log,
-                           goal: float | None = None) -> tuple[nn.Module, dict]:
+                           goal: float | None = None, recipe: FinetuneRecipe | None = None) -> tuple[nn.Module, dict]:
     """The largest rate at which clean finetuning stays finite and recovers M's D_select accuracy
-    (at least ``goal``; default: ``finetune_recover_ratio`` times M's accuracy)."""
+    (at least ``goal``; default: ``finetune_recover_ratio`` times M's accuracy), finetuning by
+    ``recipe`` (default: ``config.finetune_recipe``)."""
+    recipe = recipe or finetune_recipe(config.finetune_recipe)
+
     def train(lr, accuracy_by_epoch: list[float]):
         def record_accuracy(epoch: int, auxiliary: nn.Module) -> None:
             logits = predict_logits(auxiliary, cal_images, normalizer, config.device)
@@ -98,7 +102,7 @@ def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, norm
         return clean_finetune(model, fit.images, fit.labels, normalizer, lr, config.finetune_epochs,
                               config.finetune_batch_size, config.finetune_milestones, config.finetune_momentum,
                               config.finetune_weight_decay, config.augment, config.device, config.seed,
-                              config.progress, on_epoch_end=record_accuracy)
+                              config.progress, on_epoch_end=record_accuracy, **recipe.finetune_options())
 
     grid = (config.finetune_lr,) if config.finetune_lr is not None else FINETUNE_LR_GRID
     goal = config.finetune_recover_ratio * reference_accuracy if goal is None else goal
@@ -115,7 +119,7 @@ def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, norm
         acc = entry["calibration_accuracy"]
         dip = early_dip(reference_accuracy, accuracy_by_epoch, config.finetune_milestones)
         entry.update(accuracy_by_epoch=accuracy_by_epoch, early_dip=dip)
-        log(f"  clean finetuning lr {lr:g}: auxiliary D_select accuracy {acc:.3f} (goal >= {goal:.3f}), "
+        log(f"  clean finetuning{'' if recipe.name == 'plain' else f' ({recipe.name})'} lr {lr:g}: auxiliary D_select accuracy {acc:.3f} (goal >= {goal:.3f}), "
             f"early dip {dip:.0%} (warns under {config.min_early_dip:.0%})")
         if best is None or acc > best[2]:
             best = (auxiliary, lr, acc, dip)
@@ -125,7 +129,7 @@ def choose_finetuning_rate(model, fit: ImageSet, cal_images, cal_reference, norm
     if best is None:
         raise UserError("clean finetuning diverged at every learning rate tried; pass a smaller --finetune-lr")
     auxiliary, lr, acc, dip = best
-    record = {"method": "clean_finetune", "lr": lr, "chosen_by": "user" if config.finetune_lr is not None else "auto",
+    record = {"method": "clean_finetune", "recipe": recipe.name, "lr": lr, "chosen_by": "user" if config.finetune_lr is not None else "auto",
               "goal_accuracy": goal, "calibration_accuracy": acc, "early_dip": dip,
               "min_early_dip": config.min_early_dip, "search": search}
     if acc < goal:

@@ -9,7 +9,9 @@ that carries secret canary backdoors (:mod:`defense.canary`), measured on D_sele
 - ``choose``: the same for the unlearning rates next to the rule's choice (CHOOSE_NEIGHBOURS each
   side on the grid) whose expert on M still loses at least 1 - CHOOSE_MAX_EXPERT_RATIO of M's
   D_select accuracy; the real expert is trained at the rate whose canary AUROC is best, if it beats
-  the rule's by at least CHOOSE_MARGIN.
+  the rule's by at least CHOOSE_MARGIN. Then, with that expert, the same for the auxiliary's
+  finetuning recipes (defense/auxiliary_recipes.py): each recipe's rate search runs on the copy, and
+  the real auxiliary is made with the recipe whose canary AUROC is best, by the same margin.
 
 D_cal is not touched, so the threshold of the real guard stays set on images no choice saw.
 """
@@ -18,17 +20,19 @@ from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
+from defense.auxiliary_recipes import FINETUNE_RECIPES, finetune_recipe
 from defense.canary import Canary, draw_canaries, implant_canaries
 from defense.data import ImageSet
 from defense.evaluation import auroc
 from defense.feature_fit import fit_guard_features
 from defense.finetune import accuracy, clean_finetune, predict_logits, unlearn
 from defense.guard import Guard
-from defense.rates import UNLEARN_LR_GRID, all_finite
+from defense.rates import UNLEARN_LR_GRID, all_finite, choose_finetuning_rate
 from defense.score import rejects
 from defense.threshold import ThresholdError, calibrate_threshold
 
@@ -94,15 +98,30 @@ def candidate_rates(rule_lr: float, mode: str) -> list[float]:
     return list(UNLEARN_LR_GRID[max(0, at - CHOOSE_NEIGHBOURS): at + CHOOSE_NEIGHBOURS + 1])
 
 
-def pick_rate(candidates: list[dict], rule_lr: float, margin: float = CHOOSE_MARGIN) -> float:
-    """The eligible candidate with the best canary AUROC (then the lowest pass rate), if it beats the
-    rule's rate by at least ``margin``; else the rule's rate."""
-    rule = next(c for c in candidates if c["lr"] == rule_lr)
+def pick_best(candidates: list[dict], key: str, rule, margin: float = CHOOSE_MARGIN):
+    """``candidate[key]`` of the eligible candidate with the best canary AUROC (then the lowest pass
+    rate), if it beats the rule's candidate (``candidate[key] == rule``) by at least ``margin``; else ``rule``."""
+    baseline = next(c for c in candidates if c[key] == rule)
     eligible = [c for c in candidates if c.get("eligible") and c["auroc"] is not None]
-    if not eligible or rule["auroc"] is None:
-        return rule_lr
+    if not eligible or baseline["auroc"] is None:
+        return rule
     best = max(eligible, key=lambda c: (c["auroc"], -(1.0 if c["pass_rate_at_tau"] is None else c["pass_rate_at_tau"])))
-    return best["lr"] if best["auroc"] >= rule["auroc"] + margin else rule_lr
+    return best[key] if best["auroc"] >= baseline["auroc"] + margin else rule
+
+
+def pick_rate(candidates: list[dict], rule_lr: float, margin: float = CHOOSE_MARGIN) -> float:
+    """The unlearning rate by :func:`pick_best` over candidates keyed by ``lr``."""
+    return pick_best(candidates, "lr", rule_lr, margin)
+
+
+class SelfTestOutcome(NamedTuple):
+    """What the self-test hands back to the build: the models it may have replaced, their records, its section."""
+
+    expert: nn.Module
+    expert_record: dict
+    auxiliary: nn.Module
+    auxiliary_record: dict
+    section: dict | None
 
 
 class SelfTest:
@@ -127,8 +146,17 @@ class SelfTest:
         self.auxiliary = clean_finetune(self.copy, fit.images, fit.labels, self.normalizer, auxiliary_lr,
                                         config.finetune_epochs, config.finetune_batch_size, config.finetune_milestones,
                                         config.finetune_momentum, config.finetune_weight_decay, config.augment,
-                                        config.device, config.seed, config.progress)
+                                        config.device, config.seed, config.progress,
+                                        **finetune_recipe(config.finetune_recipe).finetune_options())
         self.auxiliary_seconds = round(time.monotonic() - started, 2)
+        self.copy_experts: dict[float, nn.Module] = {}
+
+    def recipe_auxiliary(self, recipe_name: str, goal: float | None) -> tuple[nn.Module, dict]:
+        """The copy's auxiliary by ``recipe_name``, its rate chosen on D_select by the build's own search
+        (against the copy's accuracy, which the implant keeps near M's)."""
+        return choose_finetuning_rate(self.copy, self.fit, self.select.images, self.select.labels, self.normalizer,
+                                      self.implant["clean_accuracy"], self.config, lambda *_: None, goal=goal,
+                                      recipe=finetune_recipe(recipe_name))
 
     def expert(self, model: nn.Module, lr: float) -> nn.Module:
         """``model`` unlearned at ``lr`` exactly as the build's expert is."""
@@ -137,10 +165,13 @@ class SelfTest:
                        config.unlearn_epochs, config.unlearn_batch_size, config.device, config.seed, config.progress,
                        self.wrong_label_of)
 
-    def figures_at(self, lr: float) -> dict:
-        """The canary guard's figures with its expert unlearned at ``lr``."""
+    def figures_at(self, lr: float, auxiliary: nn.Module | None = None) -> dict:
+        """The canary guard's figures with its expert unlearned at ``lr`` (and ``auxiliary``, default
+        the copy's auxiliary at the build's rate and recipe)."""
         started = time.monotonic()
-        guard = Guard(self.copy, self.expert(self.copy, lr), self.auxiliary, self.preprocessing,
+        if lr not in self.copy_experts:
+            self.copy_experts[lr] = self.expert(self.copy, lr)
+        guard = Guard(self.copy, self.copy_experts[lr], auxiliary or self.auxiliary, self.preprocessing,
                       rejection_threshold=math.nan, alpha=self.config.alpha, device=torch.device(self.config.device))
         signals = "expert"
         if self.config.signals != "expert":
@@ -165,16 +196,17 @@ class SelfTest:
                 "copy": self.implant, "seeded": self.config.canary_seed is not None, "promise": PROMISE}
 
 
-def run_self_test(model: nn.Module, expert: nn.Module, expert_record: dict, auxiliary_record: dict, fit: ImageSet,
-                  select: ImageSet, num_classes: int, preprocessing, model_accuracy: float, config, log,
-                  warnings: list[str]) -> tuple[nn.Module, dict, dict | None]:
-    """The self-test of ``config.self_test`` ("report" or "choose"): (the real expert, its record,
-    the ``self_test`` section). With ``choose`` the expert may be retrained at the canary's rate,
-    and its record gains ``canary_search`` (every candidate's figures) and ``rule_lr``."""
+def run_self_test(model: nn.Module, expert: nn.Module, expert_record: dict, auxiliary: nn.Module,
+                  auxiliary_record: dict, fit: ImageSet, select: ImageSet, num_classes: int, preprocessing,
+                  model_accuracy: float, config, log, warnings: list[str]) -> SelfTestOutcome:
+    """The self-test of ``config.self_test`` ("report" or "choose"). With ``choose`` the expert may be
+    retrained at the canary's rate (its record gains ``canary_search`` and ``rule_lr``), and then the
+    auxiliary remade by the canary's recipe (its record gains ``canary_search`` and ``rule_recipe``)."""
+    unchanged = SelfTestOutcome(expert, expert_record, auxiliary, auxiliary_record, None)
     if "lr" not in auxiliary_record or auxiliary_record["method"] not in ("clean_finetune", "pseudo_label_finetune"):
         warnings.append(f"--self-test {config.self_test}: runs with a finetuned auxiliary model only (this build's is "
                         f"{auxiliary_record['method']}); no self-test figures")
-        return expert, expert_record, None
+        return unchanged
     mode, started = config.self_test, time.monotonic()
     test = SelfTest(model, fit, select, num_classes, preprocessing, auxiliary_record["lr"],
                     torch.tensor(expert_record["wrong_label_of"]), config, log)
@@ -198,18 +230,56 @@ def run_self_test(model: nn.Module, expert: nn.Module, expert_record: dict, auxi
             + ("" if candidates[-1]["eligible"] else " (expert keeps too much clean accuracy: not eligible)"))
     chosen = pick_rate(candidates, rule_lr) if mode == "choose" else rule_lr
     figures = next(c for c in candidates if c["lr"] == chosen)
+    if mode != "choose":
+        record = test.record(figures, mode)
+        record["seconds"] = round(time.monotonic() - started, 2)
+        return SelfTestOutcome(expert, expert_record, auxiliary, auxiliary_record, record)
+
+    expert_record = {**expert_record, "canary_search": _listed(candidates), "rule_lr": rule_lr}
+    if chosen != rule_lr:
+        expert = experts[chosen] if chosen in experts else test.expert(model, chosen)
+        logits = predict_logits(expert, select.images, test.normalizer, config.device)
+        expert_record.update(lr=chosen, chosen_by="canary", calibration_accuracy=accuracy(logits, select.labels))
+        log(f"  self-test chose unlearning lr {chosen:g} over the rule's {rule_lr:g}")
+
+    rule_recipe = auxiliary_record.get("recipe", config.finetune_recipe)
+    goal = config.pseudo_label_agreement_goal if auxiliary_record["method"] == "pseudo_label_finetune" else None
+    recipes = [{"recipe": rule_recipe, "finetune_lr": auxiliary_record["lr"], **figures, "eligible": True}]
+    for name in FINETUNE_RECIPES:
+        if name == rule_recipe:
+            continue
+        copy_auxiliary, copy_record = test.recipe_auxiliary(name, goal)
+        measured = test.figures_at(chosen, copy_auxiliary)
+        recipes.append({"recipe": name, "finetune_lr": copy_record["lr"], **measured,
+                        "auxiliary_accuracy": copy_record["calibration_accuracy"],
+                        "eligible": copy_record["calibration_accuracy"] >= copy_record["goal_accuracy"]})
+        log(f"  self-test with auxiliary recipe {name} (lr {copy_record['lr']:g}): canary AUROC "
+            f"{_shown(measured['auroc'], '.4f')}, {_shown(measured['pass_rate_at_tau'], '.1%')} canary-triggered "
+            "pass at tau" + ("" if recipes[-1]["eligible"] else " (missed the accuracy goal: not eligible)"))
+    chosen_recipe = pick_best(recipes, "recipe", rule_recipe)
+    figures = next(c for c in recipes if c["recipe"] == chosen_recipe)
+    auxiliary_record = {**auxiliary_record, "canary_search": _listed(recipes), "rule_recipe": rule_recipe}
+    if chosen_recipe != rule_recipe:
+        log(f"  self-test chose auxiliary recipe {chosen_recipe} over {rule_recipe}: finetuning M by it")
+        method, labels = auxiliary_record["method"], auxiliary_record.get("labels")
+        auxiliary, remade = choose_finetuning_rate(model, fit, select.images, select.labels, test.normalizer,
+                                                   model_accuracy, config, log, goal=goal,
+                                                   recipe=finetune_recipe(chosen_recipe))
+        auxiliary_record = {**remade, "method": method, **({"labels": labels} if labels else {}),
+                            "chosen_by": "canary", "canary_search": auxiliary_record["canary_search"],
+                            "rule_recipe": rule_recipe}
+
     record = test.record(figures, mode)
-    if mode == "choose":
-        record["candidates"] = [{key: value for key, value in c.items() if key != "canaries"} for c in candidates]
-        record.update(rule_lr=rule_lr, chosen_lr=chosen, max_expert_ratio=CHOOSE_MAX_EXPERT_RATIO, margin=CHOOSE_MARGIN)
-        expert_record = {**expert_record, "canary_search": record["candidates"], "rule_lr": rule_lr}
-        if chosen != rule_lr:
-            expert = experts[chosen] if chosen in experts else test.expert(model, chosen)
-            logits = predict_logits(expert, select.images, test.normalizer, config.device)
-            expert_record.update(lr=chosen, chosen_by="canary", calibration_accuracy=accuracy(logits, select.labels))
-            log(f"  self-test chose unlearning lr {chosen:g} over the rule's {rule_lr:g}")
+    record.update(candidates=_listed(candidates), rule_lr=rule_lr, chosen_lr=chosen,
+                  recipe_candidates=_listed(recipes), rule_recipe=rule_recipe, chosen_recipe=chosen_recipe,
+                  auxiliary_recipe=chosen_recipe, auxiliary_lr=figures["finetune_lr"], max_expert_ratio=CHOOSE_MAX_EXPERT_RATIO, margin=CHOOSE_MARGIN)
     record["seconds"] = round(time.monotonic() - started, 2)
-    return expert, expert_record, record
+    return SelfTestOutcome(expert, expert_record, auxiliary, auxiliary_record, record)
+
+
+def _listed(candidates: list[dict]) -> list[dict]:
+    """Candidates for the manifest: every figure but the per-canary detail."""
+    return [{key: value for key, value in c.items() if key != "canaries"} for c in candidates]
 
 
 def _shown(value, spec: str) -> str:

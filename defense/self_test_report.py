@@ -19,7 +19,8 @@ def self_test_summary(self_test: dict | None) -> dict | None:
     what it promises (None: the bundle was built without one)."""
     if not self_test:
         return None
-    keys = ("mode", "auroc", "pass_rate_at_tau", "unlearning_lr", "chosen_lr", "rule_lr", "measured_on")
+    keys = ("mode", "auroc", "pass_rate_at_tau", "unlearning_lr", "chosen_lr", "rule_lr", "chosen_recipe",
+            "rule_recipe", "measured_on")
     return {**{key: self_test[key] for key in keys if key in self_test}, "summary": self_test_sentence(self_test),
             "promise": self_test["promise"]}
 
@@ -34,6 +35,10 @@ def self_test_lines(self_test: dict | None) -> list[str]:
                      f"{self_test['rule_lr']:g})")
     elif self_test.get("mode") == "choose":
         lines.append(f"    the canary kept the accuracy rule's unlearning lr {self_test['rule_lr']:g}")
+    if self_test.get("mode") == "choose" and "chosen_recipe" in self_test:
+        kept = self_test["chosen_recipe"] == self_test["rule_recipe"]
+        lines.append(f"    auxiliary recipe {self_test['chosen_recipe']} " + ("kept by the canary" if kept else
+                     f"chosen by the canary (the build's: {self_test['rule_recipe']})"))
     lines.append(f"    ({self_test['promise']})")
     return lines
 

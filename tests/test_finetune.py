@@ -131,3 +131,44 @@ def test_clean_finetuning_augments_every_batch_only_when_asked(monkeypatch, augm
                    epochs=2, batch_size=4, milestones=(1,), augment=augment, progress=False)
     # 10 images in batches of 4: 4 + 4 + 2 per epoch, two epochs.
     assert calls == ([4, 4, 2, 4, 4, 2] if augment else [])
+
+
+def test_a_warmed_up_step_is_a_share_of_the_scheduled_rate_and_leaves_the_schedule_alone():
+    weight = nn.Parameter(torch.tensor([1.0]))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    weight.grad = torch.tensor([2.0])
+    finetune._step_warmed_up(optimizer, 0.25)
+    assert weight.item() == pytest.approx(1.0 - 0.25 * 0.1 * 2.0)  # 0.95
+    assert optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_warmup_scales_the_first_epochs_steps_linearly_and_clipping_bounds_a_step(monkeypatch):
+    images = torch.randint(0, 256, (64, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(64) % 2
+    normalizer = Normalizer((0.5,) * 3, (0.05,) * 3)  # inputs of scale ~10: large gradients
+    options = dict(milestones=(5,), momentum=0.0, weight_decay=0.0, augment=False, progress=False)
+    scales, real_step = [], finetune._step_warmed_up
+    monkeypatch.setattr(finetune, "_step_warmed_up", lambda optimizer, scale: (scales.append(scale), real_step(optimizer, scale)))
+    clean_finetune(nn.Sequential(nn.Flatten(), nn.Linear(48, 2)), images, labels, normalizer, 0.1, epochs=2,
+                   batch_size=16, warmup_epochs=1, **options)
+    assert scales == [0.25, 0.5, 0.75] + [1.0] * 5  # four steps an epoch: the first epoch warms up
+
+    def moved(**clip):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        after = clean_finetune(model, images, labels, normalizer, 1.0, epochs=1, batch_size=64, **options, **clip)
+        return float((torch.cat([p.detach().flatten() for p in after.parameters()]) - before).norm())
+
+    assert moved() > 0.5 >= moved(max_grad_norm=0.5) - 1e-6  # one SGD step at lr 1 moves by the gradient's norm
+
+
+def test_a_fresh_head_redraws_the_last_linear_layer_only_and_is_seeded():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    first, second = [finetune.copy.deepcopy(model) for _ in range(2)]
+    finetune.reinitialize_classifier(first, seed=1)
+    finetune.reinitialize_classifier(second, seed=1)
+    assert finetune.classifier_layer(model) is model[4]
+    assert not torch.equal(first[4].weight, model[4].weight) and torch.equal(first[4].weight, second[4].weight)
+    assert torch.equal(first[0].weight, model[0].weight) and torch.equal(first[2].weight, model[2].weight)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        finetune.reinitialize_classifier(nn.Conv2d(3, 3, 1), seed=0)

@@ -10,7 +10,8 @@ from defense import Bundle, UserError
 from defense.build import BuildConfig
 from defense.bundle import load_bundle
 from defense.self_test_report import self_test_lines
-from defense.self_test import PROMISE, SelfTest, candidate_rates, pick_rate, separation
+from defense.auxiliary_recipes import FINETUNE_RECIPES
+from defense.self_test import PROMISE, SelfTest, candidate_rates, pick_best, pick_rate, separation
 from synthetic import TARGET, add_trigger, make_images, train_backdoored
 
 FAST = {"finetune_lr": 0.01, "finetune_epochs": 2, "canary_seed": 5, "input_size": (16, 16), "progress": False}
@@ -45,6 +46,10 @@ def test_pick_rate_needs_a_margin_eligibility_and_breaks_ties_by_pass_rate():
     assert pick_rate([rule, candidate(5e-5, 0.99, eligible=False)], 1e-4) == 1e-4
     assert pick_rate([rule, candidate(2e-4, 0.97, 0.2), candidate(3e-4, 0.97, 0.1)], 1e-4) == 3e-4
     assert pick_rate([rule, candidate(2e-4, None)], 1e-4) == 1e-4
+    recipes = [{"recipe": "plain", "auroc": 0.9, "pass_rate_at_tau": 0.1, "eligible": True},
+               {"recipe": "warmup", "auroc": 0.93, "pass_rate_at_tau": 0.0, "eligible": False},
+               {"recipe": "fresh_head", "auroc": 0.92, "pass_rate_at_tau": 0.0, "eligible": True}]
+    assert pick_best(recipes, "recipe", "plain") == "fresh_head"  # warmup is better but not eligible
 
 
 @pytest.fixture(scope="module")
@@ -80,25 +85,56 @@ def test_off_writes_no_self_test(data):
     assert "self_test" not in bundle.fields and self_test_lines(None) == ["  self-test: off"]
 
 
-def test_choose_trains_the_expert_at_the_rate_the_canary_prefers(data, monkeypatch):
-    """The tiny synthetic canary is caught at every rate (AUROC 1.0), so the figures are scripted: the
-    canary prefers the largest neighbour. The real expert must then be trained at that rate."""
+def test_choose_moves_the_rate_where_the_rule_erases_the_canary(data):
+    """A real tiny model, nothing scripted: with a strict accuracy goal (30% of M's) the rule picks
+    unlearning rate 0.02, whose expert also forgets the canary backdoors (canary AUROC 0.81); the
+    canary's figures move the real expert to 0.01 (canary AUROC 1.0)."""
     model, images, labels = data
-    real_figures_at = SelfTest.figures_at
+    bundle = Bundle.build(model, (images, labels), architecture="tiny_cnn", log=lambda *_: None, self_test="choose",
+                          signals="expert", unlearn_target_ratio=0.3, **FAST)
+    expert, section = bundle.fields["backdoor_expert"], bundle.fields["self_test"]
+    by_rate = {c["lr"]: c for c in section["candidates"]}
+    assert section["rule_lr"] == 0.02 and section["chosen_lr"] == 0.01
+    assert by_rate[0.01]["auroc"] >= by_rate[0.02]["auroc"] + 0.1  # the canary separates far better there
+    assert section["chosen_lr"] == max((c for c in section["candidates"] if c["eligible"]),
+                                       key=lambda c: c["auroc"])["lr"]
+    assert expert["lr"] == 0.01 and expert["chosen_by"] == "canary" and expert["rule_lr"] == 0.02
+    assert [c["lr"] for c in expert["canary_search"]] == candidate_rates(0.02, "choose")
+    assert section["auroc"] == by_rate[0.01]["auroc"] and section["unlearning_lr"] == 0.01
 
-    def scripted(self, lr):
-        figures = real_figures_at(self, lr)
-        return {**figures, "auroc": 0.5 + lr}  # the larger the rate, the better the canary separates
 
+def test_choose_measures_every_auxiliary_recipe_and_remakes_the_auxiliary_by_the_winner(data, monkeypatch):
+    """Every recipe's copy auxiliary is measured and recorded; where the canary prefers another recipe
+    (scripted here: the tiny canary is caught by all three), the real M' is finetuned by it."""
+    model, images, labels = data
+    made, real_figures_at, real_recipe_auxiliary = [], SelfTest.figures_at, SelfTest.recipe_auxiliary
+
+    def remembering(self, name, goal):
+        made.append(name)
+        return real_recipe_auxiliary(self, name, goal)
+
+    def scripted(self, lr, auxiliary=None):
+        figures = real_figures_at(self, lr, auxiliary)
+        return {**figures, "auroc": 0.99 if auxiliary is not None and made[-1] == "fresh_head" else 0.9}
+
+    monkeypatch.setattr(SelfTest, "recipe_auxiliary", remembering)
     monkeypatch.setattr(SelfTest, "figures_at", scripted)
     bundle = Bundle.build(model, (images, labels), architecture="tiny_cnn", log=lambda *_: None, self_test="choose",
                           signals="expert", **FAST)
-    expert, section = bundle.fields["backdoor_expert"], bundle.fields["self_test"]
-    rule = section["rule_lr"]
-    eligible = [c["lr"] for c in section["candidates"] if c["eligible"]]
-    assert section["chosen_lr"] == max(eligible) > rule
-    assert expert["lr"] == section["chosen_lr"] and expert["chosen_by"] == "canary" and expert["rule_lr"] == rule
-    assert [c["lr"] for c in expert["canary_search"]] == candidate_rates(rule, "choose")
+    auxiliary, section = bundle.fields["auxiliary_model"], bundle.fields["self_test"]
+    assert [c["recipe"] for c in section["recipe_candidates"]] == list(FINETUNE_RECIPES)
+    assert made == ["warmup", "fresh_head"] and section["rule_recipe"] == "plain"
+    assert section["chosen_recipe"] == "fresh_head" and section["auroc"] == 0.99
+    assert auxiliary["recipe"] == "fresh_head" and auxiliary["chosen_by"] == "canary"
+    assert auxiliary["rule_recipe"] == "plain" and len(auxiliary["canary_search"]) == 3
+
+
+def test_report_measures_no_recipe(data):
+    model, images, labels = data
+    bundle = Bundle.build(model, (images, labels), architecture="tiny_cnn", log=lambda *_: None, signals="expert",
+                          **FAST)
+    assert "recipe_candidates" not in bundle.fields["self_test"]
+    assert bundle.fields["auxiliary_model"]["recipe"] == "plain" and "canary_search" not in bundle.fields["auxiliary_model"]
 
 
 @pytest.mark.parametrize("options, message", [
