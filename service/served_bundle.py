@@ -84,12 +84,16 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
         raise RuntimeError(f"bundle {folder}: {len(class_names)} class names for {manifest.num_classes} classes")
     on_cuda = torch.device(device).type == "cuda"
     engine_name = settings.engine if settings.engine != "auto" else "eager" if on_cuda else "jit"
-    engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning)
+    parallel_up_to = settings.small_batch_size if settings.parallel_forwards and settings.small_batch_threads == 1 \
+        and not on_cuda else 0  # more small-batch threads would share the cores with the fork
+    engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning,
+                          parallel_up_to=parallel_up_to)
     streams = None
     if on_cuda and settings.cuda_streams and engine.name == "eager":
         streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]
     served = ServedBundle(folder, guard, manifest, tau, class_names,
-                          info_document(settings, limits, guard, manifest, device, engine.name), engine, streams)
+                          info_document(settings, limits, guard, manifest, device, engine.name, engine.parallel_up_to),
+                          engine, streams)
     if settings.warmup:
         warm_up(served, settings, limits)
     return served
@@ -113,7 +117,7 @@ def signals_info(manifest: Manifest) -> dict:
 
 
 def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manifest: Manifest, device: str,
-                  engine: str = "eager") -> dict:
+                  engine: str = "eager", parallel_up_to: int = 0) -> dict:
     """What ``GET /v1/info`` answers for this bundle."""
     info = InfoResponse(
         bundle_id=manifest.bundle_id, created_at=manifest.created_at, architecture=manifest.architecture,
@@ -131,6 +135,7 @@ def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manif
                 "image_formats": limits.formats},
         batching={"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
                   "max_queue": settings.max_queue, "engine": engine, "small_batch_size": settings.small_batch_size,
+                  "parallel_forwards_up_to": parallel_up_to,
                   "torch_threads": [settings.small_batch_threads, torch.get_num_threads()]},
         versions={"bundle": manifest.versions, "server": package_versions()},
         response_policy=settings.response_policy, signals=signals_info(manifest),
