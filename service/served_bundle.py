@@ -84,8 +84,10 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
         raise RuntimeError(f"bundle {folder}: {len(class_names)} class names for {manifest.num_classes} classes")
     on_cuda = torch.device(device).type == "cuda"
     engine_name = settings.engine if settings.engine != "auto" else "eager" if on_cuda else "jit"
+    # the fork adds a thread: only where torch may use two (its large-batch count), and where the small
+    # batches' one thread leaves the other to it
     parallel_up_to = settings.small_batch_size if settings.parallel_forwards and settings.small_batch_threads == 1 \
-        and not on_cuda else 0  # more small-batch threads would share the cores with the fork
+        and torch.get_num_threads() >= 2 and not on_cuda else 0
     engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning,
                           parallel_up_to=parallel_up_to)
     streams = None

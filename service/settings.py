@@ -44,9 +44,10 @@ class ServiceSettings(BaseSettings):
                                   "torch threads (0: every batch on torch_threads)")
     small_batch_threads: int = Field(1, ge=1, description="torch CPU threads for small batches: the other cores stay "
                                      "free for HTTP and image decoding")
-    parallel_forwards: bool = Field(True, description="with the jit engine and one small-batch thread, small "
-                                    "batches run B beside M and M' (torch.jit.fork, on torch's inter-op threads): "
-                                    "about two forwards' time on two cores instead of three")
+    parallel_forwards: bool = Field(True, description="with the jit engine, one small-batch thread and two or more "
+                                    "torch threads for large batches, small batches run B beside M and M' "
+                                    "(torch.jit.fork, on torch's inter-op threads): about two forwards' time on two "
+                                    "cores instead of three")
     engine: Literal["auto", "eager", "fused", "jit"] = Field(
         "auto", description="how the three forwards run: eager (module by module), fused (BatchNorm folded, "
                             "channels-last), jit (one frozen TorchScript graph); auto: jit on CPU, eager on CUDA. "

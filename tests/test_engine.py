@@ -106,13 +106,19 @@ def test_the_jit_engines_parallel_graph_serves_small_batches_and_scores_as_eager
 
 
 def test_the_server_runs_small_batches_on_the_parallel_graph_only_with_one_small_batch_thread(tiny):
-    for overrides, expected in (({}, 8), ({"parallel_forwards": False}, 0), ({"small_batch_threads": 2}, 0),
-                                ({"small_batch_size": 3}, 3)):
-        service = loaded_service(tiny.bundle, warmup=False, **overrides)
-        assert service.live.engine.parallel_up_to == expected, overrides
-        assert service.live.info["batching"]["parallel_forwards_up_to"] == expected
-        service._decode_pool.shutdown()
-        service._audit_pool.shutdown()
+    threads = torch.get_num_threads()
+    cases = (({}, 8), ({"parallel_forwards": False}, 0), ({"small_batch_threads": 2}, 0), ({"small_batch_size": 3}, 3),
+             ({"torch_threads": 1}, 0))  # one torch thread in all: the fork would add a second
+    try:
+        for overrides, expected in cases:
+            torch.set_num_threads(2)  # as on two cores (the suite runs on one thread)
+            service = loaded_service(tiny.bundle, warmup=False, **overrides)
+            assert service.live.engine.parallel_up_to == expected, overrides
+            assert service.live.info["batching"]["parallel_forwards_up_to"] == expected
+            service._decode_pool.shutdown()
+            service._audit_pool.shutdown()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def loaded_service(bundle, **overrides):
