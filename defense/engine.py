@@ -11,7 +11,8 @@ unit of work, for serving. Each returns exactly what :meth:`Guard.score_batch` r
   (the server's small batches, which run on one torch thread), a second graph serves batches up to
   that size: B runs in a ``torch.jit.fork`` task on torch's inter-op pool while the calling thread
   runs M, then M'. Three forwards of one image then take about two forwards' time on two cores
-  (compact CIFAR ResNet, batch 1, one torch thread: 2.3 against 3.3 ms) instead of three; large
+  (compact CIFAR ResNet, batch 1, one torch thread: 2.45 against 3.47 ms, ``python -m
+  bench.parallel_forwards``) instead of three; large
   batches keep the serial graph, whose intra-op threads already use every core (forking there
   would put two thread pools on the same cores).
 

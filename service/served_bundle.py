@@ -70,9 +70,13 @@ class ServedBundle:
         return guard.scores_from(*outputs, activations)
 
 
-def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, limits: Limits) -> ServedBundle:
+def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, limits: Limits,
+                       large_batch_threads: int | None = None) -> ServedBundle:
     """Blocking (run it off the event loop): verify and load the bundle at ``folder``, warm it up.
-    Raises (UserError, BundleIntegrityError, ...) with a one-line reason when it cannot be served."""
+    Raises (UserError, BundleIntegrityError, ...) with a one-line reason when it cannot be served.
+    ``large_batch_threads``: the torch threads of the server's large batches (default: this thread's
+    count now; a hot swap passes the count fixed at startup, since the inference thread's setting,
+    which changes per batch, is what a new thread would read)."""
     folder = Path(folder).resolve()  # a re-pointed symlink is followed once: every file from one bundle
     guard, manifest = load_bundle(folder, device, verify_key=settings.verify_key,
                                   allowed_factory_modules=settings.factory_module_list)
@@ -86,8 +90,9 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
     engine_name = settings.engine if settings.engine != "auto" else "eager" if on_cuda else "jit"
     # the fork adds a thread: only where torch may use two (its large-batch count), and where the small
     # batches' one thread leaves the other to it
+    large_batch_threads = large_batch_threads or torch.get_num_threads()
     parallel_up_to = settings.small_batch_size if settings.parallel_forwards and settings.small_batch_threads == 1 \
-        and torch.get_num_threads() >= 2 and not on_cuda else 0
+        and large_batch_threads >= 2 and not on_cuda else 0
     engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning,
                           parallel_up_to=parallel_up_to)
     streams = None
