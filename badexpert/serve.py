@@ -84,7 +84,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from defense.bundle import read_manifest
     from defense.bundle_trust import load_verify_key
     from service.app import create_app
-    from service.http_protocol import protocol_with_header_timeout
+    from service.protocol_choice import http_protocol_class
 
     settings = settings_from_args(args)
     if settings.verify_key is not None:
@@ -103,7 +103,7 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.access_log, lifespan="on",
-                            http=protocol_with_header_timeout(settings.header_timeout_s),
+                            http=http_protocol_class(settings.header_timeout_s, settings.max_header_bytes, settings.http_parser),
                             loop=settings.event_loop, h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_graceful_shutdown=settings.shutdown_timeout_s)
     server = uvicorn.Server(config)

@@ -6,11 +6,14 @@ load, in three interleaved rounds, as one Markdown table of medians and ranges.
     python -m bench.serve --quick               # smoke run: short scenarios, first model only, one round
     python -m bench.serve --models compact --before /path/to/old/checkout   # before/after, interleaved
     python -m bench.serve --server-arg=--max-wait-ms=0 --server-arg=--torch-threads=1
+    python -m bench.serve --models compact --before /path/to/old/checkout --before-server-arg=--event-loop=asyncio
 
 Per model: a bundle with random weights (detection quality is irrelevant to speed), written once
 under ``~/.cache/badexpert/bench/serve/``; a ``badexpert serve`` subprocess on loopback with its
 defaults (plus ``--device cpu`` and any ``--server-arg``) and, with ``--before``, a second one run
-from another checkout. Each round times, in this process, the bare model and the guard's engines
+from another checkout (plus any ``--before-server-arg``: the checkouts share this Python
+environment, so a dependency added since, uvloop for one, needs the before server told not to use
+it). Each round times, in this process, the bare model and the guard's engines
 (batch-64 throughput, batch-1 latency, CPU per image), then each HTTP scenario against each server
 in turn, so that a machine's background load hits the bare and the guarded paths alike. The load
 comes from ``wrk`` (:mod:`bench.native_load`, installed by the project's set-up) when it is on the
@@ -56,6 +59,7 @@ from defense.preprocessing import Preprocessing
 BUNDLES = CACHE / "bench" / "serve"
 RESULTS = CACHE / "bench" / "results"
 NUM_CLASSES = 10
+SMALL_BATCH_SIZE = 8  # the server's default small_batch_size: its parallel graph serves batches up to it
 
 
 @dataclass(frozen=True)
@@ -149,10 +153,25 @@ def in_process_paths(bundle: Path, setup: ModelSetup) -> list[tuple[str, object]
     paths = [("bare", bare_eager(guard)), ("bare_torchscript", bare_torchscript(guard, batch)),
              ("guard", guard.score_batch)]
     paths += [(f"guard_{name}", engine) for name, engine in engines.items() if engine.name == name]
+    served = build_engine(guard, "jit", checks, parallel_up_to=SMALL_BATCH_SIZE)
+    if served.parallel_up_to:
+        paths.append(("guard_jit_served", served_threads(served, torch.get_num_threads())))
     for _, function in paths:
         for images in (batch, one, batch, one):  # warm up (TorchScript optimizes on its first calls)
             function(images)
     return paths
+
+
+def served_threads(engine, large_threads: int):
+    """``engine`` called as the server calls it: one torch thread for batches of up to its
+    ``parallel_up_to`` images (which its parallel graph runs), ``large_threads`` above."""
+    def run(images: torch.Tensor):
+        torch.set_num_threads(1 if len(images) <= engine.parallel_up_to else large_threads)
+        try:
+            return engine(images)
+        finally:
+            torch.set_num_threads(large_threads)
+    return run
 
 
 def in_process(paths: list[tuple[str, object]], setup: ModelSetup, duration_s: float) -> dict:
@@ -245,7 +264,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 def bench_model(name: str, duration_s: float, server_args: list[str], out: Path, log=print,
                 signals: str = "fused", rounds: int = 3, generator: str = "python",
-                before: Path | None = None) -> dict:
+                before: Path | None = None, before_args: tuple[str, ...] = ()) -> dict:
     """``rounds`` interleaved rounds of every in-process path and every HTTP scenario, against this
     checkout's server ("after") and, with ``before``, one run from that checkout."""
     setup = MODELS[name]
@@ -256,8 +275,9 @@ def bench_model(name: str, duration_s: float, server_args: list[str], out: Path,
     try:
         for label, checkout in (("after", None), ("before", before)) if before else (("after", None),):
             port = free_port()
-            log(f"{name}: starting badexpert serve ({label}) on port {port} {' '.join(server_args)}")
-            servers[label] = port, start_server(bundle, port, server_args, out / f"serve-{name}-{label}.log", checkout)
+            arguments = server_args + list(before_args if checkout else ())
+            log(f"{name}: starting badexpert serve ({label}) on port {port} {' '.join(arguments)}")
+            servers[label] = port, start_server(bundle, port, arguments, out / f"serve-{name}-{label}.log", checkout)
         info = json.loads(get("127.0.0.1", servers["after"][0], "/v1/info")[1])
         measured = []
         for number in range(1, rounds + 1):
@@ -274,7 +294,7 @@ def bench_model(name: str, duration_s: float, server_args: list[str], out: Path,
             _stop(process)
     return {"model": name, "arch": setup.arch, "input_size": setup.size, "rounds": measured,
             "batching": info.get("batching"), "server_args": server_args, "generator": generator,
-            "before": str(before) if before else None}
+            "before": str(before) if before else None, "before_server_args": list(before_args)}
 
 
 def machine() -> dict:
@@ -292,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-arg", action="append", default=[], help="an extra 'badexpert serve' argument")
     parser.add_argument("--before", type=Path, help="another checkout of the project: its server is measured too, "
                                                     "interleaved with this checkout's (before/after)")
+    parser.add_argument("--before-server-arg", action="append", default=[],
+                        help="an extra 'badexpert serve' argument for the --before server only")
     parser.add_argument("--load-generator", default="auto", choices=["auto", "wrk", "python"],
                         help="auto: wrk when it is installed, else Python client threads")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for serve.json and serve.md")
@@ -308,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results = [bench_model(name, duration, args.server_arg, args.out, log=lambda text: print(text, flush=True),
                            signals=args.signals, rounds=rounds, generator=generator,
-                           before=args.before.resolve() if args.before else None) for name in models]
+                           before=args.before.resolve() if args.before else None,
+                           before_args=tuple(args.before_server_arg)) for name in models]
     markdown = table(results, SCENARIOS)
     summary = {"machine": machine(), "duration_s": duration, "rounds": rounds, "generator": generator,
                "signals": args.signals, "seconds": round(time.monotonic() - started, 1), "results": results}

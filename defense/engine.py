@@ -7,7 +7,14 @@ unit of work, for serving. Each returns exactly what :meth:`Guard.score_batch` r
   ``torch.fx`` cannot trace.
 - ``jit``: the normalizer and the three models traced into one TorchScript graph, frozen and
   optimized for inference (BatchNorm folded, oneDNN convolutions on CPU). Fewest Python calls per
-  batch: on a small model at batch 1 it is about twice as fast as ``eager``.
+  batch: on a small model at batch 1 it is about twice as fast as ``eager``. With ``parallel_up_to``
+  (the server's small batches, which run on one torch thread), a second graph serves batches up to
+  that size: B runs in a ``torch.jit.fork`` task on torch's inter-op pool while the calling thread
+  runs M, then M'. Three forwards of one image then take about two forwards' time on two cores
+  (compact CIFAR ResNet, batch 1, one torch thread: 2.45 against 3.47 ms, ``python -m
+  bench.parallel_forwards``) instead of three; large
+  batches keep the serial graph, whose intra-op threads already use every core (forking there
+  would put two thread pools on the same cores).
 
 With the feature signal on (``guard.feature_detector``), M's hooked activations come out of the
 same pass: ``jit`` traces them into its graph; ``fused`` keeps M eager (folding would remove the
@@ -24,7 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from typing import Callable, Literal
+from typing import Callable, Literal, TypeVar
 
 import torch
 import torch.nn as nn
@@ -36,6 +43,7 @@ EngineName = Literal["eager", "fused", "jit"]
 ENGINES: tuple[str, ...] = ("eager", "fused", "jit")
 SCORE_RTOL = 1e-5
 log = logging.getLogger("badexpert.engine")
+T = TypeVar("T")
 
 
 class _ThreeForwards(nn.Module):
@@ -55,12 +63,30 @@ class _ThreeForwards(nn.Module):
         return (model_logits, self.expert(inputs), self.auxiliary(inputs), *activations)
 
 
+class _ThreeForwardsInParallel(_ThreeForwards):
+    """The same three forwards with B in a ``torch.jit.fork`` task (torch's inter-op pool) while this
+    thread runs M and then M': two threads busy rather than one, for batches too small to keep
+    intra-op threads busy. B alone is forked so that two threads, not three, share two cores."""
+
+    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = self.normalizer(images_uint8)
+        expert = torch.jit.fork(self.expert, inputs)
+        model_logits = self.model(inputs)
+        activations = self._guard[0].activations()  # read before M' runs: the tap is M's
+        auxiliary_logits = self.auxiliary(inputs)
+        return (model_logits, torch.jit.wait(expert), auxiliary_logits, *activations)
+
+
 class GuardEngine:
-    """``engine(images_uint8)`` -> :class:`GuardScores` on the CPU, like ``guard.score_batch``."""
+    """``engine(images_uint8)`` -> :class:`GuardScores` on the CPU, like ``guard.score_batch``.
+    ``small_forwards``: another graph of the same forwards for batches of up to ``parallel_up_to``
+    images (the jit engine's parallel one; 0: none)."""
 
     def __init__(self, name: str, guard: Guard, forwards: Callable[[torch.Tensor], tuple] | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, small_forwards: Callable[[torch.Tensor], tuple] | None = None,
+                 parallel_up_to: int = 0):
         self.name, self.guard, self._forwards, self._channels_last = name, guard, forwards, channels_last
+        self._small_forwards, self.parallel_up_to = small_forwards, parallel_up_to if small_forwards else 0
 
     @torch.inference_mode()
     def __call__(self, images_uint8: torch.Tensor) -> GuardScores:
@@ -69,18 +95,19 @@ class GuardEngine:
         images = images_uint8.to(self.guard.device, non_blocking=True)
         if self._channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        model_logits, expert_logits, auxiliary_logits, *activations = self._forwards(images)
+        forwards = self._small_forwards if len(images) <= self.parallel_up_to else self._forwards
+        model_logits, expert_logits, auxiliary_logits, *activations = forwards(images)
         return self.guard.scores_from(model_logits, expert_logits, auxiliary_logits, activations)
 
 
-def _three(guard: Guard) -> _ThreeForwards:
-    return _ThreeForwards(guard).eval()
+def _three(guard: Guard, parallel: bool = False) -> _ThreeForwards:
+    return (_ThreeForwardsInParallel if parallel else _ThreeForwards)(guard).eval()
 
 
-def _jit_forwards(guard: Guard, example: torch.Tensor) -> Callable:
+def _jit_forwards(guard: Guard, example: torch.Tensor, parallel: bool = False) -> Callable:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer warnings: the check below decides
-        traced = torch.jit.trace(_three(guard), example.to(guard.device), check_trace=False)
+        traced = torch.jit.trace(_three(guard, parallel), example.to(guard.device), check_trace=False)
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
 
@@ -118,10 +145,46 @@ def mismatch(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor]) -> 
     return None
 
 
+def _problem(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _one_torch_thread(build: Callable[[], T]) -> T:
+    """``build()`` on one torch thread. Why: tracing or running the parallel graph can start torch's
+    inter-op pool, and a pool worker takes the process's torch thread count when it starts and keeps
+    it (OpenMP's setting is per thread). Started under two threads (the server loads under its
+    large-batch count), the worker ran B on two OpenMP threads beside the calling thread, and the
+    OpenMP threads left spinning slowed every later two-thread forward of the process about
+    threefold (compact ResNet, 2 cores: a bare batch-1 forward 0.9 -> 3.1 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _with_parallel_graph(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor], parallel_up_to: int,
+                         on_fallback: Callable[[str], None]) -> GuardEngine:
+    """``engine`` (jit, checked) with the parallel graph for batches up to ``parallel_up_to`` images, once
+    that graph scores ``samples`` as eager does; ``engine`` unchanged (and ``on_fallback`` told) otherwise."""
+    try:
+        parallel = _one_torch_thread(lambda: GuardEngine("jit", guard, _jit_forwards(guard, samples[0], parallel=True)))
+        problem = _one_torch_thread(lambda: mismatch(parallel, guard, samples))
+    except Exception as error:
+        problem = _problem(error)
+    if problem is not None:
+        on_fallback(f"jit engine's parallel graph not used ({problem}); small batches run the serial graph")
+        return engine
+    return GuardEngine("jit", guard, engine._forwards, small_forwards=parallel._forwards,
+                       parallel_up_to=parallel_up_to)
+
+
 def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],
-                 on_fallback: Callable[[str], None] | None = None) -> GuardEngine:
+                 on_fallback: Callable[[str], None] | None = None, parallel_up_to: int = 0) -> GuardEngine:
     """The engine ``name`` for ``guard``, checked on ``samples`` (uint8 batches; give two sizes);
-    ``eager`` when it cannot be built or does not match (``on_fallback`` hears why)."""
+    ``eager`` when it cannot be built or does not match (``on_fallback`` hears why). ``parallel_up_to``:
+    the jit engine runs batches of up to this many images on its parallel graph (also checked)."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
     eager = GuardEngine("eager", guard)
@@ -134,8 +197,10 @@ def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],
             engine = GuardEngine("fused", guard, _fused_forwards(guard), channels_last=True)
         problem = mismatch(engine, guard, samples)
     except Exception as error:  # untraceable model: eager serves it
-        problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        problem = _problem(error)
     if problem is None:
+        if name == "jit" and parallel_up_to > 0:
+            return _with_parallel_graph(engine, guard, samples, parallel_up_to, on_fallback or log.warning)
         return engine
     message = f"engine {name} not used ({problem}); serving with the eager engine"
     (on_fallback or log.warning)(message)

@@ -13,6 +13,8 @@ The ``badexpert serve`` command that starts it is :mod:`badexpert.serve`.
 - :mod:`service.middleware` request ids, status counts, API keys
 - :mod:`service.predict_route` the lean ``POST /predict`` path (no router or endpoint wrapper per request)
 - :mod:`service.http_protocol` uvicorn's h11 protocol with JSON 400s, a header timeout, coalesced writes
+- :mod:`service.httptools_protocol` the same on uvicorn's httptools protocol (the default when installed)
+- :mod:`service.protocol_choice` which of the two the server runs (``--http-parser``)
 - :mod:`service.inputs`   reading one request's images (multipart or JSON base64), with limits
 - :mod:`service.batcher`  the micro-batcher that coalesces concurrent requests for the device
 - :mod:`service.metrics`  Prometheus metrics on a per-app registry

@@ -114,7 +114,7 @@ class GuardService:
 
     def load_candidate(self, folder: Path) -> ServedBundle:
         """Blocking: a bundle verified, loaded and warmed up exactly as at startup (not switched in)."""
-        return load_served_bundle(self.settings, folder, self.device, self.limits)
+        return load_served_bundle(self.settings, folder, self.device, self.limits, self._threads[1])
 
     def switch(self, candidate: ServedBundle) -> ServedBundle:
         """On the event loop: make ``candidate`` the live bundle (one assignment); returns the previous one.

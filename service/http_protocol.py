@@ -1,11 +1,16 @@
-"""uvicorn's HTTP/1.1 protocol (h11) with the API's JSON error body for the requests it refuses
-itself (a malformed request line, headers over ``max_header_bytes``): the client gets
-``{"error": "bad_http_request", "detail": ...}`` like every other error, not plain text; and a
-header-read timeout: a connection whose request line and headers have not all arrived within
-``header_timeout_s`` of its first byte (or of opening) is closed, so slow-header connections
+"""uvicorn's HTTP/1.1 protocols with what the API promises on top: the JSON error body for the
+requests the protocol refuses itself (a malformed request line, headers over ``max_header_bytes``):
+the client gets ``{"error": "bad_http_request", "detail": ...}`` like every other error, not plain
+text; a header-read timeout: a connection whose request line and headers have not all arrived
+within ``header_timeout_s`` of its first byte (or of opening) is closed, so slow-header connections
 cannot pile up (uvicorn itself times out only idle keep-alive connections); and writes coalesced:
 what a response writes within one turn of the event loop (its head, then its body) leaves in one
-send, not one per piece (:class:`CoalescingTransport`)."""
+send, not one per piece (:class:`CoalescingTransport`).
+
+Two parsers, the same guarantees: httptools (llhttp, in C: a fraction of h11's parsing time per
+request) when it is installed, as it is with the project's dependencies, else h11 (pure Python:
+:func:`service.protocol_choice.http_protocol_class`). This module holds the shared parts and the h11 protocol;
+:mod:`service.httptools_protocol` the other."""
 
 from __future__ import annotations
 
@@ -52,10 +57,15 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+def bad_request_body(msg: str) -> bytes:
+    """The JSON body of a 400 that the HTTP protocol sends itself (the parser's ``msg`` inside)."""
+    return json.dumps({"error": "bad_http_request", "detail": f"{msg} (malformed request, or a request line "
+                       "and headers over the server's limit)"}).encode()
+
+
 class JSONErrorH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
-        body = json.dumps({"error": "bad_http_request", "detail": f"{msg} (malformed request, or a request line "
-                           "and headers over the server's limit)"}).encode()
+        body = bad_request_body(msg)
         headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
                    (b"content-length", str(len(body)).encode())]
         try:
@@ -102,8 +112,3 @@ class HeaderTimeoutH11Protocol(JSONErrorH11Protocol):
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self.logger.info("closing a connection whose request headers took over %g s", self.header_timeout_s)
             self.transport.close()
-
-
-def protocol_with_header_timeout(header_timeout_s: float) -> type[HeaderTimeoutH11Protocol]:
-    """The protocol class for uvicorn's ``http`` setting, with this header-read timeout."""
-    return type("BadExpertH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": header_timeout_s})

@@ -70,9 +70,13 @@ class ServedBundle:
         return guard.scores_from(*outputs, activations)
 
 
-def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, limits: Limits) -> ServedBundle:
+def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, limits: Limits,
+                       large_batch_threads: int | None = None) -> ServedBundle:
     """Blocking (run it off the event loop): verify and load the bundle at ``folder``, warm it up.
-    Raises (UserError, BundleIntegrityError, ...) with a one-line reason when it cannot be served."""
+    Raises (UserError, BundleIntegrityError, ...) with a one-line reason when it cannot be served.
+    ``large_batch_threads``: the torch threads of the server's large batches (default: this thread's
+    count now; a hot swap passes the count fixed at startup, since the inference thread's setting,
+    which changes per batch, is what a new thread would read)."""
     folder = Path(folder).resolve()  # a re-pointed symlink is followed once: every file from one bundle
     guard, manifest = load_bundle(folder, device, verify_key=settings.verify_key,
                                   allowed_factory_modules=settings.factory_module_list)
@@ -84,12 +88,19 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
         raise RuntimeError(f"bundle {folder}: {len(class_names)} class names for {manifest.num_classes} classes")
     on_cuda = torch.device(device).type == "cuda"
     engine_name = settings.engine if settings.engine != "auto" else "eager" if on_cuda else "jit"
-    engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning)
+    # the fork adds a thread: only where torch may use two (its large-batch count), and where the small
+    # batches' one thread leaves the other to it
+    large_batch_threads = large_batch_threads or torch.get_num_threads()
+    parallel_up_to = settings.small_batch_size if settings.parallel_forwards and settings.small_batch_threads == 1 \
+        and large_batch_threads >= 2 and not on_cuda else 0
+    engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning,
+                          parallel_up_to=parallel_up_to)
     streams = None
     if on_cuda and settings.cuda_streams and engine.name == "eager":
         streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]
     served = ServedBundle(folder, guard, manifest, tau, class_names,
-                          info_document(settings, limits, guard, manifest, device, engine.name), engine, streams)
+                          info_document(settings, limits, guard, manifest, device, engine.name, engine.parallel_up_to),
+                          engine, streams)
     if settings.warmup:
         warm_up(served, settings, limits)
     return served
@@ -113,7 +124,7 @@ def signals_info(manifest: Manifest) -> dict:
 
 
 def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manifest: Manifest, device: str,
-                  engine: str = "eager") -> dict:
+                  engine: str = "eager", parallel_up_to: int = 0) -> dict:
     """What ``GET /v1/info`` answers for this bundle."""
     info = InfoResponse(
         bundle_id=manifest.bundle_id, created_at=manifest.created_at, architecture=manifest.architecture,
@@ -131,6 +142,7 @@ def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manif
                 "image_formats": limits.formats},
         batching={"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
                   "max_queue": settings.max_queue, "engine": engine, "small_batch_size": settings.small_batch_size,
+                  "parallel_forwards_up_to": parallel_up_to,
                   "torch_threads": [settings.small_batch_threads, torch.get_num_threads()]},
         versions={"bundle": manifest.versions, "server": package_versions()},
         response_policy=settings.response_policy, signals=signals_info(manifest),

@@ -44,6 +44,10 @@ class ServiceSettings(BaseSettings):
                                   "torch threads (0: every batch on torch_threads)")
     small_batch_threads: int = Field(1, ge=1, description="torch CPU threads for small batches: the other cores stay "
                                      "free for HTTP and image decoding")
+    parallel_forwards: bool = Field(True, description="with the jit engine, one small-batch thread and two or more "
+                                    "torch threads for large batches, small batches run B beside M and M' "
+                                    "(torch.jit.fork, on torch's inter-op threads): about two forwards' time on two "
+                                    "cores instead of three")
     engine: Literal["auto", "eager", "fused", "jit"] = Field(
         "auto", description="how the three forwards run: eager (module by module), fused (BatchNorm folded, "
                             "channels-last), jit (one frozen TorchScript graph); auto: jit on CPU, eager on CUDA. "
@@ -53,6 +57,9 @@ class ServiceSettings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long to wait for requests in flight")
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto", description="uvicorn's event loop; auto: uvloop when it is installed, else asyncio")
+    http_parser: Literal["auto", "httptools", "h11"] = Field(
+        "auto", description="uvicorn's HTTP/1.1 parser; auto: httptools (C) when it is installed, else h11 (Python). "
+                            "Both give the same limits, JSON 400s and header timeout")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
     access_log: bool = Field(True, description="uvicorn's per-request access log")
     # bundle trust

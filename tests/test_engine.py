@@ -86,6 +86,41 @@ def test_an_engine_that_does_not_match_falls_back_to_eager_and_says_why():
 # ----- the server's inference path ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("arch, size", [("tiny_cnn", 16), ("cifar_resnet_compact", 32)])
+def test_the_jit_engines_parallel_graph_serves_small_batches_and_scores_as_eager(arch, size):
+    from defense.feature_fit import fit_guard_features
+
+    guard = random_guard(arch, size)
+    images = torch.randint(0, 256, (40, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    fit_guard_features(guard, images[:32], images[32:], 4, "fused")  # M's tapped activations come out of the fork graph too
+    fallbacks = []
+    engine = build_engine(guard, "jit", samples(size), on_fallback=fallbacks.append, parallel_up_to=4)
+    assert engine.name == "jit" and engine.parallel_up_to == 4 and not fallbacks
+    assert "fork" in str(engine._small_forwards.graph) and "fork" not in str(engine._forwards.graph)
+    for batch in (images[:1], images[:4], images[:5]):  # parallel, parallel, serial
+        got, want = engine(batch), guard.score_batch(batch)
+        assert torch.equal(got.label, want.label) and torch.equal(guard.rejects(got.score), guard.rejects(want.score))
+        assert torch.allclose(got.score, want.score, rtol=1e-5, atol=0)
+        assert torch.allclose(got.feature_score, want.feature_score, rtol=1e-5, atol=0)
+    assert build_engine(guard, "jit", samples(size)).parallel_up_to == 0  # only when asked for
+
+
+def test_the_server_runs_small_batches_on_the_parallel_graph_only_with_one_small_batch_thread(tiny):
+    threads = torch.get_num_threads()
+    cases = (({}, 8), ({"parallel_forwards": False}, 0), ({"small_batch_threads": 2}, 0), ({"small_batch_size": 3}, 3),
+             ({"torch_threads": 1}, 0))  # one torch thread in all: the fork would add a second
+    try:
+        for overrides, expected in cases:
+            torch.set_num_threads(2)  # as on two cores (the suite runs on one thread)
+            service = loaded_service(tiny.bundle, warmup=False, **overrides)
+            assert service.live.engine.parallel_up_to == expected, overrides
+            assert service.live.info["batching"]["parallel_forwards_up_to"] == expected
+            service._decode_pool.shutdown()
+            service._audit_pool.shutdown()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def loaded_service(bundle, **overrides):
     from test_service import settings
 

@@ -1,0 +1,74 @@
+"""The jit engine's two graphs side by side in process (issue 30b): the three forwards of a small
+batch serially on one torch thread, serially on two, and on the parallel graph (B forked beside M
+and M') on one thread, the server's small-batch setting. Forwards only (no scoring), medians of
+many calls, the three interleaved per repetition.
+
+    python -m bench.parallel_forwards                  # compact CIFAR ResNet, batches of 1 and 8
+    python -m bench.parallel_forwards --sizes 1 8 64 --repeats 3
+
+The bundle is ``bench.serve``'s (random weights, the feature signal on). The parallel graph is
+built first, on one torch thread (as the engine builds it), so that torch's inter-op pool starts
+with one; the two-thread rows run in the same process after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from bench.serve import MODELS, bundle_for, sample_images
+from defense.bundle import load_bundle
+from defense.engine import build_engine
+
+
+def _median_ms(function, images: torch.Tensor, calls: int) -> float:
+    with torch.inference_mode():
+        for _ in range(5):
+            function(images)
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            function(images)
+            times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="compact", choices=sorted(MODELS))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (median shown, range beside)")
+    args = parser.parse_args(argv)
+    setup = MODELS[args.model]
+    guard, _ = load_bundle(bundle_for(args.model), "cpu")
+    checks = [sample_images(setup, 2), sample_images(setup, 1), sample_images(setup, 5)]
+    engine = build_engine(guard, "jit", checks, parallel_up_to=max(args.sizes))
+    if not engine.parallel_up_to:
+        print("the parallel graph was not built (see the log)")
+        return 1
+    threads = torch.get_num_threads()
+    paths = (("serial graph, 1 thread", engine._forwards, 1), ("serial graph, 2 threads", engine._forwards, 2),
+             ("parallel graph (B forked), 1 thread", engine._small_forwards, 1))
+    print(f"{args.model}, forwards only, ms (median of {args.repeats} repetitions, range)")
+    print("| path | " + " | ".join(f"batch {size}" for size in args.sizes) + " |")
+    print("|---|" + "---:|" * len(args.sizes))
+    results = {name: {size: [] for size in args.sizes} for name, _, _ in paths}
+    for _ in range(args.repeats):
+        for size in args.sizes:
+            images = sample_images(setup, size)
+            for name, forwards, count in paths:
+                torch.set_num_threads(count)
+                results[name][size].append(_median_ms(forwards, images, max(20, 400 // size)))
+    torch.set_num_threads(threads)
+    for name, by_size in results.items():
+        cells = [f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for v in by_size.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
