@@ -257,18 +257,29 @@ def _cell(metrics: dict) -> str:
 
 
 def rule_means(calibration: str = "cal") -> str:
-    """Every rule's mean AUROC and ASR at tau over all counted guards, per arch: the choice's evidence."""
+    """Every rule's mean AUROC and ASR at tau over all counted guards, then per architecture, and the
+    mean over architectures (each family weighs the same, however many guards it has): the choice's evidence."""
     results = [json.loads(path.read_text()) for path in sorted((ROOT / "results").glob("*.json"))]
     results = [r for r in results if r["counted"]]
     if not results:
         return "no results"
-    lines = ["| rule | guards | mean AUROC | min AUROC | mean FPR | mean ASR at tau |", "|---|---|---|---|---|---|"]
+    archs = sorted({r["arch"] for r in results})
+    lines = ["| rule | guards | mean AUROC | min AUROC | mean FPR | mean ASR at tau | "
+             + " | ".join(f"{arch}: AUROC / ASR" for arch in archs) + " | mean over families: AUROC / ASR |",
+             "|---|---|---|---|---|---|" + "---|" * (len(archs) + 1)]
     rules = sorted({rule for r in results for rule in r["rules"]})
     for rule in rules:
         rows = [r["rules"][rule][calibration] for r in results if rule in r["rules"]]
+        families = [[r["rules"][rule][calibration] for r in results if r["arch"] == arch and rule in r["rules"]]
+                    for arch in archs]
+        family_means = [(statistics.mean(m["auroc"] for m in f), statistics.mean(m["asr_with_guard"] for m in f))
+                        for f in families if f]
         lines.append(f"| {rule} | {len(rows)} | {100 * statistics.mean(m['auroc'] for m in rows):.2f} | "
                      f"{100 * min(m['auroc'] for m in rows):.2f} | {statistics.mean(m['fpr'] for m in rows):.2%} | "
-                     f"{statistics.mean(m['asr_with_guard'] for m in rows):.1%} |")
+                     f"{statistics.mean(m['asr_with_guard'] for m in rows):.1%} | "
+                     + " | ".join(f"{100 * a:.2f} / {r:.1%}" for a, r in family_means) + " | "
+                     f"{100 * statistics.mean(a for a, _ in family_means):.2f} / "
+                     f"{statistics.mean(r for _, r in family_means):.1%} |")
     return "\n".join(lines)
 
 
