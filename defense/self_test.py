@@ -272,7 +272,8 @@ def run_self_test(model: nn.Module, expert: nn.Module, expert_record: dict, auxi
     record = test.record(figures, mode)
     record.update(candidates=_listed(candidates), rule_lr=rule_lr, chosen_lr=chosen,
                   recipe_candidates=_listed(recipes), rule_recipe=rule_recipe, chosen_recipe=chosen_recipe,
-                  auxiliary_recipe=chosen_recipe, auxiliary_lr=figures["finetune_lr"], max_expert_ratio=CHOOSE_MAX_EXPERT_RATIO, margin=CHOOSE_MARGIN)
+                  auxiliary_recipe=chosen_recipe, auxiliary_lr=figures["finetune_lr"],
+                  max_expert_ratio=CHOOSE_MAX_EXPERT_RATIO, margin=CHOOSE_MARGIN)
     record["seconds"] = round(time.monotonic() - started, 2)
     return SelfTestOutcome(expert, expert_record, auxiliary, auxiliary_record, record)
 
