@@ -77,15 +77,17 @@ class JSONErrorH11Protocol(H11Protocol):
         self.transport.close()
 
 
-class HeaderTimeoutH11Protocol(JSONErrorH11Protocol):
-    """Closes a connection whose request line and headers take longer than ``header_timeout_s``."""
+class HeaderTimer:
+    """The header-read timeout both HTTP protocols share: a connection whose request line and headers
+    are not all in within ``header_timeout_s`` of its first byte (or of opening) is closed. A protocol
+    calls ``_arm_header_timer`` when a request may begin, ``_disarm_header_timer`` when its headers are
+    in or the connection is lost, and says by ``_head_pending`` whether it still waits for them."""
 
     header_timeout_s: float = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(CoalescingTransport(transport, self.loop))
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._arm_header_timer()
+    def _head_pending(self) -> bool:
+        raise NotImplementedError
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:
@@ -95,6 +97,25 @@ class HeaderTimeoutH11Protocol(JSONErrorH11Protocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._head_pending() and not self.transport.is_closing():
+            self.logger.info("closing a connection whose request headers took over %g s", self.header_timeout_s)
+            self.transport.close()
+
+
+class HeaderTimeoutH11Protocol(HeaderTimer, JSONErrorH11Protocol):
+    """Closes a connection whose request line and headers take longer than ``header_timeout_s``."""
+
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(CoalescingTransport(transport, self.loop))
+        self._header_timer = None
+        self._arm_header_timer()
+
+    def _head_pending(self) -> bool:
+        return self.conn.their_state is h11.IDLE
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE:  # a new request begins (a keep-alive's next one too)
@@ -106,9 +127,3 @@ class HeaderTimeoutH11Protocol(JSONErrorH11Protocol):
     def connection_lost(self, exc) -> None:
         self._disarm_header_timer()
         super().connection_lost(exc)
-
-    def _header_timeout(self) -> None:
-        self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.logger.info("closing a connection whose request headers took over %g s", self.header_timeout_s)
-            self.transport.close()

@@ -12,24 +12,22 @@ request is not counted: at most one read (256 KiB) more than the cap, and still 
 
 from __future__ import annotations
 
-import asyncio
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.http_protocol import CoalescingTransport, bad_request_body
+from service.http_protocol import CoalescingTransport, HeaderTimer, bad_request_body
 
 HEAD_TOO_LARGE = "Request line and headers over the limit."
 
 
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    header_timeout_s: float = 10.0
+class GuardedHttpToolsProtocol(HeaderTimer, HttpToolsProtocol):
     max_header_bytes: int = 16384
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))
         self._awaiting_head = True  # no request, or one whose headers are not all in
         self._head_bytes = 0
-        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_timer = None
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -60,17 +58,5 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                                        b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body]))
         self.transport.close()
 
-    def _arm_header_timer(self) -> None:
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
-
-    def _disarm_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _header_timeout(self) -> None:
-        self._header_timer = None
-        if self._awaiting_head and not self.transport.is_closing():
-            self.logger.info("closing a connection whose request headers took over %g s", self.header_timeout_s)
-            self.transport.close()
+    def _head_pending(self) -> bool:
+        return self._awaiting_head
