@@ -108,7 +108,6 @@ class HeaderTimer:
 class HeaderTimeoutH11Protocol(HeaderTimer, JSONErrorH11Protocol):
     """Closes a connection whose request line and headers take longer than ``header_timeout_s``."""
 
-
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))
         self._header_timer = None
