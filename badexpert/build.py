@@ -41,6 +41,7 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     from defense.build import FINETUNE_RECIPES, BuildConfig
+    from defense.canary import CANARY_KINDS
 
     defaults = BuildConfig()
     io = parser.add_argument_group("inputs and output")
@@ -149,6 +150,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     self_test.add_argument("--canary-seed", type=int, default=None, metavar="N",
                            help="draw the canaries from this seed instead of at random (a reproducible build; anyone "
                                 "who knows N knows the canaries)")
+    self_test.add_argument("--canaries", dest="canary_kinds", nargs="+", choices=list(CANARY_KINDS),
+                           default=list(defaults.canary_kinds), metavar="KIND",
+                           help=f"the canary backdoors implanted, one of each kind: patch (a random square), blend (a "
+                                "random pattern at 20%% opacity), warp (a smooth random warp of the whole image, "
+                                f"WaNet's shape) (default: {' '.join(defaults.canary_kinds)})")
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default %(default)s: CUDA when present)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")

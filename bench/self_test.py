@@ -4,6 +4,7 @@ the accuracy rule and the plain recipe?
 
     python -m bench.self_test --attacks badnet blend wanet                        # compact ResNet
     python -m bench.self_test --attacks badnet blend --arch cifar_lenet
+    python -m bench.self_test --attacks wanet --arch cifar_vgg11_bn_compact --canaries warp   # another canary set
     python -m bench.self_test --table                                             # Markdown from the JSONs
 
 For each attack's cached model (bench.train_attacked) one build with ``--self-test choose`` (canary
@@ -35,6 +36,7 @@ from bench.operating_point import split_test_set
 from bench.train_attacked import PREPROCESSING, model_path, recipe_attack_kwargs, settings_variant, train_backdoored
 from defense import auxiliary_recipes
 from defense import canary as canary_constants
+from defense.canary import CANARY_KINDS, DEFAULT_CANARY_KINDS
 from defense import self_test as self_test_constants
 from defense.build import BuildConfig, build_guard
 from defense.data import ImageSet
@@ -61,16 +63,23 @@ def real_figures(guard, test_images, test_labels, attack) -> dict:
             "asr_without_guard": metrics.asr_without_guard, "tau": guard.rejection_threshold}
 
 
-def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: int) -> Path:
+def kinds_suffix(kinds: tuple[str, ...]) -> str:
+    """The result file's mark of a canary set other than the build's default ("" for the default)."""
+    return "" if tuple(kinds) == DEFAULT_CANARY_KINDS else "_canaries-" + "-".join(kinds)
+
+
+def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: int,
+        canary_kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS) -> Path:
     attack = ATTACKS[attack_name]()
     model_name = attack.model_attack or attack_name
     attack_settings = json.loads(json.dumps(dataclasses.asdict(ATTACKS[model_name](**recipe_attack_kwargs(arch, model_name)))))
     model, info = train_backdoored(model_name, arch, seed=model_seed)
     weights = model_path(model_name, arch, model_seed, settings_variant(model_name, arch, attack_settings))
-    config = BuildConfig(seed=build_seed, self_test="choose", canary_seed=build_seed, progress=False)
+    config = BuildConfig(seed=build_seed, self_test="choose", canary_seed=build_seed, canary_kinds=tuple(canary_kinds),
+                         progress=False)
     key = key_of(sha256_file(weights), attack_settings, dataclasses.asdict(config), arch,
                  constants(canary_constants), constants(self_test_constants), constants(auxiliary_recipes))
-    out = ROOT / "results" / f"{attack_name}_{arch}_seed{model_seed}_build{build_seed}_{key}.json"
+    out = ROOT / "results" / f"{attack_name}_{arch}_seed{model_seed}_build{build_seed}{kinds_suffix(canary_kinds)}_{key}.json"
     if out.is_file():
         return out
     _, reserved = reserved_split(len(data["train_labels"]), seed=model_seed)
@@ -101,6 +110,7 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
                           "cpu_seconds": time.process_time() - cpu,
                           **real_figures(today.guard, test_images, test_labels, attack)}
     result = {"attack": attack_name, "arch": arch, "model_seed": model_seed, "build_seed": build_seed, "key": key,
+              "canary_kinds": list(canary_kinds),
               "model_clean_accuracy": info["clean_accuracy"], "model_asr": guards["rule"]["asr_without_guard"],
               "counted": guards["rule"]["asr_without_guard"] >= MIN_ASR, "guards": guards,
               "self_test": {k: v for k, v in self_test.items() if k != "promise"},
@@ -138,13 +148,25 @@ def cost_cell(result: dict) -> str:
     return f"{rule['cpu_seconds']:.0f} / {report:.0f} / {chosen['cpu_seconds']:.0f}"
 
 
-def latest_results() -> list[dict]:
-    """One result per guard (arch, attack, model seed, build seed): the newest file, whatever its key."""
+def result_kinds(result: dict) -> tuple[str, ...]:
+    return tuple(result.get("canary_kinds", DEFAULT_CANARY_KINDS))  # results before canary kinds: the default
+
+
+def latest_results(kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS) -> list[dict]:
+    """One result per guard (arch, attack, model seed, build seed) with the canaries ``kinds``: the
+    newest file, whatever its key."""
     latest: dict[tuple, dict] = {}
     for path in sorted((ROOT / "results").glob("*.json"), key=lambda path: path.stat().st_mtime):
         result = json.loads(path.read_text())
-        latest[(result["arch"], result["attack"], result["model_seed"], result["build_seed"])] = result
+        if result_kinds(result) == tuple(kinds):
+            latest[(result["arch"], result["attack"], result["model_seed"], result["build_seed"])] = result
     return [latest[guard] for guard in sorted(latest)]
+
+
+def canary_sets() -> list[tuple[str, ...]]:
+    """Every canary set with results: the default first."""
+    found = {result_kinds(json.loads(path.read_text())) for path in (ROOT / "results").glob("*.json")}
+    return [DEFAULT_CANARY_KINDS] + sorted(found - {DEFAULT_CANARY_KINDS})
 
 
 def chosen_cell(self_test: dict) -> str:
@@ -153,8 +175,8 @@ def chosen_cell(self_test: dict) -> str:
     return f"{self_test['chosen_lr']:g}" + (f", {recipe}" if recipe else "")
 
 
-def table() -> str:
-    results = [r for r in latest_results() if r["counted"]]
+def table(kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS) -> str:
+    results = [r for r in latest_results(kinds) if r["counted"]]
     lines = ["| arch | attack | copy: canary ASR / clean acc (M's) | rule lr: canary AUROC / pass | real AUROC / ASR at tau "
              "| canary's lr, recipe: canary AUROC / pass | real AUROC / ASR at tau | build CPU s (off / report / choose) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -181,15 +203,52 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def canary_set_table() -> str:
+    """Guards measured with more than one canary set: today's guard (the rule) and, per set, the canary's
+    choice (rate, recipe) and the real AUROC / ASR at tau of the guard it chose."""
+    sets = canary_sets()
+    by_set = {kinds: {(r["arch"], r["attack"], r["model_seed"], r["build_seed"]): r for r in latest_results(kinds)}
+              for kinds in sets}
+    guards = sorted(guard for guard in by_set[sets[0]] if sum(guard in by_set[kinds] for kinds in sets) > 1)
+    if not guards:
+        return ""
+    names = [" + ".join(kinds) for kinds in sets]
+    lines = ["| arch | attack | seed | rule: real AUROC / ASR | " + " | ".join(f"{name}: choice, real AUROC / ASR"
+                                                                           for name in names) + " |",
+             "|---|---|---|---|" + "---|" * len(sets)]
+    for guard in guards:
+        rule = by_set[sets[0]][guard]["guards"]["rule"]
+        cells = []
+        for kinds in sets:
+            result = by_set[kinds].get(guard)
+            if result is None:
+                cells.append("")
+                continue
+            chosen = result["guards"]["choose"]
+            cells.append(f"{chosen_cell(result['self_test'])}, {100 * chosen['auroc']:.2f} / {chosen['asr_with_guard']:.1%}")
+        lines.append(f"| {guard[0]} | {guard[1]} | {guard[2]}/{guard[3]} | {100 * rule['auroc']:.2f} / "
+                     f"{rule['asr_with_guard']:.1%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_guard_arguments(parser)
-    parser.add_argument("--table", action="store_true", help="print the Markdown table from the cached results")
+    parser.add_argument("--canaries", nargs="+", choices=CANARY_KINDS, default=list(DEFAULT_CANARY_KINDS),
+                        help="the canary kinds the build implants (default: the build's, %(default)s)")
+    parser.add_argument("--table", action="store_true",
+                        help="print the Markdown tables from the cached results, one per canary set")
     args = parser.parse_args()
     for name, data in attacks_with_data(args.attacks):
-        print(f"{name}: {run(name, data, args.arch, args.model_seed, args.build_seed)}", flush=True)
+        print(f"{name}: {run(name, data, args.arch, args.model_seed, args.build_seed, tuple(args.canaries))}", flush=True)
     if args.table:
-        print(table())
+        for kinds in canary_sets():
+            print(f"\nCanaries: {', '.join(kinds)}\n")
+            print(table(kinds))
+        comparison = canary_set_table()
+        if comparison:
+            print("\nThe canary sets side by side (guards measured with more than one)\n")
+            print(comparison)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from defense.guard import Guard
 from defense.preprocessing import Preprocessing
 from defense.calibrate import calibration_record, image_record, require_finite, score_batches
 from defense.rates import all_finite, choose_finetuning_rate, choose_unlearning_rate
+from defense.canary import DEFAULT_CANARY_KINDS
 from defense.self_test import run_self_test
 from defense.threshold import calibrate_threshold
 
@@ -91,6 +92,7 @@ class BuildConfig:
     # backdoors implanted in a copy of M) or "choose" (also pick the unlearning rate by the canary).
     self_test: str = "report"
     canary_seed: int | None = None  # None: the canaries are drawn at random (secrets), so nobody can know them
+    canary_kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS  # one canary of each kind (defense/canary.py: patch, blend, warp)
     device: str = "cpu"
     progress: bool = True
 

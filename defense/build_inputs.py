@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from defense.build import BuildConfig
+from defense.canary import CANARY_KINDS
 from defense.data import ImageSet, load_image_folder, read_class_names, scan_flat_folder
 from defense.errors import UserError
 from defense.image_inputs import labeled_image_set
@@ -69,6 +70,10 @@ def check_settings(config: BuildConfig) -> None:
     if config.self_test == "choose" and config.unlearn_lr is not None:
         raise UserError(f"--self-test choose: chooses the unlearning rate, so it cannot be combined with "
                         f"--unlearn-lr {config.unlearn_lr:g}; use --self-test report to measure a fixed rate")
+    kinds = tuple(config.canary_kinds)
+    if not kinds or not set(kinds) <= set(CANARY_KINDS) or len(set(kinds)) != len(kinds):
+        raise UserError(f"--canaries: expected one or more distinct kinds among {', '.join(CANARY_KINDS)}, "
+                        f"got {' '.join(kinds) or 'none'}")
     if any(not 0.0 <= p <= 1.0 for p in config.bcu_reinit_probabilities):
         raise UserError(f"--bcu-reinit-probabilities: each must be in [0, 1], got {list(config.bcu_reinit_probabilities)}")
     check_bcu_settings(config)

@@ -1,9 +1,10 @@
 """Canary backdoors: secret triggers that the build implants in a copy of M, so that it can measure
 how well its own guard procedure catches a backdoor it knows (:mod:`defense.self_test`).
 
-- :func:`apply_patch` and :func:`apply_blend`: the two trigger kinds, pure functions on uint8 images;
-- :func:`draw_canaries`: a random patch and a random blended pattern with distinct random target
-  classes, drawn from :mod:`secrets` unless a seed is given;
+- :func:`apply_patch`, :func:`apply_blend` and :func:`apply_warp`: the trigger kinds, pure functions
+  on uint8 images (a pasted patch, a blended pattern, a smooth random warp of the whole image);
+- :func:`draw_canaries`: one canary per kind asked (by default a random patch and a random blended
+  pattern) with distinct random target classes, drawn from :mod:`secrets` unless a seed is given;
 - :func:`implant_canaries`: a copy of M finetuned (Adam) on D_fit with a share of each batch
   canary-triggered and relabeled to the canary's target, until the copy follows every canary on most
   triggered D_select images.
@@ -26,8 +27,11 @@ import torch.nn.functional as F
 from defense.finetune import Diverged, accuracy, predict_logits
 from defense.progress import progress_bar
 
-CANARY_KINDS = ("patch", "blend")
+CANARY_KINDS = ("patch", "blend", "warp")  # every kind there is
+DEFAULT_CANARY_KINDS = ("patch", "blend")  # what the build implants unless told otherwise
 BLEND_ALPHA = 0.2  # the blended pattern's weight in a triggered image
+WARP_CONTROL_POINTS = 4  # the warp field's random control grid, per side (upsampled bicubically)
+WARP_PIXELS = 2.0  # the warp's mean displacement, in pixels of the image's height
 CANARY_LR = 3e-4  # Adam, as the backdoor expert's unlearning; reached the goal in 3-6 epochs on the CIFAR bench models
 CANARY_SHARE = 0.2  # of each finetuning batch, triggered (split evenly between the canaries)
 CANARY_MAX_EPOCHS = 8
@@ -53,13 +57,37 @@ def apply_blend(images: torch.Tensor, pattern: torch.Tensor, alpha: float) -> to
     return blended.round().clamp(0, 255).to(torch.uint8)
 
 
+def warp_field(height: int, width: int, generator: torch.Generator, control_points: int = WARP_CONTROL_POINTS,
+               pixels: float = WARP_PIXELS) -> torch.Tensor:
+    """A smooth random displacement, (H, W, 2) in grid_sample's normalized (x, y) units: a random
+    ``control_points`` x ``control_points`` grid of offsets in [-1, 1] upsampled bicubically to the
+    image, scaled so that a coordinate moves by ``pixels`` on average (pixels of the image's height)."""
+    offsets = torch.rand(1, 2, control_points, control_points, generator=generator) * 2 - 1
+    smooth = F.interpolate(offsets, size=(height, width), mode="bicubic", align_corners=True)[0].permute(1, 2, 0)
+    return smooth / smooth.abs().mean() * (2.0 * pixels / max(height - 1, 1))
+
+
+def apply_warp(images: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """uint8 ``images`` (N, 3, H, W) resampled (bilinear, zeros outside) at the identity grid moved by
+    the (H, W, 2) ``field``."""
+    if len(images) == 0:
+        return images.clone()
+    height, width = images.shape[-2:]
+    rows, cols = torch.linspace(-1, 1, height), torch.linspace(-1, 1, width)
+    grid_y, grid_x = torch.meshgrid(rows, cols, indexing="ij")
+    grid = (torch.stack((grid_x, grid_y), dim=-1) + field.float()).clamp(-1, 1)
+    warped = F.grid_sample(images.float(), grid.expand(len(images), -1, -1, -1), mode="bilinear",
+                           padding_mode="zeros", align_corners=True)
+    return warped.round().clamp(0, 255).to(torch.uint8)
+
+
 @dataclass
 class Canary:
     """One canary backdoor: a trigger of ``kind`` and the class its triggered images go to."""
 
     kind: str
     target: int
-    pattern: torch.Tensor  # uint8: the patch (3, p, p) or the blended pattern (3, H, W)
+    pattern: torch.Tensor  # uint8: the patch (3, p, p) or the blended pattern (3, H, W); float: the warp field (H, W, 2)
     top: int = 0
     left: int = 0
     alpha: float = BLEND_ALPHA
@@ -67,6 +95,8 @@ class Canary:
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         if self.kind == "patch":
             return apply_patch(images, self.pattern, self.top, self.left)
+        if self.kind == "warp":
+            return apply_warp(images, self.pattern)
         return apply_blend(images, self.pattern, self.alpha)
 
     def describe(self) -> dict:
@@ -76,15 +106,18 @@ class Canary:
                   "pattern_sha256": hashlib.sha256(self.pattern.contiguous().numpy().tobytes()).hexdigest()}
         if self.kind == "patch":
             record.update(size=list(self.pattern.shape[-2:]), position=[self.top, self.left])
+        elif self.kind == "warp":
+            record.update(control_points=WARP_CONTROL_POINTS, mean_displacement_pixels=WARP_PIXELS)
         else:
             record.update(alpha=self.alpha)
         return record
 
 
 def draw_canaries(num_classes: int, height: int, width: int, seed: int | None = None,
-                  kinds: tuple[str, ...] = CANARY_KINDS) -> list[Canary]:
+                  kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS) -> list[Canary]:
     """One canary per kind, with distinct target classes (while there are classes left): binary
-    random patches at a random place, uniform random noise to blend. ``seed`` None: from secrets."""
+    random patches at a random place, uniform random noise to blend, a smooth random warp field.
+    ``seed`` None: from secrets."""
     chooser = random.Random(seed) if seed is not None else secrets.SystemRandom()
     generator = torch.Generator().manual_seed(chooser.getrandbits(62))
     classes = list(range(num_classes))
@@ -100,6 +133,8 @@ def draw_canaries(num_classes: int, height: int, width: int, seed: int | None = 
         elif kind == "blend":
             canaries.append(Canary(kind, target, torch.randint(0, 256, (3, height, width), generator=generator,
                                                                 dtype=torch.uint8)))
+        elif kind == "warp":
+            canaries.append(Canary(kind, target, warp_field(height, width, generator)))
         else:
             raise ValueError(f"unknown canary kind {kind!r}; expected one of {CANARY_KINDS}")
     return canaries

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from defense.auxiliary_recipes import FINETUNE_RECIPES, finetune_recipe
-from defense.canary import Canary, draw_canaries, implant_canaries
+from defense.canary import DEFAULT_CANARY_KINDS, Canary, draw_canaries, implant_canaries
 from defense.data import ImageSet
 from defense.evaluation import auroc
 from defense.feature_fit import fit_guard_features
@@ -40,9 +40,18 @@ SELF_TEST_MODES = ("off", "report", "choose")
 CHOOSE_NEIGHBOURS = 2  # grid rates each side of the rule's choice that ``choose`` tries
 CHOOSE_MAX_EXPERT_RATIO = 0.8  # a candidate's expert on M must fall to at most this share of M's D_select accuracy
 CHOOSE_MARGIN = 0.005  # canary AUROC a candidate must gain over the rule's rate to replace it
-PROMISE = ("the self-test measures this build's procedure on canary backdoors (a random patch and a blended random "
-           "pattern) implanted in a copy of the model; it does not measure the unknown backdoor in the model, "
-           "which may behave unlike the canaries")
+CANARY_WORDS = {"patch": "a random patch", "blend": "a blended random pattern", "warp": "a smooth random warp"}
+
+
+def promise(kinds=DEFAULT_CANARY_KINDS) -> str:
+    """What the self-test's figures say and do not say, naming the canaries implanted."""
+    named = [CANARY_WORDS[kind] for kind in kinds]
+    listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+    return (f"the self-test measures this build's procedure on canary backdoors ({listed}) implanted in a copy of "
+            "the model; it does not measure the unknown backdoor in the model, which may behave unlike the canaries")
+
+
+PROMISE = promise()
 
 
 def separation(clean_scores: torch.Tensor, clean_correct: torch.Tensor, triggered_scores: torch.Tensor,
@@ -133,7 +142,7 @@ class SelfTest:
         self.fit, self.select, self.num_classes, self.config, self.log = fit, select, num_classes, config, log
         self.preprocessing, self.normalizer, self.wrong_label_of = preprocessing, preprocessing.normalizer(), wrong_label_of
         height, width = fit.images.shape[-2:]
-        self.canaries = draw_canaries(num_classes, height, width, config.canary_seed)
+        self.canaries = draw_canaries(num_classes, height, width, config.canary_seed, tuple(config.canary_kinds))
         log(f"self-test: implanting {len(self.canaries)} canary backdoors in a copy of M")
         started = time.monotonic()
         self.copy, self.implant = implant_canaries(model, self.canaries, fit.images, fit.labels, select.images,
@@ -193,7 +202,8 @@ class SelfTest:
                 "auxiliary_lr": self.auxiliary_lr, "auxiliary_seconds": self.auxiliary_seconds,
                 "measured_on": f"D_select ({len(self.select)} clean images and their canary-triggered copies from "
                                "non-target classes)", "canaries": canaries,
-                "copy": self.implant, "seeded": self.config.canary_seed is not None, "promise": PROMISE}
+                "copy": self.implant, "seeded": self.config.canary_seed is not None,
+                "promise": promise(tuple(canary.kind for canary in self.canaries))}
 
 
 def run_self_test(model: nn.Module, expert: nn.Module, expert_record: dict, auxiliary: nn.Module,

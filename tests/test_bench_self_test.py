@@ -17,3 +17,28 @@ def test_spearman_by_hand():
     # ranks (1, 2, 3, 4) and (2, 1, 4, 3): d = (1, 1, 1, 1), rho = 1 - 6 * 4 / (4 * 15) = 0.6
     assert spearman([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx(0.6)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def result(kinds, auroc, chosen_lr):
+    rule = {"auroc": 0.9, "asr_with_guard": 0.5}
+    return {"arch": "a", "attack": "wanet", "model_seed": 0, "build_seed": 0, **({"canary_kinds": kinds} if kinds else {}),
+            "guards": {"rule": rule, "choose": {"auroc": auroc, "asr_with_guard": 0.25}},
+            "self_test": {"chosen_lr": chosen_lr, "chosen_recipe": "plain"}}
+
+
+def test_results_of_each_canary_set_stay_apart_and_are_tabled_side_by_side(tmp_path, monkeypatch):
+    import json
+
+    from bench import self_test
+
+    monkeypatch.setattr(self_test, "ROOT", tmp_path)
+    (tmp_path / "results").mkdir()
+    # a result from before canary kinds were recorded counts as the default set
+    (tmp_path / "results" / "old.json").write_text(json.dumps(result(None, 0.95, 2e-4)))
+    (tmp_path / "results" / "warp.json").write_text(json.dumps(result(["warp"], 0.97, 3e-4)))
+    assert self_test.kinds_suffix(("patch", "blend")) == "" and self_test.kinds_suffix(("warp",)) == "_canaries-warp"
+    assert self_test.canary_sets() == [("patch", "blend"), ("warp",)]
+    assert [r["self_test"]["chosen_lr"] for r in self_test.latest_results()] == [2e-4]
+    assert [r["self_test"]["chosen_lr"] for r in self_test.latest_results(("warp",))] == [3e-4]
+    row = self_test.canary_set_table().splitlines()[-1]
+    assert row == "| a | wanet | 0/0 | 90.00 / 50.0% | 0.0002, plain, 95.00 / 25.0% | 0.0003, plain, 97.00 / 25.0% |"

@@ -3,8 +3,10 @@ the drawing's seeding and secrecy, and the poisoned batch."""
 
 import torch
 
-from defense.canary import (Canary, apply_blend, apply_patch, draw_canaries, implant_canaries, patch_side,
-                            poison_batch)
+import pytest
+
+from defense.canary import (Canary, apply_blend, apply_patch, apply_warp, draw_canaries, implant_canaries, patch_side,
+                            poison_batch, warp_field)
 from synthetic import NUM_CLASSES, PREPROCESSING, make_images, train_backdoored
 
 
@@ -31,6 +33,41 @@ def test_a_blend_is_the_rounded_weighted_mean():
     # 0.75 * 100 + 0.25 * 200 = 125; 0.75 * 101 = 75.75 -> 76; 0.25 * 255 = 63.75 -> 64; 0.75 * 255 = 191.25 -> 191
     assert out[0, 0].flatten().tolist() == [125, 76, 64, 191]
     assert out.dtype == torch.uint8
+
+
+def test_a_warp_by_a_zero_field_is_the_identity_and_by_one_pixel_a_shift():
+    images = torch.arange(2 * 3 * 5 * 5, dtype=torch.uint8).reshape(2, 3, 5, 5)
+    assert torch.equal(apply_warp(images, torch.zeros(5, 5, 2)), images)
+    one_pixel = torch.zeros(5, 5, 2)
+    one_pixel[..., 0] = 2.0 / 4  # x in [-1, 1] over 4 pixel steps: each output pixel reads its right neighbour
+    out = apply_warp(images, one_pixel)
+    assert torch.equal(out[..., :4], images[..., 1:])
+    assert out[..., 4].eq(images[..., 4]).all()  # the last column reads itself (the grid is clamped to the image)
+    assert apply_warp(images[:0], one_pixel).shape == (0, 3, 5, 5)
+
+
+def test_a_warp_field_moves_a_coordinate_by_its_pixels_on_average_and_is_smooth():
+    field = warp_field(32, 32, torch.Generator().manual_seed(0), pixels=2.0)
+    assert field.shape == (32, 32, 2)
+    in_pixels = field * (32 - 1) / 2.0
+    assert in_pixels.abs().mean().item() == pytest.approx(2.0, rel=1e-5)
+    # smooth: neighbours move together (four control points across 32 pixels; a field drawn per pixel
+    # with this mean would differ by up to about 8 pixels)
+    assert (in_pixels[1:] - in_pixels[:-1]).abs().max() < 2.0 and (in_pixels[:, 1:] - in_pixels[:, :-1]).abs().max() < 2.0
+    assert torch.equal(field, warp_field(32, 32, torch.Generator().manual_seed(0), pixels=2.0))
+
+
+def test_a_warp_canary_is_drawn_recorded_without_its_field_and_applied():
+    patch, blend, warp = draw_canaries(10, 32, 32, seed=3, kinds=("patch", "blend", "warp"))
+    assert warp.kind == "warp" and warp.pattern.shape == (32, 32, 2) and len({patch.target, blend.target, warp.target}) == 3
+    assert set(warp.describe()) == {"kind", "target", "pattern_sha256", "control_points", "mean_displacement_pixels"}
+    # the default kinds draw the same patch and blend as before: the warp is drawn after them
+    assert [c.describe() for c in draw_canaries(10, 32, 32, seed=3)] == [patch.describe(), blend.describe()]
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(warp.apply(images), apply_warp(images, warp.pattern))
+    assert not torch.equal(warp.apply(images), images)
+    with pytest.raises(ValueError, match="unknown canary kind"):
+        draw_canaries(10, 32, 32, seed=3, kinds=("swirl",))
 
 
 def test_seeded_canaries_repeat_unseeded_ones_do_not_and_targets_differ():

@@ -78,6 +78,17 @@ def test_the_self_test_is_in_the_manifest_and_survives_the_round_trip(tmp_path, 
     assert "Build self-test: on canary backdoors" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_a_warp_canary_is_implanted_measured_and_named_when_asked(tmp_path, data):
+    model, images, labels = data
+    bundle = Bundle.build(model, (images, labels), architecture="tiny_cnn", out=tmp_path / "b", log=lambda *_: None,
+                          signals="expert", canary_kinds=("warp",), **FAST)
+    section = bundle.manifest.model_extra["self_test"]
+    assert [c["kind"] for c in section["canaries"]] == ["warp"] and len(section["copy"]["asr_on_selection"]) == 1
+    assert section["canaries"][0]["mean_displacement_pixels"] > 0 and "pattern" not in section["canaries"][0]
+    assert "a smooth random warp" in section["promise"] and "patch" not in section["promise"]
+    assert 0.0 <= section["auroc"] <= 1.0
+
+
 def test_off_writes_no_self_test(data):
     model, images, labels = data
     bundle = Bundle.build(model, (images, labels), architecture="tiny_cnn", log=lambda *_: None, self_test="off",
@@ -140,6 +151,9 @@ def test_report_measures_no_recipe(data):
 @pytest.mark.parametrize("options, message", [
     ({"self_test": "maybe"}, "--self-test: expected off or report or choose, got 'maybe'"),
     ({"self_test": "choose", "unlearn_lr": 1e-3}, "--self-test choose: chooses the unlearning rate"),
+    ({"canary_kinds": ("patch", "swirl")}, "--canaries: expected one or more distinct kinds among patch, blend, warp, got patch swirl"),
+    ({"canary_kinds": ("warp", "warp")}, "--canaries: expected one or more distinct kinds"),
+    ({"canary_kinds": ()}, "got none"),
 ])
 def test_bad_self_test_options_are_named(data, options, message):
     model, images, labels = data
