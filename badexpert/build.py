@@ -40,8 +40,7 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    from defense.build import FINETUNE_RECIPES, BuildConfig
-    from defense.canary import CANARY_KINDS
+    from defense.build import CANARY_KINDS, FINETUNE_RECIPES, BuildConfig
 
     defaults = BuildConfig()
     io = parser.add_argument_group("inputs and output")

@@ -32,7 +32,7 @@ from defense.guard import Guard
 from defense.preprocessing import Preprocessing
 from defense.calibrate import calibration_record, image_record, require_finite, score_batches
 from defense.rates import all_finite, choose_finetuning_rate, choose_unlearning_rate
-from defense.canary import DEFAULT_CANARY_KINDS
+from defense.canary import CANARY_KINDS, DEFAULT_CANARY_KINDS  # noqa: F401 (the CLI lists the kinds)
 from defense.self_test import run_self_test
 from defense.threshold import calibrate_threshold
 
