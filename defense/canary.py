@@ -31,7 +31,7 @@ CANARY_KINDS = ("patch", "blend", "warp")  # every kind there is
 DEFAULT_CANARY_KINDS = ("patch", "blend")  # what the build implants unless told otherwise
 BLEND_ALPHA = 0.2  # the blended pattern's weight in a triggered image
 WARP_CONTROL_POINTS = 4  # the warp field's random control grid, per side (upsampled bicubically)
-WARP_PIXELS = 2.0  # the warp's mean displacement, in pixels of the image's height
+WARP_SIDE_SHARE = 1 / 16  # the warp's mean displacement, as a share of the smaller image side (2 pixels at 32x32)
 CANARY_LR = 3e-4  # Adam, as the backdoor expert's unlearning; reached the goal in 3-6 epochs on the CIFAR bench models
 CANARY_SHARE = 0.2  # of each finetuning batch, triggered (split evenly between the canaries)
 CANARY_MAX_EPOCHS = 8
@@ -57,11 +57,18 @@ def apply_blend(images: torch.Tensor, pattern: torch.Tensor, alpha: float) -> to
     return blended.round().clamp(0, 255).to(torch.uint8)
 
 
+def warp_pixels(height: int, width: int) -> float:
+    """The warp canary's mean displacement in pixels: WARP_SIDE_SHARE of the smaller image side."""
+    return WARP_SIDE_SHARE * min(height, width)
+
+
 def warp_field(height: int, width: int, generator: torch.Generator, control_points: int = WARP_CONTROL_POINTS,
-               pixels: float = WARP_PIXELS) -> torch.Tensor:
+               pixels: float | None = None) -> torch.Tensor:
     """A smooth random displacement, (H, W, 2) in grid_sample's normalized (x, y) units: a random
     ``control_points`` x ``control_points`` grid of offsets in [-1, 1] upsampled bicubically to the
-    image, scaled so that a coordinate moves by ``pixels`` on average (pixels of the image's height)."""
+    image, scaled so that a coordinate moves by ``pixels`` on average (pixels of the image's height;
+    default :func:`warp_pixels`)."""
+    pixels = warp_pixels(height, width) if pixels is None else pixels
     offsets = torch.rand(1, 2, control_points, control_points, generator=generator) * 2 - 1
     smooth = F.interpolate(offsets, size=(height, width), mode="bicubic", align_corners=True)[0].permute(1, 2, 0)
     return smooth / smooth.abs().mean() * (2.0 * pixels / max(height - 1, 1))
@@ -107,7 +114,8 @@ class Canary:
         if self.kind == "patch":
             record.update(size=list(self.pattern.shape[-2:]), position=[self.top, self.left])
         elif self.kind == "warp":
-            record.update(control_points=WARP_CONTROL_POINTS, mean_displacement_pixels=WARP_PIXELS)
+            record.update(control_points=WARP_CONTROL_POINTS,
+                          mean_displacement_pixels=warp_pixels(*self.pattern.shape[:2]))
         else:
             record.update(alpha=self.alpha)
         return record

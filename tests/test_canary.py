@@ -61,6 +61,8 @@ def test_a_warp_canary_is_drawn_recorded_without_its_field_and_applied():
     patch, blend, warp = draw_canaries(10, 32, 32, seed=3, kinds=("patch", "blend", "warp"))
     assert warp.kind == "warp" and warp.pattern.shape == (32, 32, 2) and len({patch.target, blend.target, warp.target}) == 3
     assert set(warp.describe()) == {"kind", "target", "pattern_sha256", "control_points", "mean_displacement_pixels"}
+    assert warp.describe()["mean_displacement_pixels"] == 2.0  # a sixteenth of the side: 2 pixels at 32x32, 14 at 224x224
+    assert warp_field(224, 160, torch.Generator().manual_seed(0)).mul(223 / 2).abs().mean().item() == pytest.approx(10.0)
     # the default kinds draw the same patch and blend as before: the warp is drawn after them
     assert [c.describe() for c in draw_canaries(10, 32, 32, seed=3)] == [patch.describe(), blend.describe()]
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
