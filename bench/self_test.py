@@ -44,6 +44,8 @@ from defense.evaluation import detection_metrics
 
 ROOT = CACHE / "bench" / "self_test"
 BAR = 0.99  # the table's flag: a canary AUROC below this
+BARS = (0.95, 0.97, 0.98, 0.99)  # the bars the table also counts flags at
+LEAKY = 0.10  # a guard "really lets triggered inputs through" above this ASR at tau
 
 
 
@@ -63,23 +65,26 @@ def real_figures(guard, test_images, test_labels, attack) -> dict:
             "asr_without_guard": metrics.asr_without_guard, "tau": guard.rejection_threshold}
 
 
-def kinds_suffix(kinds: tuple[str, ...]) -> str:
-    """The result file's mark of a canary set other than the build's default ("" for the default)."""
-    return "" if tuple(kinds) == DEFAULT_CANARY_KINDS else "_canaries-" + "-".join(kinds)
+def kinds_suffix(kinds: tuple[str, ...], canary_seed: int | None = None, build_seed: int | None = None) -> str:
+    """The result file's mark of a canary set other than the build's default, and of a canary seed
+    other than the build seed ("" for the defaults)."""
+    mark = "" if tuple(kinds) == DEFAULT_CANARY_KINDS else "_canaries-" + "-".join(kinds)
+    return mark + ("" if canary_seed is None or canary_seed == build_seed else f"_canary{canary_seed}")
 
 
 def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: int,
-        canary_kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS) -> Path:
+        canary_kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS, canary_seed: int | None = None) -> Path:
+    canary_seed = build_seed if canary_seed is None else canary_seed
     attack = ATTACKS[attack_name]()
     model_name = attack.model_attack or attack_name
     attack_settings = json.loads(json.dumps(dataclasses.asdict(ATTACKS[model_name](**recipe_attack_kwargs(arch, model_name)))))
     model, info = train_backdoored(model_name, arch, seed=model_seed)
     weights = model_path(model_name, arch, model_seed, settings_variant(model_name, arch, attack_settings))
-    config = BuildConfig(seed=build_seed, self_test="choose", canary_seed=build_seed, canary_kinds=tuple(canary_kinds),
+    config = BuildConfig(seed=build_seed, self_test="choose", canary_seed=canary_seed, canary_kinds=tuple(canary_kinds),
                          progress=False)
     key = key_of(sha256_file(weights), attack_settings, dataclasses.asdict(config), arch,
                  constants(canary_constants), constants(self_test_constants), constants(auxiliary_recipes))
-    out = ROOT / "results" / f"{attack_name}_{arch}_seed{model_seed}_build{build_seed}{kinds_suffix(canary_kinds)}_{key}.json"
+    out = ROOT / "results" / f"{attack_name}_{arch}_seed{model_seed}_build{build_seed}{kinds_suffix(canary_kinds, canary_seed, build_seed)}_{key}.json"
     if out.is_file():
         return out
     _, reserved = reserved_split(len(data["train_labels"]), seed=model_seed)
@@ -110,7 +115,7 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
                           "cpu_seconds": time.process_time() - cpu,
                           **real_figures(today.guard, test_images, test_labels, attack)}
     result = {"attack": attack_name, "arch": arch, "model_seed": model_seed, "build_seed": build_seed, "key": key,
-              "canary_kinds": list(canary_kinds),
+              "canary_kinds": list(canary_kinds), "canary_seed": canary_seed,
               "model_clean_accuracy": info["clean_accuracy"], "model_asr": guards["rule"]["asr_without_guard"],
               "counted": guards["rule"]["asr_without_guard"] >= MIN_ASR, "guards": guards,
               "self_test": {k: v for k, v in self_test.items() if k != "promise"},
@@ -152,14 +157,20 @@ def result_kinds(result: dict) -> tuple[str, ...]:
     return tuple(result.get("canary_kinds", DEFAULT_CANARY_KINDS))  # results before canary kinds: the default
 
 
-def latest_results(kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS) -> list[dict]:
+def canary_seed_of(result: dict) -> int:
+    return result.get("canary_seed", result["build_seed"])  # results before canary seeds: the build seed
+
+
+def latest_results(kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS, other_canary_seeds: bool = False) -> list[dict]:
     """One result per guard (arch, attack, model seed, build seed) with the canaries ``kinds``: the
-    newest file, whatever its key."""
+    newest file, whatever its key; drawn from the build seed (the tables' rows), or with
+    ``other_canary_seeds`` one per guard and other canary seed."""
     latest: dict[tuple, dict] = {}
     for path in sorted((ROOT / "results").glob("*.json"), key=lambda path: path.stat().st_mtime):
         result = json.loads(path.read_text())
-        if result_kinds(result) == tuple(kinds):
-            latest[(result["arch"], result["attack"], result["model_seed"], result["build_seed"])] = result
+        if result_kinds(result) == tuple(kinds) and (canary_seed_of(result) != result["build_seed"]) == other_canary_seeds:
+            latest[(result["arch"], result["attack"], result["model_seed"], result["build_seed"],
+                    canary_seed_of(result))] = result
     return [latest[guard] for guard in sorted(latest)]
 
 
@@ -195,11 +206,17 @@ def table(kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS) -> str:
     if len(pairs) >= 2:
         rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
         flagged = [p for p in pairs if p[0] < BAR]
-        leaky = [p for p in pairs if p[2] > 0.10]
+        leaky = [p for p in pairs if p[2] > LEAKY]
         lines += ["", f"Spearman rank correlation of canary AUROC (at the rule's rate) and real AUROC over {len(pairs)} "
                       f"guards: {rho:.2f}. Canary AUROC below {BAR}: {len(flagged)} guards, of which "
-                      f"{sum(p[2] > 0.10 for p in flagged)} really let more than 10% through; guards that let more "
-                      f"than 10% through: {len(leaky)}."]
+                      f"{sum(p[2] > LEAKY for p in flagged)} really let more than 10% through; guards that let more "
+                      f"than 10% through: {len(leaky)}.", "",
+                  "| canary AUROC bar | guards flagged | of them letting more than 10% through | leaky guards missed |",
+                  "|---|---|---|---|"]
+        for bar in BARS:
+            below = [p for p in pairs if p[0] < bar]
+            caught = sum(p[2] > LEAKY for p in below)
+            lines.append(f"| {bar} | {len(below)} | {caught} | {len(leaky) - caught} |")
     return "\n".join(lines)
 
 
@@ -231,20 +248,48 @@ def canary_set_table() -> str:
     return "\n".join(lines)
 
 
+def canary_seed_table() -> str:
+    """Guards measured with canaries from more than one seed (the default set): the canary's figures
+    at the rule's rate, and its choice, for each canary seed."""
+    first = {(r["arch"], r["attack"], r["model_seed"], r["build_seed"]): r for r in latest_results()}
+    others = [r for r in latest_results(other_canary_seeds=True)
+              if (r["arch"], r["attack"], r["model_seed"], r["build_seed"]) in first]
+    if not others:
+        return ""
+    lines = ["| arch | attack | seed | canary seed | rule lr: canary AUROC / pass | canary's lr, recipe | real AUROC / ASR at tau (canary's choice) |",
+             "|---|---|---|---|---|---|---|"]
+    for other in others:
+        guard = (other["arch"], other["attack"], other["model_seed"], other["build_seed"])
+        for r in (first[guard], other):
+            st, chosen = r["self_test"], r["guards"]["choose"]
+            at_rule = candidate_at(r, st["rule_lr"])
+            lines.append(f"| {guard[0]} | {guard[1]} | {guard[2]}/{guard[3]} | {canary_seed_of(r)} | {st['rule_lr']:g}: "
+                         f"{100 * at_rule['auroc']:.2f} / {at_rule['pass_rate_at_tau']:.1%} | {chosen_cell(st)} | "
+                         f"{100 * chosen['auroc']:.2f} / {chosen['asr_with_guard']:.1%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_guard_arguments(parser)
     parser.add_argument("--canaries", nargs="+", choices=CANARY_KINDS, default=list(DEFAULT_CANARY_KINDS),
                         help="the canary kinds the build implants (default: the build's, %(default)s)")
+    parser.add_argument("--canary-seed", type=int, default=None,
+                        help="draw the canaries from this seed (default: the build seed, the tables' rows)")
     parser.add_argument("--table", action="store_true",
                         help="print the Markdown tables from the cached results, one per canary set")
     args = parser.parse_args()
     for name, data in attacks_with_data(args.attacks):
-        print(f"{name}: {run(name, data, args.arch, args.model_seed, args.build_seed, tuple(args.canaries))}", flush=True)
+        out = run(name, data, args.arch, args.model_seed, args.build_seed, tuple(args.canaries), args.canary_seed)
+        print(f"{name}: {out}", flush=True)
     if args.table:
         for kinds in canary_sets():
             print(f"\nCanaries: {', '.join(kinds)}\n")
             print(table(kinds))
+        repeated = canary_seed_table()
+        if repeated:
+            print("\nOther canary seeds (the same guards, canaries drawn anew)\n")
+            print(repeated)
         comparison = canary_set_table()
         if comparison:
             print("\nThe canary sets side by side (guards measured with more than one)\n")
