@@ -157,6 +157,11 @@ def result_kinds(result: dict) -> tuple[str, ...]:
     return tuple(result.get("canary_kinds", DEFAULT_CANARY_KINDS))  # results before canary kinds: the default
 
 
+def guard_of(result: dict) -> tuple:
+    """The guard a result measured: (arch, attack, model seed, build seed)."""
+    return result["arch"], result["attack"], result["model_seed"], result["build_seed"]
+
+
 def canary_seed_of(result: dict) -> int:
     return result.get("canary_seed", result["build_seed"])  # results before canary seeds: the build seed
 
@@ -169,8 +174,7 @@ def latest_results(kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS, other_canary_s
     for path in sorted((ROOT / "results").glob("*.json"), key=lambda path: path.stat().st_mtime):
         result = json.loads(path.read_text())
         if result_kinds(result) == tuple(kinds) and (canary_seed_of(result) != result["build_seed"]) == other_canary_seeds:
-            latest[(result["arch"], result["attack"], result["model_seed"], result["build_seed"],
-                    canary_seed_of(result))] = result
+            latest[(*guard_of(result), canary_seed_of(result))] = result
     return [latest[guard] for guard in sorted(latest)]
 
 
@@ -224,8 +228,7 @@ def canary_set_table() -> str:
     """Guards measured with more than one canary set: today's guard (the rule) and, per set, the canary's
     choice (rate, recipe) and the real AUROC / ASR at tau of the guard it chose."""
     sets = canary_sets()
-    by_set = {kinds: {(r["arch"], r["attack"], r["model_seed"], r["build_seed"]): r for r in latest_results(kinds)}
-              for kinds in sets}
+    by_set = {kinds: {guard_of(r): r for r in latest_results(kinds)} for kinds in sets}
     guards = sorted(guard for guard in by_set[sets[0]] if sum(guard in by_set[kinds] for kinds in sets) > 1)
     if not guards:
         return ""
@@ -251,15 +254,14 @@ def canary_set_table() -> str:
 def canary_seed_table() -> str:
     """Guards measured with canaries from more than one seed (the default set): the canary's figures
     at the rule's rate, and its choice, for each canary seed."""
-    first = {(r["arch"], r["attack"], r["model_seed"], r["build_seed"]): r for r in latest_results()}
-    others = [r for r in latest_results(other_canary_seeds=True)
-              if (r["arch"], r["attack"], r["model_seed"], r["build_seed"]) in first]
+    first = {guard_of(r): r for r in latest_results()}
+    others = [r for r in latest_results(other_canary_seeds=True) if guard_of(r) in first]
     if not others:
         return ""
     lines = ["| arch | attack | seed | canary seed | rule lr: canary AUROC / pass | canary's lr, recipe | real AUROC / ASR at tau (canary's choice) |",
              "|---|---|---|---|---|---|---|"]
     for other in others:
-        guard = (other["arch"], other["attack"], other["model_seed"], other["build_seed"])
+        guard = guard_of(other)
         for r in (first[guard], other):
             st, chosen = r["self_test"], r["guards"]["choose"]
             at_rule = candidate_at(r, st["rule_lr"])

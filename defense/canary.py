@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from defense.finetune import Diverged, accuracy, predict_logits
 from defense.progress import progress_bar
 
-CANARY_KINDS = ("patch", "blend", "warp")  # every kind there is
+# Every kind there is, with the words the self-test's promise names it by.
+CANARY_DESCRIPTIONS = {"patch": "a random patch", "blend": "a blended random pattern", "warp": "a smooth random warp"}
+CANARY_KINDS = tuple(CANARY_DESCRIPTIONS)
 DEFAULT_CANARY_KINDS = ("patch", "blend")  # what the build implants unless told otherwise
 BLEND_ALPHA = 0.2  # the blended pattern's weight in a triggered image
 WARP_CONTROL_POINTS = 4  # the warp field's random control grid, per side (upsampled bicubically)

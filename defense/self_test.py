@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from defense.auxiliary_recipes import FINETUNE_RECIPES, finetune_recipe
-from defense.canary import DEFAULT_CANARY_KINDS, Canary, draw_canaries, implant_canaries
+from defense.canary import CANARY_DESCRIPTIONS, DEFAULT_CANARY_KINDS, Canary, draw_canaries, implant_canaries
 from defense.data import ImageSet
 from defense.evaluation import auroc
 from defense.feature_fit import fit_guard_features
@@ -40,12 +40,9 @@ SELF_TEST_MODES = ("off", "report", "choose")
 CHOOSE_NEIGHBOURS = 2  # grid rates each side of the rule's choice that ``choose`` tries
 CHOOSE_MAX_EXPERT_RATIO = 0.8  # a candidate's expert on M must fall to at most this share of M's D_select accuracy
 CHOOSE_MARGIN = 0.005  # canary AUROC a candidate must gain over the rule's rate to replace it
-CANARY_WORDS = {"patch": "a random patch", "blend": "a blended random pattern", "warp": "a smooth random warp"}
-
-
 def promise(kinds=DEFAULT_CANARY_KINDS) -> str:
     """What the self-test's figures say and do not say, naming the canaries implanted."""
-    named = [CANARY_WORDS[kind] for kind in kinds]
+    named = [CANARY_DESCRIPTIONS[kind] for kind in kinds]
     listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
     return (f"the self-test measures this build's procedure on canary backdoors ({listed}) implanted in a copy of "
             "the model; it does not measure the unknown backdoor in the model, which may behave unlike the canaries")
