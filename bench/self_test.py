@@ -184,6 +184,11 @@ def canary_sets() -> list[tuple[str, ...]]:
     return [DEFAULT_CANARY_KINDS] + sorted(found - {DEFAULT_CANARY_KINDS})
 
 
+def operating_point(guard: dict) -> str:
+    """A guard's real attack at its own tau: AUROC / realized FPR / ASR with the guard."""
+    return f"{100 * guard['auroc']:.2f} / {guard['fpr']:.2%} / {guard['asr_with_guard']:.1%}"
+
+
 def chosen_cell(self_test: dict) -> str:
     """The canary's choice: its unlearning rate, and its auxiliary recipe where it measured them."""
     recipe = self_test.get("chosen_recipe")
@@ -192,8 +197,8 @@ def chosen_cell(self_test: dict) -> str:
 
 def table(kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS) -> str:
     results = [r for r in latest_results(kinds) if r["counted"]]
-    lines = ["| arch | attack | copy: canary ASR / clean acc (M's) | rule lr: canary AUROC / pass | real AUROC / ASR at tau "
-             "| canary's lr, recipe: canary AUROC / pass | real AUROC / ASR at tau | build CPU s (off / report / choose) |",
+    lines = ["| arch | attack | copy: canary ASR / clean acc (M's) | rule lr: canary AUROC / pass | real AUROC / FPR / ASR at tau "
+             "| canary's lr, recipe: canary AUROC / pass | real AUROC / FPR / ASR at tau | build CPU s (off / report / choose) |",
              "|---|---|---|---|---|---|---|---|"]
     pairs = []
     for r in results:
@@ -204,9 +209,9 @@ def table(kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS) -> str:
         lines.append(
             f"| {r['arch']} | {r['attack']} | {', '.join(f'{a:.0%}' for a in copy['asr_on_selection'])} / "
             f"{copy['clean_accuracy']:.1%} ({copy['model_accuracy']:.1%}) | {st['rule_lr']:g}: {100 * at_rule['auroc']:.2f} / "
-            f"{at_rule['pass_rate_at_tau']:.1%} | {100 * rule['auroc']:.2f} / {rule['asr_with_guard']:.1%} | "
-            f"{chosen_cell(st)}: {100 * st['auroc']:.2f} / {st['pass_rate_at_tau']:.1%} | {100 * chosen['auroc']:.2f} / "
-            f"{chosen['asr_with_guard']:.1%} | {cost_cell(r)} |")
+            f"{at_rule['pass_rate_at_tau']:.1%} | {operating_point(rule)} | "
+            f"{chosen_cell(st)}: {100 * st['auroc']:.2f} / {st['pass_rate_at_tau']:.1%} | "
+            f"{operating_point(chosen)} | {cost_cell(r)} |")
     if len(pairs) >= 2:
         rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
         flagged = [p for p in pairs if p[0] < BAR]
@@ -233,7 +238,7 @@ def canary_set_table() -> str:
     if not guards:
         return ""
     names = [" + ".join(kinds) for kinds in sets]
-    lines = ["| arch | attack | seed | rule: real AUROC / ASR | " + " | ".join(f"{name}: choice, real AUROC / ASR"
+    lines = ["| arch | attack | seed | rule: real AUROC / FPR / ASR | " + " | ".join(f"{name}: choice, real AUROC / FPR / ASR"
                                                                            for name in names) + " |",
              "|---|---|---|---|" + "---|" * len(sets)]
     for guard in guards:
@@ -245,9 +250,9 @@ def canary_set_table() -> str:
                 cells.append("")
                 continue
             chosen = result["guards"]["choose"]
-            cells.append(f"{chosen_cell(result['self_test'])}, {100 * chosen['auroc']:.2f} / {chosen['asr_with_guard']:.1%}")
-        lines.append(f"| {guard[0]} | {guard[1]} | {guard[2]}/{guard[3]} | {100 * rule['auroc']:.2f} / "
-                     f"{rule['asr_with_guard']:.1%} | " + " | ".join(cells) + " |")
+            cells.append(f"{chosen_cell(result['self_test'])}, {operating_point(chosen)}")
+        lines.append(f"| {guard[0]} | {guard[1]} | {guard[2]}/{guard[3]} | {operating_point(rule)} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -258,7 +263,7 @@ def canary_seed_table() -> str:
     others = [r for r in latest_results(other_canary_seeds=True) if guard_of(r) in first]
     if not others:
         return ""
-    lines = ["| arch | attack | seed | canary seed | rule lr: canary AUROC / pass | canary's lr, recipe | real AUROC / ASR at tau (canary's choice) |",
+    lines = ["| arch | attack | seed | canary seed | rule lr: canary AUROC / pass | canary's lr, recipe | real AUROC / FPR / ASR at tau (canary's choice) |",
              "|---|---|---|---|---|---|---|"]
     for other in others:
         guard = guard_of(other)
@@ -267,7 +272,7 @@ def canary_seed_table() -> str:
             at_rule = candidate_at(r, st["rule_lr"])
             lines.append(f"| {guard[0]} | {guard[1]} | {guard[2]}/{guard[3]} | {canary_seed_of(r)} | {st['rule_lr']:g}: "
                          f"{100 * at_rule['auroc']:.2f} / {at_rule['pass_rate_at_tau']:.1%} | {chosen_cell(st)} | "
-                         f"{100 * chosen['auroc']:.2f} / {chosen['asr_with_guard']:.1%} |")
+                         f"{operating_point(chosen)} |")
     return "\n".join(lines)
 
 

@@ -20,10 +20,10 @@ def test_spearman_by_hand():
 
 
 def result(kinds, auroc, chosen_lr, canary_seed=None):
-    rule = {"auroc": 0.9, "asr_with_guard": 0.5}
+    rule = {"auroc": 0.9, "fpr": 0.01, "asr_with_guard": 0.5}
     return {"arch": "a", "attack": "wanet", "model_seed": 0, "build_seed": 0, **({"canary_kinds": kinds} if kinds else {}),
             **({"canary_seed": canary_seed} if canary_seed is not None else {}),
-            "guards": {"rule": rule, "choose": {"auroc": auroc, "asr_with_guard": 0.25}},
+            "guards": {"rule": rule, "choose": {"auroc": auroc, "fpr": 0.012, "asr_with_guard": 0.25}},
             "self_test": {"chosen_lr": chosen_lr, "chosen_recipe": "plain", "rule_lr": 5e-4,
                           "candidates": [{"lr": 5e-4, "auroc": 0.9, "pass_rate_at_tau": 0.5}]}}
 
@@ -45,9 +45,10 @@ def test_results_of_each_canary_set_stay_apart_and_are_tabled_side_by_side(tmp_p
     assert [r["self_test"]["chosen_lr"] for r in self_test.latest_results()] == [2e-4]
     assert [r["self_test"]["chosen_lr"] for r in self_test.latest_results(("warp",))] == [3e-4]
     row = self_test.canary_set_table().splitlines()[-1]
-    assert row == "| a | wanet | 0/0 | 90.00 / 50.0% | 0.0002, plain, 95.00 / 25.0% | 0.0003, plain, 97.00 / 25.0% |"
+    assert row == ("| a | wanet | 0/0 | 90.00 / 1.00% / 50.0% | 0.0002, plain, 95.00 / 1.20% / 25.0% "
+                   "| 0.0003, plain, 97.00 / 1.20% / 25.0% |")
     # another canary seed of the same guard: not a row of the main tables, a row of its own table
     assert [r.get("canary_seed") for r in self_test.latest_results(other_canary_seeds=True)] == [7]
     assert self_test.canary_seed_table().splitlines()[2:] == [
-        "| a | wanet | 0/0 | 0 | 0.0005: 90.00 / 50.0% | 0.0002, plain | 95.00 / 25.0% |",
-        "| a | wanet | 0/0 | 7 | 0.0005: 90.00 / 50.0% | 0.0005, plain | 96.00 / 25.0% |"]
+        "| a | wanet | 0/0 | 0 | 0.0005: 90.00 / 50.0% | 0.0002, plain | 95.00 / 1.20% / 25.0% |",
+        "| a | wanet | 0/0 | 7 | 0.0005: 90.00 / 50.0% | 0.0005, plain | 96.00 / 1.20% / 25.0% |"]
