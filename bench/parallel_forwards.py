@@ -6,6 +6,9 @@ many calls, the three interleaved per repetition.
     python -m bench.parallel_forwards                  # compact CIFAR ResNet, batches of 1 and 8
     python -m bench.parallel_forwards --sizes 1 8 64 --repeats 3
 
+A last row cuts the batch in two slices, each through the serial graph on its own thread with one
+torch thread (the server's large batches, ``--slice-batches``).
+
 The bundle is ``bench.serve``'s (random weights, the feature signal on). The parallel graph is
 built first, on one torch thread (as the engine builds it), so that torch's inter-op pool starts
 with one; the two-thread rows run in the same process after it.
@@ -46,13 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     setup = MODELS[args.model]
     guard, _ = load_bundle(bundle_for(args.model), "cpu")
     checks = [sample_images(setup, 2), sample_images(setup, 1), sample_images(setup, 5)]
-    engine = build_engine(guard, "jit", checks, parallel_up_to=max(args.sizes))
-    if not engine.parallel_up_to:
-        print("the parallel graph was not built (see the log)")
+    engine = build_engine(guard, "jit", checks, parallel_up_to=max(args.sizes), split_ways=2)
+    if not engine.parallel_up_to or engine.split_ways != 2:
+        print("the parallel graph or the sliced batches were not built (see the log)")
         return 1
     threads = torch.get_num_threads()
     paths = (("serial graph, 1 thread", engine._forwards, 1), ("serial graph, 2 threads", engine._forwards, 2),
-             ("parallel graph (B forked), 1 thread", engine._small_forwards, 1))
+             ("parallel graph (B forked), 1 thread", engine._small_forwards, 1),
+             ("serial graph on 2 slices, 2 threads of 1 torch thread", engine._sliced, 1))
     print(f"{args.model}, forwards only, ms (median of {args.repeats} repetitions, range)")
     print("| path | " + " | ".join(f"batch {size}" for size in args.sizes) + " |")
     print("|---|" + "---:|" * len(args.sizes))

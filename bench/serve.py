@@ -153,9 +153,10 @@ def in_process_paths(bundle: Path, setup: ModelSetup) -> list[tuple[str, object]
     paths = [("bare", bare_eager(guard)), ("bare_torchscript", bare_torchscript(guard, batch)),
              ("guard", guard.score_batch)]
     paths += [(f"guard_{name}", engine) for name, engine in engines.items() if engine.name == name]
-    served = build_engine(guard, "jit", checks, parallel_up_to=SMALL_BATCH_SIZE)
+    threads = torch.get_num_threads()
+    served = build_engine(guard, "jit", checks, parallel_up_to=SMALL_BATCH_SIZE, split_ways=threads)
     if served.parallel_up_to:
-        paths.append(("guard_jit_served", served_threads(served, torch.get_num_threads())))
+        paths.append(("guard_jit_served", served_threads(served, threads)))
     for _, function in paths:
         for images in (batch, one, batch, one):  # warm up (TorchScript optimizes on its first calls)
             function(images)
@@ -164,9 +165,11 @@ def in_process_paths(bundle: Path, setup: ModelSetup) -> list[tuple[str, object]
 
 def served_threads(engine, large_threads: int):
     """``engine`` called as the server calls it: one torch thread for batches of up to its
-    ``parallel_up_to`` images (which its parallel graph runs), ``large_threads`` above."""
+    ``parallel_up_to`` images (which its parallel graph runs), and for the larger ones that it cuts
+    into slices; ``large_threads`` above otherwise."""
     def run(images: torch.Tensor):
-        torch.set_num_threads(1 if len(images) <= engine.parallel_up_to else large_threads)
+        one = len(images) <= engine.parallel_up_to or engine.split_ways > 1
+        torch.set_num_threads(1 if one else large_threads)
         try:
             return engine(images)
         finally:

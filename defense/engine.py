@@ -12,9 +12,12 @@ unit of work, for serving. Each returns exactly what :meth:`Guard.score_batch` r
   that size: B runs in a ``torch.jit.fork`` task on torch's inter-op pool while the calling thread
   runs M, then M'. Three forwards of one image then take about two forwards' time on two cores
   (compact CIFAR ResNet, batch 1, one torch thread: 2.45 against 3.47 ms, ``python -m
-  bench.parallel_forwards``) instead of three; large
-  batches keep the serial graph, whose intra-op threads already use every core (forking there
-  would put two thread pools on the same cores).
+  bench.parallel_forwards``) instead of three. With ``split_ways`` (the server's large batches on
+  CPU), a larger batch is cut into that many slices, each run through the serial graph on its own
+  thread with one torch thread, instead of one forward on that many OpenMP threads: the slices never
+  wait for each other inside a layer, so a core taken for a while by the server's event loop slows
+  one slice rather than stalling the whole team at every layer (compact CIFAR ResNet, batch 64, two
+  cores, in process: 59 against 73 ms on two OpenMP threads, ``python -m bench.parallel_forwards``).
 
 With the feature signal on (``guard.feature_detector``), M's hooked activations come out of the
 same pass: ``jit`` traces them into its graph; ``fused`` keeps M eager (folding would remove the
@@ -28,9 +31,11 @@ with data-dependent control flow, is caught here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import logging
 import warnings
+import weakref
 from typing import Callable, Literal, TypeVar
 
 import torch
@@ -77,16 +82,52 @@ class _ThreeForwardsInParallel(_ThreeForwards):
         return (model_logits, torch.jit.wait(expert), auxiliary_logits, *activations)
 
 
+class SlicedForwards:
+    """``forwards`` on ``ways`` slices of a batch at once: the first slice on the calling thread, the
+    others on threads of its own pool, each with one torch thread; the outputs joined in order.
+    ``forwards`` must be safe to call from several threads at once (a frozen TorchScript graph is;
+    an eager guard, whose tap holds one batch's activations, is not). The calling thread should run
+    on one torch thread too: that is how the slices share the cores."""
+
+    def __init__(self, forwards: Callable[[torch.Tensor], tuple], ways: int):
+        if ways < 2:
+            raise ValueError(f"slicing a batch needs at least 2 ways, got {ways}")
+        self.forwards, self.ways = forwards, ways
+        self._pool = concurrent.futures.ThreadPoolExecutor(ways - 1, thread_name_prefix="badexpert-slice",
+                                                           initializer=torch.set_num_threads, initargs=(1,))
+        weakref.finalize(self, self._pool.shutdown, wait=False)  # a swapped-out bundle's threads end with it
+
+    def _run(self, images: torch.Tensor) -> tuple:
+        with torch.inference_mode():  # a mode is per thread: the pool's threads need their own
+            return self.forwards(images)
+
+    def __call__(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        first, *others = torch.tensor_split(images_uint8, self.ways)
+        pending = [self._pool.submit(self._run, part) for part in others]
+        outputs = [self._run(first)] + [future.result() for future in pending]
+        return tuple(torch.cat(pieces) for pieces in zip(*outputs))
+
+
 class GuardEngine:
     """``engine(images_uint8)`` -> :class:`GuardScores` on the CPU, like ``guard.score_batch``.
     ``small_forwards``: another graph of the same forwards for batches of up to ``parallel_up_to``
-    images (the jit engine's parallel one; 0: none)."""
+    images (the jit engine's parallel one; 0: none). ``sliced``: the serial graph on slices of a
+    larger batch, for batches of at least ``sliced.ways`` images (``split_ways``; 1: none)."""
 
     def __init__(self, name: str, guard: Guard, forwards: Callable[[torch.Tensor], tuple] | None = None,
                  channels_last: bool = False, small_forwards: Callable[[torch.Tensor], tuple] | None = None,
-                 parallel_up_to: int = 0):
+                 parallel_up_to: int = 0, sliced: SlicedForwards | None = None):
         self.name, self.guard, self._forwards, self._channels_last = name, guard, forwards, channels_last
         self._small_forwards, self.parallel_up_to = small_forwards, parallel_up_to if small_forwards else 0
+        self._sliced = sliced
+        self.split_ways = sliced.ways if sliced else 1
+
+    def _forwards_for(self, size: int) -> Callable[[torch.Tensor], tuple]:
+        if size <= self.parallel_up_to:
+            return self._small_forwards
+        if size >= self.split_ways > 1:
+            return self._sliced
+        return self._forwards
 
     @torch.inference_mode()
     def __call__(self, images_uint8: torch.Tensor) -> GuardScores:
@@ -95,8 +136,7 @@ class GuardEngine:
         images = images_uint8.to(self.guard.device, non_blocking=True)
         if self._channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        forwards = self._small_forwards if len(images) <= self.parallel_up_to else self._forwards
-        model_logits, expert_logits, auxiliary_logits, *activations = forwards(images)
+        model_logits, expert_logits, auxiliary_logits, *activations = self._forwards_for(len(images))(images)
         return self.guard.scores_from(model_logits, expert_logits, auxiliary_logits, activations)
 
 
@@ -177,14 +217,33 @@ def _with_parallel_graph(engine: GuardEngine, guard: Guard, samples: list[torch.
         on_fallback(f"jit engine's parallel graph not used ({problem}); small batches run the serial graph")
         return engine
     return GuardEngine("jit", guard, engine._forwards, small_forwards=parallel._forwards,
-                       parallel_up_to=parallel_up_to)
+                       parallel_up_to=parallel_up_to, sliced=engine._sliced)
+
+
+def _with_sliced_batches(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor], ways: int,
+                         on_fallback: Callable[[str], None]) -> GuardEngine:
+    """``engine`` (jit, checked) running batches of ``ways`` images or more as ``ways`` slices on as many
+    threads, once that scores ``samples`` as eager does; ``engine`` unchanged (``on_fallback`` told) otherwise."""
+    try:
+        sliced = SlicedForwards(engine._forwards, ways)
+        problem = _one_torch_thread(lambda: mismatch(GuardEngine("jit", guard, engine._forwards, sliced=sliced),
+                                                     guard, samples + [torch.cat(samples)]))
+    except Exception as error:
+        problem = _problem(error)
+    if problem is not None:
+        on_fallback(f"jit engine's sliced batches not used ({problem}); large batches run on one OpenMP team")
+        return engine
+    return GuardEngine("jit", guard, engine._forwards, sliced=sliced)
 
 
 def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],
-                 on_fallback: Callable[[str], None] | None = None, parallel_up_to: int = 0) -> GuardEngine:
+                 on_fallback: Callable[[str], None] | None = None, parallel_up_to: int = 0,
+                 split_ways: int = 1) -> GuardEngine:
     """The engine ``name`` for ``guard``, checked on ``samples`` (uint8 batches; give two sizes);
     ``eager`` when it cannot be built or does not match (``on_fallback`` hears why). ``parallel_up_to``:
-    the jit engine runs batches of up to this many images on its parallel graph (also checked)."""
+    the jit engine runs batches of up to this many images on its parallel graph; ``split_ways``: it
+    runs larger batches (of at least that many images) as that many slices on as many threads, each
+    with one torch thread. Both are checked like the engine itself, and dropped alone on a mismatch."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
     eager = GuardEngine("eager", guard)
@@ -199,6 +258,8 @@ def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],
     except Exception as error:  # untraceable model: eager serves it
         problem = _problem(error)
     if problem is None:
+        if name == "jit" and split_ways > 1:
+            engine = _with_sliced_batches(engine, guard, samples, split_ways, on_fallback or log.warning)
         if name == "jit" and parallel_up_to > 0:
             return _with_parallel_graph(engine, guard, samples, parallel_up_to, on_fallback or log.warning)
         return engine

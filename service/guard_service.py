@@ -1,7 +1,6 @@
-"""``GuardService``: everything one app serves with (the live bundle, the micro-batcher, the
-metrics, the audit trail), its loading, hot swaps and shutdown, and the handling of one image
-request (``/predict``, and the v2 inference protocol through :meth:`GuardService.handle`). The
-routes are :mod:`service.app`'s.
+"""``GuardService``: everything one app serves with (the live bundle, the micro-batcher, the metrics,
+the audit trail), its loading, hot swaps and shutdown, and the handling of one image request (``/predict``,
+and the v2 inference protocol through :meth:`GuardService.handle`). The routes are :mod:`service.app`'s.
 
 Loading runs in the background (verify every hash, rebuild the three models, warm up), so the
 state goes loading -> ready (or failed), then shutting_down, when the server finishes what is
@@ -204,11 +203,12 @@ class GuardService:
     # ----- inference (runs in the batcher's inference thread) -----------------------------------
 
     def infer(self, images: torch.Tensor, lineup: Lineup | None = None) -> GuardScores:
-        small, large = self._threads
+        lineup = lineup or self.lineup  # large batches cut into slices run one torch thread per slice:
+        small, large = self._threads if lineup.live.engine.split_ways == 1 else (self._threads[0], 1)
         threads = small if len(images) <= self.settings.small_batch_size else large
         if torch.get_num_threads() != threads:  # the inference thread's own setting (one thread runs every forward)
             torch.set_num_threads(threads)
-        return score_lineup(lineup or self.lineup, images, self.metrics.candidate_failures.inc)
+        return score_lineup(lineup, images, self.metrics.candidate_failures.inc)
 
     # ----- one request ---------------------------------------------------------------------------
 

@@ -93,13 +93,14 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
     large_batch_threads = large_batch_threads or torch.get_num_threads()
     parallel_up_to = settings.small_batch_size if settings.parallel_forwards and settings.small_batch_threads == 1 \
         and large_batch_threads >= 2 and not on_cuda else 0
+    split_ways = large_batch_threads if settings.slice_batches and large_batch_threads >= 2 and not on_cuda else 1
     engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning,
-                          parallel_up_to=parallel_up_to)
+                          parallel_up_to=parallel_up_to, split_ways=split_ways)
     streams = None
     if on_cuda and settings.cuda_streams and engine.name == "eager":
         streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]
     served = ServedBundle(folder, guard, manifest, tau, class_names,
-                          info_document(settings, limits, guard, manifest, device, engine.name, engine.parallel_up_to),
+                          info_document(settings, limits, guard, manifest, device, engine),
                           engine, streams)
     if settings.warmup:
         warm_up(served, settings, limits)
@@ -124,7 +125,7 @@ def signals_info(manifest: Manifest) -> dict:
 
 
 def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manifest: Manifest, device: str,
-                  engine: str = "eager", parallel_up_to: int = 0) -> dict:
+                  engine: GuardEngine | None = None) -> dict:
     """What ``GET /v1/info`` answers for this bundle."""
     info = InfoResponse(
         bundle_id=manifest.bundle_id, created_at=manifest.created_at, architecture=manifest.architecture,
@@ -141,9 +142,12 @@ def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manif
                 "max_header_bytes": settings.max_header_bytes, "body_timeout_s": settings.body_timeout_s,
                 "image_formats": limits.formats},
         batching={"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
-                  "max_queue": settings.max_queue, "engine": engine, "small_batch_size": settings.small_batch_size,
-                  "parallel_forwards_up_to": parallel_up_to,
-                  "torch_threads": [settings.small_batch_threads, torch.get_num_threads()]},
+                  "max_queue": settings.max_queue, "engine": engine.name if engine else "eager",
+                  "small_batch_size": settings.small_batch_size,
+                  "parallel_forwards_up_to": engine.parallel_up_to if engine else 0,
+                  "large_batch_slices": engine.split_ways if engine else 1,
+                  "torch_threads": [settings.small_batch_threads,
+                                    1 if engine and engine.split_ways > 1 else torch.get_num_threads()]},
         versions={"bundle": manifest.versions, "server": package_versions()},
         response_policy=settings.response_policy, signals=signals_info(manifest),
         self_test=self_test_summary((manifest.model_extra or {}).get("self_test")),

@@ -48,6 +48,11 @@ class ServiceSettings(BaseSettings):
                                     "torch threads for large batches, small batches run B beside M and M' "
                                     "(torch.jit.fork, on torch's inter-op threads): about two forwards' time on two "
                                     "cores instead of three")
+    slice_batches: bool = Field(True, description="with the jit engine on CPU and two or more torch threads for "
+                                "large batches, a batch over small_batch_size images is cut into one slice per "
+                                "thread, each slice's three forwards on its own thread with one torch thread, "
+                                "instead of one forward on an OpenMP team (which waits at every layer for a "
+                                "thread that the event loop or decoding holds)")
     engine: Literal["auto", "eager", "fused", "jit"] = Field(
         "auto", description="how the three forwards run: eager (module by module), fused (BatchNorm folded, "
                             "channels-last), jit (one frozen TorchScript graph); auto: jit on CPU, eager on CUDA. "

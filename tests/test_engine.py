@@ -105,6 +105,54 @@ def test_the_jit_engines_parallel_graph_serves_small_batches_and_scores_as_eager
     assert build_engine(guard, "jit", samples(size)).parallel_up_to == 0  # only when asked for
 
 
+def test_the_jit_engine_cuts_large_batches_into_slices_that_score_as_eager():
+    from defense.engine import SlicedForwards
+    from defense.feature_fit import fit_guard_features
+
+    guard = random_guard("tiny_cnn", 16)
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    fit_guard_features(guard, images[:32], images[32:], 4, "fused")
+    fallbacks = []
+    engine = build_engine(guard, "jit", samples(16), on_fallback=fallbacks.append, parallel_up_to=2, split_ways=3)
+    assert engine.name == "jit" and engine.split_ways == 3 and engine.parallel_up_to == 2 and not fallbacks
+    calls = []
+    sliced = engine._sliced
+    sliced.forwards = lambda part, serial=sliced.forwards: calls.append(len(part)) or serial(part)
+    slices = {1: [], 2: [], 3: [1, 1, 1], 7: [3, 2, 2], 40: [14, 13, 13]}  # 1 and 2: the parallel graph
+    for size in slices:
+        calls.clear()
+        got, want = engine(images[:size]), guard.score_batch(images[:size])
+        assert sorted(calls, reverse=True) == slices[size]
+        assert torch.equal(got.label, want.label) and torch.equal(guard.rejects(got.score), guard.rejects(want.score))
+        assert torch.allclose(got.score, want.score, rtol=1e-5, atol=0)
+        assert torch.allclose(got.feature_score, want.feature_score, rtol=1e-5, atol=0)
+    assert build_engine(guard, "jit", samples(16)).split_ways == 1  # only when asked for
+    assert build_engine(guard, "fused", samples(16), split_ways=2).split_ways == 1  # a jit graph only
+    with pytest.raises(ValueError, match="at least 2"):
+        SlicedForwards(engine._forwards, 1)
+
+
+def test_the_server_slices_large_batches_on_cpu_with_two_or_more_large_batch_threads(tiny):
+    threads = torch.get_num_threads()
+    cases = (({}, 2), ({"slice_batches": False}, 1), ({"torch_threads": 1}, 1), ({"torch_threads": 3}, 3),
+             ({"engine": "eager"}, 1))
+    try:
+        for overrides, expected in cases:
+            torch.set_num_threads(2)
+            service = loaded_service(tiny.bundle, warmup=False, **overrides)
+            assert service.live.engine.split_ways == expected, overrides
+            batching = service.live.info["batching"]
+            assert batching["large_batch_slices"] == expected
+            assert batching["torch_threads"][1] == (1 if expected > 1 else torch.get_num_threads())
+            large = torch.zeros(9, 3, 16, 16, dtype=torch.uint8)
+            service.infer(large)  # the inference thread's own torch threads for a large batch
+            assert torch.get_num_threads() == (1 if expected > 1 else (overrides.get("torch_threads") or 2))
+            service._decode_pool.shutdown()
+            service._audit_pool.shutdown()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_server_runs_small_batches_on_the_parallel_graph_only_with_one_small_batch_thread(tiny):
     threads = torch.get_num_threads()
     cases = (({}, 8), ({"parallel_forwards": False}, 0), ({"small_batch_threads": 2}, 0), ({"small_batch_size": 3}, 3),
@@ -131,20 +179,32 @@ def loaded_service(bundle, **overrides):
     return service
 
 
-def test_small_batches_run_on_their_own_thread_count(tiny):
-    service = loaded_service(tiny.bundle, small_batch_size=2, small_batch_threads=1, torch_threads=2, warmup=False)
+class SpyEngine:
+    """The served engine, recording each batch's size and the calling thread's torch threads."""
+
+    def __init__(self, engine, seen):
+        self.engine, self.seen, self.split_ways = engine, seen, engine.split_ways
+
+    def __call__(self, images):
+        self.seen.append((len(images), torch.get_num_threads()))
+        return self.engine(images)
+
+
+@pytest.mark.parametrize("sliced, large_batch_threads", [(False, 2), (True, 1)])
+def test_small_batches_run_on_their_own_thread_count(tiny, sliced, large_batch_threads):
+    service = loaded_service(tiny.bundle, small_batch_size=2, small_batch_threads=1, torch_threads=2, warmup=False,
+                             slice_batches=sliced)
     live = service.live
     assert live.engine.name == "jit" and live.info["batching"]["engine"] == "jit"  # the default on CPU
     seen = []
-    real = live.engine
-    live.engine = lambda images: (seen.append((len(images), torch.get_num_threads())), real(images))[1]
+    live.engine = SpyEngine(live.engine, seen)
     images = torch.stack([live.guard.preprocessing.load(path) for path in tiny.files])
     results = []
     worker = threading.Thread(target=lambda: results.extend(service.infer(batch) for batch in
                                                             (images[:1], images[:2], images[:5], images[:1])))
     worker.start()
     worker.join(60)
-    assert seen == [(1, 1), (2, 1), (5, 2), (1, 1)]
+    assert seen == [(1, 1), (2, 1), (5, large_batch_threads), (1, 1)]
     assert torch.allclose(results[2].score, tiny.scores[:5].double(), rtol=1e-5)
     service._decode_pool.shutdown()
     service._audit_pool.shutdown()
