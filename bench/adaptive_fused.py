@@ -39,7 +39,7 @@ from defense.data import ImageSet
 from defense.progress import progress_bar
 
 RESULTS = ROOT / "adaptive"
-RULES = ("expert", "features:default", "fused:default")
+RULES = ("expert", "features:default", "fused:default", "fused:last2", "sum:last2")  # the default and its contenders
 
 
 def surrogate_guard(model_attack: str, arch: str, seed: int, data: dict):
@@ -86,7 +86,7 @@ def run(name: str, arch: str, seed: int, data: dict, steps: int) -> dict:
     settings = json.loads(json.dumps(dataclasses.asdict(ATTACKS[model_attack](**recipe_attack_kwargs(arch, model_attack)))))
     folder, info, build_key = build_cached(model_attack, arch, seed, 0, data, settings)
     manifest = json.loads((folder / "manifest.json").read_text())
-    surrogate = surrogate_guard(model_attack, arch, seed, data)
+    surrogate = None  # built when a trigger has to be optimized
     attacker_index, _ = reserved_split(len(data["train_labels"]), seed=seed)
     attacker_images = data["train_images"][attacker_index[data["train_labels"][attacker_index] != attack.target_class]]
     attacker_images = attacker_images[torch.randperm(len(attacker_images),
@@ -102,18 +102,23 @@ def run(name: str, arch: str, seed: int, data: dict, steps: int) -> dict:
         for lambda_expert, lambda_norm in SETTINGS:
             lambda_features = lambda_expert if attacker == "fused" else 0.0
             key = f"{attacker} {lambda_expert} {lambda_features} {lambda_norm} steps{steps}"
-            if key in result["rows"]:
-                continue
-            trigger = optimize_against_guard(surrogate, attacker_images, attack.target_class, lambda_expert,
-                                             lambda_features, lambda_norm, steps=steps, seed=seed)
-            triggered = trigger.apply_uint8(parts_images["clean"][counted])
             cache = ROOT / "parts" / f"{manifest['bundle_id']}_adaptive_{key_of(key, name, ATTACKER_SEED)}.safetensors"
-            parts = score_parts(folder, {**parts_images, "triggered": triggered}, cache)
+            done = result["rows"].get(key)
+            if done is not None and all(rule in done["rules"] for rule in RULES):
+                continue
+            if done is not None and cache.is_file():  # a rule added since: measured again on the cached parts
+                parts, mask_l1 = score_parts(folder, {}, cache), done["mask_l1"]
+            else:
+                surrogate = surrogate or surrogate_guard(model_attack, arch, seed, data)
+                trigger = optimize_against_guard(surrogate, attacker_images, attack.target_class, lambda_expert,
+                                                 lambda_features, lambda_norm, steps=steps, seed=seed)
+                triggered = trigger.apply_uint8(parts_images["clean"][counted])
+                parts, mask_l1 = score_parts(folder, {**parts_images, "triggered": triggered}, cache), \
+                    float(trigger.mask.detach().sum())
             measured = measure(parts, manifest["feature_signal"]["layers"], attack, labels)
             result["rows"][key] = {"attacker": attacker, "lambda_expert": lambda_expert,
                                    "lambda_features": lambda_features, "lambda_norm": lambda_norm,
-                                   "mask_l1": float(trigger.mask.detach().sum()),
-                                   "rules": {rule: measured["rules"][rule]["cal"] for rule in RULES}}
+                                   "mask_l1": mask_l1, "rules": {rule: measured["rules"][rule]["cal"] for rule in RULES}}
             RESULTS.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=2))
             row = result["rows"][key]
@@ -125,15 +130,19 @@ def run(name: str, arch: str, seed: int, data: dict, steps: int) -> dict:
 def table() -> str:
     lines = ["| attack | arch | attacker | lambda_expert | lambda_features | lambda_norm | mask L1 (px) | model ASR | "
              + " | ".join(f"{rule}: AUROC / ASR at tau" for rule in RULES) + " |", "|" + "---|" * (8 + len(RULES))]
-    for path in sorted(RESULTS.glob("*.json")):
+    latest = {}  # an older build's results (another build key) give way to the newest of the same guard
+    for path in sorted(RESULTS.glob("*.json"), key=lambda path: path.stat().st_mtime):
         result = json.loads(path.read_text())
+        latest[(result["attack"], result["arch"], result["seed"])] = result
+    for _, result in sorted(latest.items()):
         rows = sorted(result["rows"].values(), key=lambda r: (r["attacker"], -r["lambda_norm"], r["lambda_expert"]))
         for row in rows:
             rules = row["rules"]
             lines.append(f"| {result['attack']} | {result['arch']} | {row['attacker']} | {row['lambda_expert']:g} | "
                          f"{row['lambda_features']:g} | {row['lambda_norm']:g} | {row['mask_l1']:.1f} | "
                          f"{rules['expert']['asr_without_guard']:.1%} | "
-                         + " | ".join(f"{100 * rules[r]['auroc']:.1f} / {rules[r]['asr_with_guard']:.1%}" for r in RULES)
+                         + " | ".join(f"{100 * rules[r]['auroc']:.1f} / {rules[r]['asr_with_guard']:.1%}" if r in rules
+                                      else "not measured" for r in RULES)
                          + " |")
     return "\n".join(lines)
 
