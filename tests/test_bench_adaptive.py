@@ -125,3 +125,25 @@ def test_the_seeds_table_averages_attacks_per_seed_then_reports_the_spread_over_
     assert len(lines) == 4
     assert "| badnet, blend | 97.00 (97.00-97.00) |" in lines[2]
     assert "| badnet, blend | 93.67 (90.00-97.00) |" in lines[3]
+
+
+def test_the_adaptive_fused_table_keeps_each_guards_newest_results_and_names_rules_not_measured(tmp_path, monkeypatch):
+    import json
+    import os
+
+    from bench import adaptive_fused
+
+    monkeypatch.setattr(adaptive_fused, "RESULTS", tmp_path)
+    measured = {"auroc": 0.5, "asr_with_guard": 0.25, "asr_without_guard": 0.75}
+    def result(auroc, rules):
+        row = {"attacker": "fused", "lambda_expert": 1.0, "lambda_features": 1.0, "lambda_norm": 0.01, "mask_l1": 7.0,
+               "rules": {rule: {**measured, "auroc": auroc} for rule in rules}}
+        return {"attack": "badnet", "arch": "tiny_cnn", "seed": 0, "bundle_id": "x", "rows": {"key": row}}
+    old, new = tmp_path / "badnet_old.json", tmp_path / "badnet_new.json"
+    old.write_text(json.dumps(result(0.1, adaptive_fused.RULES)))
+    new.write_text(json.dumps(result(0.9, ("expert", "features:default", "fused:default"))))
+    os.utime(old, (1_000, 1_000))  # written first: another build key of the same guard
+    lines = adaptive_fused.table().splitlines()
+    assert len(lines) == 3  # header, rule, one row: the older file's row is left out
+    assert lines[2].count("90.0 / 25.0%") == 3 and lines[2].count("not measured") == len(adaptive_fused.RULES) - 3
+    assert "| 75.0% |" in lines[2] and "| 7.0 |" in lines[2]
