@@ -154,7 +154,8 @@ def in_process_paths(bundle: Path, setup: ModelSetup) -> list[tuple[str, object]
              ("guard", guard.score_batch)]
     paths += [(f"guard_{name}", engine) for name, engine in engines.items() if engine.name == name]
     threads = torch.get_num_threads()
-    served = build_engine(guard, "jit", checks, parallel_up_to=SMALL_BATCH_SIZE, split_ways=threads)
+    served = build_engine(guard, "jit", checks, parallel_up_to=SMALL_BATCH_SIZE, split_ways=threads,
+                          sliced_over=SMALL_BATCH_SIZE)
     if served.parallel_up_to:
         paths.append(("guard_jit_served", served_threads(served, threads)))
     for _, function in paths:
@@ -168,7 +169,7 @@ def served_threads(engine, large_threads: int):
     ``parallel_up_to`` images (which its parallel graph runs), and for the larger ones that it cuts
     into slices; ``large_threads`` above otherwise."""
     def run(images: torch.Tensor):
-        one = len(images) <= engine.parallel_up_to or engine.split_ways > 1
+        one = len(images) <= engine.parallel_up_to or engine.split_ways > 1  # slices: one thread each
         torch.set_num_threads(1 if one else large_threads)
         try:
             return engine(images)

@@ -112,20 +112,21 @@ class GuardEngine:
     """``engine(images_uint8)`` -> :class:`GuardScores` on the CPU, like ``guard.score_batch``.
     ``small_forwards``: another graph of the same forwards for batches of up to ``parallel_up_to``
     images (the jit engine's parallel one; 0: none). ``sliced``: the serial graph on slices of a
-    larger batch, for batches of at least ``sliced.ways`` images (``split_ways``; 1: none)."""
+    larger batch, for batches of more than ``sliced_over`` and at least ``sliced.ways`` images
+    (``split_ways``; 1: none)."""
 
     def __init__(self, name: str, guard: Guard, forwards: Callable[[torch.Tensor], tuple] | None = None,
                  channels_last: bool = False, small_forwards: Callable[[torch.Tensor], tuple] | None = None,
-                 parallel_up_to: int = 0, sliced: SlicedForwards | None = None):
+                 parallel_up_to: int = 0, sliced: SlicedForwards | None = None, sliced_over: int = 0):
         self.name, self.guard, self._forwards, self._channels_last = name, guard, forwards, channels_last
         self._small_forwards, self.parallel_up_to = small_forwards, parallel_up_to if small_forwards else 0
-        self._sliced = sliced
+        self._sliced, self.sliced_over = sliced, sliced_over
         self.split_ways = sliced.ways if sliced else 1
 
     def _forwards_for(self, size: int) -> Callable[[torch.Tensor], tuple]:
         if size <= self.parallel_up_to:
             return self._small_forwards
-        if size >= self.split_ways > 1:
+        if size > self.sliced_over and size >= self.split_ways > 1:
             return self._sliced
         return self._forwards
 
@@ -217,10 +218,10 @@ def _with_parallel_graph(engine: GuardEngine, guard: Guard, samples: list[torch.
         on_fallback(f"jit engine's parallel graph not used ({problem}); small batches run the serial graph")
         return engine
     return GuardEngine("jit", guard, engine._forwards, small_forwards=parallel._forwards,
-                       parallel_up_to=parallel_up_to, sliced=engine._sliced)
+                       parallel_up_to=parallel_up_to, sliced=engine._sliced, sliced_over=engine.sliced_over)
 
 
-def _with_sliced_batches(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor], ways: int,
+def _with_sliced_batches(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor], ways: int, over: int,
                          on_fallback: Callable[[str], None]) -> GuardEngine:
     """``engine`` (jit, checked) running batches of ``ways`` images or more as ``ways`` slices on as many
     threads, once that scores ``samples`` as eager does; ``engine`` unchanged (``on_fallback`` told) otherwise."""
@@ -233,17 +234,18 @@ def _with_sliced_batches(engine: GuardEngine, guard: Guard, samples: list[torch.
     if problem is not None:
         on_fallback(f"jit engine's sliced batches not used ({problem}); large batches run on one OpenMP team")
         return engine
-    return GuardEngine("jit", guard, engine._forwards, sliced=sliced)
+    return GuardEngine("jit", guard, engine._forwards, sliced=sliced, sliced_over=over)
 
 
 def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],
                  on_fallback: Callable[[str], None] | None = None, parallel_up_to: int = 0,
-                 split_ways: int = 1) -> GuardEngine:
+                 split_ways: int = 1, sliced_over: int = 0) -> GuardEngine:
     """The engine ``name`` for ``guard``, checked on ``samples`` (uint8 batches; give two sizes);
     ``eager`` when it cannot be built or does not match (``on_fallback`` hears why). ``parallel_up_to``:
     the jit engine runs batches of up to this many images on its parallel graph; ``split_ways``: it
-    runs larger batches (of at least that many images) as that many slices on as many threads, each
-    with one torch thread. Both are checked like the engine itself, and dropped alone on a mismatch."""
+    runs batches of more than ``sliced_over`` images (and at least ``split_ways``) as that many slices
+    on as many threads, each with one torch thread. Both are checked like the engine itself, and
+    dropped alone on a mismatch."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
     eager = GuardEngine("eager", guard)
@@ -259,7 +261,7 @@ def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],
         problem = _problem(error)
     if problem is None:
         if name == "jit" and split_ways > 1:
-            engine = _with_sliced_batches(engine, guard, samples, split_ways, on_fallback or log.warning)
+            engine = _with_sliced_batches(engine, guard, samples, split_ways, sliced_over, on_fallback or log.warning)
         if name == "jit" and parallel_up_to > 0:
             return _with_parallel_graph(engine, guard, samples, parallel_up_to, on_fallback or log.warning)
         return engine

@@ -95,7 +95,7 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
         and large_batch_threads >= 2 and not on_cuda else 0
     split_ways = large_batch_threads if settings.slice_batches and large_batch_threads >= 2 and not on_cuda else 1
     engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning,
-                          parallel_up_to=parallel_up_to, split_ways=split_ways)
+                          parallel_up_to=parallel_up_to, split_ways=split_ways, sliced_over=settings.small_batch_size)
     streams = None
     if on_cuda and settings.cuda_streams and engine.name == "eager":
         streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]

@@ -126,6 +126,11 @@ def test_the_jit_engine_cuts_large_batches_into_slices_that_score_as_eager():
         assert torch.equal(got.label, want.label) and torch.equal(guard.rejects(got.score), guard.rejects(want.score))
         assert torch.allclose(got.score, want.score, rtol=1e-5, atol=0)
         assert torch.allclose(got.feature_score, want.feature_score, rtol=1e-5, atol=0)
+    over = build_engine(guard, "jit", samples(16), split_ways=2, sliced_over=4)  # no parallel graph: serial up to 4
+    over._sliced.forwards = lambda part, serial=over._sliced.forwards: calls.append(len(part)) or serial(part)
+    calls.clear()
+    over(images[:4]), over(images[:5])
+    assert calls == [3, 2]
     assert build_engine(guard, "jit", samples(16)).split_ways == 1  # only when asked for
     assert build_engine(guard, "fused", samples(16), split_ways=2).split_ways == 1  # a jit graph only
     with pytest.raises(ValueError, match="at least 2"):
@@ -135,12 +140,13 @@ def test_the_jit_engine_cuts_large_batches_into_slices_that_score_as_eager():
 def test_the_server_slices_large_batches_on_cpu_with_two_or_more_large_batch_threads(tiny):
     threads = torch.get_num_threads()
     cases = (({}, 2), ({"slice_batches": False}, 1), ({"torch_threads": 1}, 1), ({"torch_threads": 3}, 3),
-             ({"engine": "eager"}, 1))
+             ({"engine": "eager"}, 1), ({"parallel_forwards": False}, 2))
     try:
         for overrides, expected in cases:
             torch.set_num_threads(2)
             service = loaded_service(tiny.bundle, warmup=False, **overrides)
             assert service.live.engine.split_ways == expected, overrides
+            assert service.live.engine.sliced_over == (8 if expected > 1 else 0)  # the small batches' size
             batching = service.live.info["batching"]
             assert batching["large_batch_slices"] == expected
             assert batching["torch_threads"][1] == (1 if expected > 1 else torch.get_num_threads())
