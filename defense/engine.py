@@ -223,7 +223,7 @@ def _with_parallel_graph(engine: GuardEngine, guard: Guard, samples: list[torch.
 
 def _with_sliced_batches(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor], ways: int, over: int,
                          on_fallback: Callable[[str], None]) -> GuardEngine:
-    """``engine`` (jit, checked) running batches of ``ways`` images or more as ``ways`` slices on as many
+    """``engine`` (jit, checked) running batches of more than ``over`` images as ``ways`` slices on as many
     threads, once that scores ``samples`` as eager does; ``engine`` unchanged (``on_fallback`` told) otherwise."""
     try:
         sliced = SlicedForwards(engine._forwards, ways)
