@@ -32,6 +32,7 @@ from bench.adaptive_trigger import ATTACKER_IMAGES, ATTACKER_SEED, SETTINGS, Alt
 from bench.attacks import ATTACKS
 from bench.cifar10 import CLASSES, attacks_with_data, reserved_split
 from bench.feature_signal import ROOT, build_cached, key_of, measure, score_parts, split_parts
+from bench.results import newest_per_guard
 from bench.operating_point import split_test_set
 from bench.train_attacked import PREPROCESSING, recipe_attack_kwargs, train_backdoored
 from defense.build import BuildConfig, build_guard
@@ -113,8 +114,8 @@ def run(name: str, arch: str, seed: int, data: dict, steps: int) -> dict:
                 trigger = optimize_against_guard(surrogate, attacker_images, attack.target_class, lambda_expert,
                                                  lambda_features, lambda_norm, steps=steps, seed=seed)
                 triggered = trigger.apply_uint8(parts_images["clean"][counted])
-                parts, mask_l1 = score_parts(folder, {**parts_images, "triggered": triggered}, cache), \
-                    float(trigger.mask.detach().sum())
+                parts = score_parts(folder, {**parts_images, "triggered": triggered}, cache)
+                mask_l1 = float(trigger.mask.detach().sum())
             measured = measure(parts, manifest["feature_signal"]["layers"], attack, labels)
             result["rows"][key] = {"attacker": attacker, "lambda_expert": lambda_expert,
                                    "lambda_features": lambda_features, "lambda_norm": lambda_norm,
@@ -130,11 +131,8 @@ def run(name: str, arch: str, seed: int, data: dict, steps: int) -> dict:
 def table() -> str:
     lines = ["| attack | arch | attacker | lambda_expert | lambda_features | lambda_norm | mask L1 (px) | model ASR | "
              + " | ".join(f"{rule}: AUROC / ASR at tau" for rule in RULES) + " |", "|" + "---|" * (8 + len(RULES))]
-    latest = {}  # an older build's results (another build key) give way to the newest of the same guard
-    for path in sorted(RESULTS.glob("*.json"), key=lambda path: path.stat().st_mtime):
-        result = json.loads(path.read_text())
-        latest[(result["attack"], result["arch"], result["seed"])] = result
-    for _, result in sorted(latest.items()):
+    # an older build's results (another build key) give way to the newest of the same guard
+    for result in newest_per_guard(RESULTS, lambda result: (result["attack"], result["arch"], result["seed"])).values():
         rows = sorted(result["rows"].values(), key=lambda r: (r["attacker"], -r["lambda_norm"], r["lambda_expert"]))
         for row in rows:
             rules = row["rules"]

@@ -33,6 +33,7 @@ import torch
 
 from bench.attacks import ATTACKS
 from bench.cifar10 import CACHE, attacks_with_data, reserved_split
+from bench.results import newest_per_guard
 from bench.feature_signal import (add_guard_arguments, build_cached, key_of, layer_subsets, measure, parts_cache,
                                   score_parts, split_parts)
 from bench.operating_point import split_test_set
@@ -158,11 +159,9 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int = 0, build_seed
 def latest_results() -> list[dict]:
     """One result per guard (attack, arch, seeds): the newest, where a changed build setting made a
     new bundle of the same guard (its cache entry is new; the old one stays on disk)."""
-    newest: dict[tuple, dict] = {}
-    for path in sorted(ROOT.glob("*.json"), key=lambda p: p.stat().st_mtime):
-        result = json.loads(path.read_text())
-        newest[(result["arch"], result["attack"], result.get("model_seed", 0), result.get("build_seed", 0))] = result
-    return [newest[key] for key in sorted(newest)]
+    newest = newest_per_guard(ROOT, lambda result: (result["arch"], result["attack"], result.get("model_seed", 0),
+                                                    result.get("build_seed", 0)))
+    return list(newest.values())
 
 
 def table() -> str:

@@ -31,6 +31,7 @@ from scipy.stats import rankdata, spearmanr
 
 from bench.attacks import ATTACKS, MIN_ASR
 from bench.cifar10 import CACHE, CLASSES, attacks_with_data, reserved_split
+from bench.results import newest_per_guard
 from bench.feature_signal import add_guard_arguments, key_of, sha256_file
 from bench.operating_point import split_test_set
 from bench.train_attacked import PREPROCESSING, model_path, recipe_attack_kwargs, settings_variant, train_backdoored
@@ -170,12 +171,11 @@ def latest_results(kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS, other_canary_s
     """One result per guard (arch, attack, model seed, build seed) with the canaries ``kinds``: the
     newest file, whatever its key; drawn from the build seed (the tables' rows), or with
     ``other_canary_seeds`` one per guard and other canary seed."""
-    latest: dict[tuple, dict] = {}
-    for path in sorted((ROOT / "results").glob("*.json"), key=lambda path: path.stat().st_mtime):
-        result = json.loads(path.read_text())
-        if result_kinds(result) == tuple(kinds) and (canary_seed_of(result) != result["build_seed"]) == other_canary_seeds:
-            latest[(*guard_of(result), canary_seed_of(result))] = result
-    return [latest[guard] for guard in sorted(latest)]
+    def guard(result: dict) -> tuple | None:
+        wanted = result_kinds(result) == tuple(kinds) and \
+            (canary_seed_of(result) != result["build_seed"]) == other_canary_seeds
+        return (*guard_of(result), canary_seed_of(result)) if wanted else None
+    return list(newest_per_guard(ROOT / "results", guard).values())
 
 
 def canary_sets() -> list[tuple[str, ...]]:

@@ -169,8 +169,7 @@ def served_threads(engine, large_threads: int):
     ``parallel_up_to`` images (which its parallel graph runs), and for the larger ones that it cuts
     into slices; ``large_threads`` above otherwise."""
     def run(images: torch.Tensor):
-        one = len(images) <= engine.parallel_up_to or engine.split_ways > 1  # slices: one thread each
-        torch.set_num_threads(1 if one else large_threads)
+        torch.set_num_threads(1 if len(images) <= engine.parallel_up_to else engine.large_batch_threads(large_threads))
         try:
             return engine(images)
         finally:

@@ -123,6 +123,11 @@ class GuardEngine:
         self._sliced, self.sliced_over = sliced, sliced_over
         self.split_ways = sliced.ways if sliced else 1
 
+    def large_batch_threads(self, threads: int) -> int:
+        """The calling thread's torch threads for a batch it cuts into slices (one: each slice runs on its
+        own thread), else ``threads``."""
+        return 1 if self.split_ways > 1 else threads
+
     def _forwards_for(self, size: int) -> Callable[[torch.Tensor], tuple]:
         if size <= self.parallel_up_to:
             return self._small_forwards

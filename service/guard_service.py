@@ -203,8 +203,8 @@ class GuardService:
     # ----- inference (runs in the batcher's inference thread) -----------------------------------
 
     def infer(self, images: torch.Tensor, lineup: Lineup | None = None) -> GuardScores:
-        lineup = lineup or self.lineup  # large batches cut into slices run one torch thread per slice:
-        small, large = self._threads if lineup.live.engine.split_ways == 1 else (self._threads[0], 1)
+        lineup = lineup or self.lineup
+        small, large = self._threads[0], lineup.live.engine.large_batch_threads(self._threads[1])
         threads = small if len(images) <= self.settings.small_batch_size else large
         if torch.get_num_threads() != threads:  # the inference thread's own setting (one thread runs every forward)
             torch.set_num_threads(threads)

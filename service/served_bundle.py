@@ -147,7 +147,8 @@ def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manif
                   "parallel_forwards_up_to": engine.parallel_up_to if engine else 0,
                   "large_batch_slices": engine.split_ways if engine else 1,
                   "torch_threads": [settings.small_batch_threads,
-                                    1 if engine and engine.split_ways > 1 else torch.get_num_threads()]},
+                                    engine.large_batch_threads(torch.get_num_threads()) if engine
+                                    else torch.get_num_threads()]},
         versions={"bundle": manifest.versions, "server": package_versions()},
         response_policy=settings.response_policy, signals=signals_info(manifest),
         self_test=self_test_summary((manifest.model_extra or {}).get("self_test")),

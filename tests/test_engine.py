@@ -189,7 +189,7 @@ class SpyEngine:
     """The served engine, recording each batch's size and the calling thread's torch threads."""
 
     def __init__(self, engine, seen):
-        self.engine, self.seen, self.split_ways = engine, seen, engine.split_ways
+        self.engine, self.seen, self.large_batch_threads = engine, seen, engine.large_batch_threads
 
     def __call__(self, images):
         self.seen.append((len(images), torch.get_num_threads()))
