@@ -164,6 +164,12 @@ def latest_results() -> list[dict]:
     return list(newest.values())
 
 
+def _guard_name(result: dict) -> str:
+    """The attack, with the seeds where they are not the default's."""
+    seeds = (result.get("model_seed", 0), result.get("build_seed", 0))
+    return result["attack"] if seeds == (0, 0) else f"{result['attack']} (seeds {seeds[0]}/{seeds[1]})"
+
+
 def table() -> str:
     results = latest_results()
     header = ("| arch | attack | expert | " + " | ".join(f"{s} alone / fused" for s in STATISTICS) + " |")
@@ -171,7 +177,7 @@ def table() -> str:
     for r in results:
         cells = [f"{100 * r['statistics'][s]['features']['auroc']:.2f} / {100 * r['statistics'][s]['fused']['auroc']:.2f}"
                  for s in STATISTICS]
-        lines.append(f"| {r['arch']} | {r['attack']} | {100 * r['expert']['auroc']:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['arch']} | {_guard_name(r)} | {100 * r['expert']['auroc']:.2f} | " + " | ".join(cells) + " |")
     if results:
         means = [f"{statistics.mean(100 * r['statistics'][s]['features']['auroc'] for r in results):.2f} / "
                  f"{statistics.mean(100 * r['statistics'][s]['fused']['auroc'] for r in results):.2f}" for s in STATISTICS]
@@ -183,7 +189,7 @@ def table() -> str:
     for r in results:
         cells = [f"{r['statistics'][s]['features']['asr_with_guard']:.1%} / {r['statistics'][s]['fused']['asr_with_guard']:.1%}"
                  for s in STATISTICS]
-        lines.append(f"| {r['arch']} | {r['attack']} | {r['expert']['asr_with_guard']:.1%} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['arch']} | {_guard_name(r)} | {r['expert']['asr_with_guard']:.1%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

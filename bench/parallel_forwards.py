@@ -1,7 +1,8 @@
 """The jit engine's two graphs side by side in process (issue 30b): the three forwards of a small
 batch serially on one torch thread, serially on two, and on the parallel graph (B forked beside M
-and M') on one thread, the server's small-batch setting. Forwards only (no scoring), medians of
-many calls, the three interleaved per repetition.
+and M') on one thread, the server's small-batch setting. Each graph holds the score too (the
+engine's graphs do); a last row times the graph's forwards with the score computed in Python, as
+the engine did before issue 30d. Medians of many calls, the rows interleaved per repetition.
 
     python -m bench.parallel_forwards                  # compact CIFAR ResNet, batches of 1 and 8
     python -m bench.parallel_forwards --sizes 1 8 64 --repeats 3
@@ -25,7 +26,7 @@ import torch
 
 from bench.serve import MODELS, bundle_for, sample_images
 from defense.bundle import load_bundle
-from defense.engine import build_engine
+from defense.engine import build_engine, jit_forwards
 
 
 def _median_ms(function, images: torch.Tensor, calls: int) -> float:
@@ -54,10 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         print("the parallel graph or the sliced batches were not built (see the log)")
         return 1
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the engine builds its parallel graph: torch's inter-op pool keeps one thread
+    unscored = jit_forwards(guard, checks[0], parallel=True, scored=False)
+    torch.set_num_threads(threads)
+
+    def score_in_python(images: torch.Tensor):
+        model_logits, expert_logits, auxiliary_logits, *activations = unscored(images)
+        return guard.scores_from(model_logits, expert_logits, auxiliary_logits, activations)
+
     paths = (("serial graph, 1 thread", engine._forwards, 1), ("serial graph, 2 threads", engine._forwards, 2),
              ("parallel graph (B forked), 1 thread", engine._small_forwards, 1),
-             ("serial graph on 2 slices, 2 threads of 1 torch thread", engine._sliced, 1))
-    print(f"{args.model}, forwards only, ms (median of {args.repeats} repetitions, range)")
+             ("serial graph on 2 slices, 2 threads of 1 torch thread", engine._sliced, 1),
+             ("parallel graph without the score, scored in Python (before issue 30d), 1 thread", score_in_python, 1))
+    print(f"{args.model}, the three forwards and the score, ms (median of {args.repeats} repetitions, range)")
     print("| path | " + " | ".join(f"batch {size}" for size in args.sizes) + " |")
     print("|---|" + "---:|" * len(args.sizes))
     results = {name: {size: [] for size in args.sizes} for name, _, _ in paths}

@@ -5,9 +5,9 @@ unit of work, for serving. Each returns exactly what :meth:`Guard.score_batch` r
 - ``fused``: eager copies of the three models with each BatchNorm folded into the convolution
   before it (``torch.fx``) and channels-last weights; falls back to ``eager`` for a model that
   ``torch.fx`` cannot trace.
-- ``jit``: the normalizer and the three models traced into one TorchScript graph, frozen and
-  optimized for inference (BatchNorm folded, oneDNN convolutions on CPU). Fewest Python calls per
-  batch: on a small model at batch 1 it is about twice as fast as ``eager``. With ``parallel_up_to``
+- ``jit``: the normalizer, the three models and the score traced into one TorchScript graph,
+  frozen and optimized for inference (BatchNorm folded, oneDNN convolutions on CPU). Fewest Python
+  calls per batch: on a small model at batch 1 it is about twice as fast as ``eager``. With ``parallel_up_to``
   (the server's small batches, which run on one torch thread), a second graph serves batches up to
   that size: B runs in a ``torch.jit.fork`` task on torch's inter-op pool while the calling thread
   runs M, then M'. Three forwards of one image then take about two forwards' time on two cores
@@ -82,6 +82,22 @@ class _ThreeForwardsInParallel(_ThreeForwards):
         return (model_logits, torch.jit.wait(expert), auxiliary_logits, *activations)
 
 
+class _ScoredForwards(nn.Module):
+    """``forwards`` (a :class:`_ThreeForwards`), then the guard's scores from its outputs, as the
+    columns of :class:`GuardScores` in field order: the score's few dozen small tensor operations go
+    into the same graph as the forwards rather than through Python one by one (compact CIFAR ResNet,
+    batch 1, one torch thread: about 0.3 ms less per batch, ``python -m bench.parallel_forwards``)."""
+
+    def __init__(self, forwards: _ThreeForwards, guard: Guard):
+        super().__init__()
+        self.forwards = forwards
+        self._guard = [guard]  # not a submodule: its models are already forwards'
+
+    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model_logits, expert_logits, auxiliary_logits, *activations = self.forwards(images_uint8)
+        return tuple(vars(self._guard[0].scores_from(model_logits, expert_logits, auxiliary_logits, activations)).values())
+
+
 class SlicedForwards:
     """``forwards`` on ``ways`` slices of a batch at once: the first slice on the calling thread, the
     others on threads of its own pool, each with one torch thread; the outputs joined in order.
@@ -110,6 +126,8 @@ class SlicedForwards:
 
 class GuardEngine:
     """``engine(images_uint8)`` -> :class:`GuardScores` on the CPU, like ``guard.score_batch``.
+    ``forwards``: uint8 images -> the three models' logits and M's tapped activations (``fused``), or
+    the columns of :class:`GuardScores` (``jit``, whose graphs hold the score too).
     ``small_forwards``: another graph of the same forwards for batches of up to ``parallel_up_to``
     images (the jit engine's parallel one; 0: none). ``sliced``: the serial graph on slices of a
     larger batch, for batches of more than ``sliced_over`` and at least ``sliced.ways`` images
@@ -142,18 +160,24 @@ class GuardEngine:
         images = images_uint8.to(self.guard.device, non_blocking=True)
         if self._channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        model_logits, expert_logits, auxiliary_logits, *activations = self._forwards_for(len(images))(images)
+        outputs = self._forwards_for(len(images))(images)
+        if self.name == "jit":  # its graphs score too
+            return GuardScores(*outputs)
+        model_logits, expert_logits, auxiliary_logits, *activations = outputs
         return self.guard.scores_from(model_logits, expert_logits, auxiliary_logits, activations)
 
 
-def _three(guard: Guard, parallel: bool = False) -> _ThreeForwards:
-    return (_ThreeForwardsInParallel if parallel else _ThreeForwards)(guard).eval()
+def _scored_three(guard: Guard, parallel: bool = False) -> _ScoredForwards:
+    return _ScoredForwards((_ThreeForwardsInParallel if parallel else _ThreeForwards)(guard), guard).eval()
 
 
-def _jit_forwards(guard: Guard, example: torch.Tensor, parallel: bool = False) -> Callable:
+def jit_forwards(guard: Guard, example: torch.Tensor, parallel: bool = False, scored: bool = True) -> Callable:
+    """The jit graph: uint8 images in, the columns of :class:`GuardScores` out (``scored=False``: the
+    logits and activations, without the score; ``bench.parallel_forwards`` compares the two)."""
+    module = _scored_three(guard, parallel) if scored else _scored_three(guard, parallel).forwards
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer warnings: the check below decides
-        traced = torch.jit.trace(_three(guard, parallel), example.to(guard.device), check_trace=False)
+        traced = torch.jit.trace(module, example.to(guard.device), check_trace=False)
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
 
@@ -215,7 +239,7 @@ def _with_parallel_graph(engine: GuardEngine, guard: Guard, samples: list[torch.
     """``engine`` (jit, checked) with the parallel graph for batches up to ``parallel_up_to`` images, once
     that graph scores ``samples`` as eager does; ``engine`` unchanged (and ``on_fallback`` told) otherwise."""
     try:
-        parallel = _one_torch_thread(lambda: GuardEngine("jit", guard, _jit_forwards(guard, samples[0], parallel=True)))
+        parallel = _one_torch_thread(lambda: GuardEngine("jit", guard, jit_forwards(guard, samples[0], parallel=True)))
         problem = _one_torch_thread(lambda: mismatch(parallel, guard, samples))
     except Exception as error:
         problem = _problem(error)
@@ -258,7 +282,7 @@ def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],
         return eager
     try:
         if name == "jit":
-            engine = GuardEngine("jit", guard, _jit_forwards(guard, samples[0]))
+            engine = GuardEngine("jit", guard, jit_forwards(guard, samples[0]))
         else:
             engine = GuardEngine("fused", guard, _fused_forwards(guard), channels_last=True)
         problem = mismatch(engine, guard, samples)
