@@ -20,7 +20,7 @@ from PIL import Image
 
 from bench.attacks import ATTACKS
 from bench.cifar10 import ARCHIVE, CACHE, CLASSES, available, load_cifar10, reserved_split
-from bench.train_attacked import model_path, train_backdoored
+from bench.train_attacked import train_backdoored, trained_model_path
 from defense.bundle import load_bundle
 from badexpert.main import main as badexpert
 from defense.evaluation import detection_metrics
@@ -90,7 +90,7 @@ def run_attack(attack_name: str, arch: str, n_reserved: int, seed: int, extra_bu
     name = f"{attack_name}_{arch}_seed{seed}_n{n_reserved}{tag}"
     # The guard belongs to the model: an inference-time variant is measured with its base attack's bundle.
     bundle = CACHE / "bench" / "bundles" / f"{model_attack}_{arch}_seed{seed}_n{n_reserved}{tag}"
-    weights = model_path(model_attack, arch, seed)
+    weights = trained_model_path(model_info)  # another --epochs than the attack's: that model, cached apart
     started = time.monotonic()
     built = (bundle / "manifest.json").is_file()
     if not built or (model_attack == attack_name and not reuse_bundle):

@@ -40,7 +40,7 @@ from bench.attacks import ATTACKS, MIN_ASR
 from bench.calibration_draws import draw_operating_points, summarize
 from bench.cifar10 import CACHE, CLASSES, attacks_with_data, reserved_split
 from bench.operating_point import split_test_set
-from bench.train_attacked import PREPROCESSING, model_path, recipe_attack_kwargs, settings_variant, train_backdoored
+from bench.train_attacked import PREPROCESSING, recipe_attack_kwargs, train_backdoored, trained_model_path
 from defense.build import BuildConfig, build_guard, stratified_split
 from defense.bundle import load_bundle, save_bundle
 from defense.data import ImageSet
@@ -81,9 +81,9 @@ def build_cached(attack_name: str, arch: str, model_seed: int, build_seed: int, 
                  training: dict | None = None):
     """The default build (every candidate layer) of the cached attacked model, saved as a bundle
     under a key of everything that made it. ``training``: ``lr`` and ``attack_kwargs`` (e.g. the
-    poison rate) for ``train_backdoored``, where they differ from its defaults."""
+    poison rate) and ``epochs`` for ``train_backdoored``, where they differ from its defaults."""
     model, info = train_backdoored(attack_name, arch, seed=model_seed, **(training or {}))
-    weights = model_path(attack_name, arch, model_seed, settings_variant(attack_name, arch, attack_settings))
+    weights = trained_model_path(info)
     config = BuildConfig(seed=build_seed, feature_stages=CANDIDATE_STAGES, progress=False)
     key = key_of(sha256_file(weights), attack_settings, dataclasses.asdict(config), arch)
     folder = ROOT / "bundles" / key
@@ -221,9 +221,13 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
     measured["draws"] = calibration_promise(parts, names, attack, data["test_labels"][evaluation])
     asr = measured["rules"]["expert"]["cal"]["asr_without_guard"]  # this attack's trigger, on the evaluation images
     result = {"attack": attack_name, "arch": arch, "model_seed": model_seed, "build_seed": build_seed,
-              "bundle_id": manifest["bundle_id"], "build_key": key, "model_asr": asr,
+              "bundle_id": manifest["bundle_id"], "build_key": key, "model_asr": asr, "model_epochs": info["epochs"],
               "model_clean_accuracy": info["clean_accuracy"], "counted": asr >= MIN_ASR, **measured}
-    out = ROOT / "results" / f"{attack_name}_{arch}_seed{model_seed}_build{build_seed}.json"
+    name = f"{attack_name}_{arch}_seed{model_seed}_build{build_seed}"
+    if info["epochs"] != ATTACKS[model_name].train_epochs:  # a variant: kept apart, out of the tables' means
+        out = ROOT / "variants" / f"{name}_epochs{info['epochs']}.json"
+    else:
+        out = ROOT / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return out
@@ -249,6 +253,23 @@ def table(rules: tuple[str, ...] = ("expert", "features:default", "fused:default
     skipped = [f"{r['attack']} ({r['arch']}, ASR {r['model_asr']:.0%})" for r in results if not r["counted"]]
     if skipped:
         lines.append(f"\nNot counted (the backdoor did not implant, ASR < {MIN_ASR:.0%}): {', '.join(skipped)}")
+    return "\n".join(lines)
+
+
+def variant_table(rules: tuple[str, ...] = ("expert", "features:default", "fused:default"), calibration: str = "cal") -> str:
+    """The variants' rows (models trained for other epochs than the attack's), each beside the clean
+    accuracy and epochs of its model; empty when there are none."""
+    paths = sorted((ROOT / "variants").glob("*.json"))
+    if not paths:
+        return ""
+    lines = ["Variants (not in the means above):", "",
+             "| arch | attack | seed | epochs | clean accuracy | model ASR | "
+             + " | ".join(f"{rule} AUROC / FPR / ASR" for rule in rules) + " |", "|" + "---|" * (6 + len(rules))]
+    for result in (json.loads(path.read_text()) for path in paths):
+        cells = [_cell(result["rules"][rule][calibration]) for rule in rules]
+        lines.append(f"| {result['arch']} | {result['attack']} | {result['model_seed']}/{result['build_seed']} | "
+                     f"{result['model_epochs']} | {result['model_clean_accuracy']:.1%} | {result['model_asr']:.1%} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -313,16 +334,24 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="the attacked model's training rate (default: the architecture's "
                                                   "recipe in bench.train_attacked)")
     parser.add_argument("--poison-rate", type=float, help="the attack's poison rate, where not the recipe's")
+    parser.add_argument("--epochs", type=int, help="the attacked model's training epochs, where not the attack's "
+                                                   "(a variant: its model and result are kept apart, and --table "
+                                                   "lists it under the main table, out of the means)")
     parser.add_argument("--table", action="store_true", help="print the Markdown tables from the cached results")
     parser.add_argument("--calibration", default="cal", choices=["cal", "pool"],
                         help="tables: tau from the build's D_cal (400 images) or the 5,000-image pool")
     args = parser.parse_args()
     for name, data in attacks_with_data(args.attacks):
-        training = {"lr": args.lr, "attack_kwargs": None if args.poison_rate is None else {"poison_rate": args.poison_rate}}
+        training = {"lr": args.lr, "attack_kwargs": None if args.poison_rate is None else {"poison_rate": args.poison_rate},
+                    "epochs": args.epochs}
         print(f"{name}: {run(name, data, args.arch, args.model_seed, args.build_seed, training)}")
     if args.table:
         print(table(calibration=args.calibration))
         print()
+        variants = variant_table(calibration=args.calibration)
+        if variants:
+            print(variants)
+            print()
         print(rule_means(args.calibration))
         print()
         print(promise_table())

@@ -66,6 +66,24 @@ def settings_variant(attack_name: str, arch: str, settings: dict) -> str | None:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def model_variant(attack_name: str, arch: str, settings: dict, epochs: int) -> str | None:
+    """model_path's variant for a model of ``settings`` trained for ``epochs``: the settings' digest where
+    they are not the recipe's, and ``epochs<N>`` where N is not the attack's ``train_epochs`` (a model
+    trained longer or shorter is another model, cached apart); None for the recipe's model."""
+    parts = [settings_variant(attack_name, arch, settings)]
+    if epochs != ATTACKS[attack_name].train_epochs:
+        parts.append(f"epochs{epochs}")
+    return "-".join(part for part in parts if part) or None
+
+
+def trained_model_path(info: dict) -> Path:
+    """Where the model that ``train_backdoored`` returned with ``info`` is cached (its variant included;
+    an entry older than recorded settings was cached under the recipe's name)."""
+    default = json.loads(json.dumps(dataclasses.asdict(ATTACKS[info["attack"]](**recipe_attack_kwargs(info["arch"], info["attack"])))))
+    variant = model_variant(info["attack"], info["arch"], info.get("attack_settings", default), info["epochs"])
+    return model_path(info["attack"], info["arch"], info["seed"], variant)
+
+
 def stale_reason(info: dict, asked: dict) -> str | None:
     """How a cached model's recorded training differs from what is asked (None: it does not). A value
     the entry does not record (an older cache) is not held against it, except the poison rate, which
@@ -168,7 +186,7 @@ def train_backdoored(attack_name: str, arch: str = "cifar_resnet_compact", epoch
     if epochs is None:
         epochs = attack.train_epochs
     settings = json.loads(json.dumps(dataclasses.asdict(attack)))  # as stored: tuples become lists
-    variant = settings_variant(attack_name, arch, settings)
+    variant = model_variant(attack_name, arch, settings, epochs)
     cached = _cached(attack_name, arch, seed, epochs, settings, lr=lr, variant=variant)
     if cached:
         return cached

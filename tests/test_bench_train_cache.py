@@ -32,10 +32,11 @@ def tiny_bench(monkeypatch, tmp_path):
         return fit(model, images, labels, *args, **{**kwargs, "compile_model": False})
 
     monkeypatch.setattr(train_attacked, "fit", counting_fit)
+    monkeypatch.setattr(train_attacked.ATTACKS["badnet"], "train_epochs", 1)  # the attack's epochs, for speed
 
     def train(**kwargs):
         before = len(trained)
-        model, info = train_attacked.train_backdoored("badnet", "tiny_arch", epochs=1, compile_model=False, **kwargs)
+        model, info = train_attacked.train_backdoored("badnet", "tiny_arch", compile_model=False, **kwargs)
         return info, len(trained) > before
 
     return train_attacked, train
@@ -53,6 +54,21 @@ def test_another_poison_rate_is_trained_and_cached_apart_the_same_settings_reuse
     default_path = train_attacked.model_path("badnet", "tiny_arch", 0)
     variants = sorted(default_path.parent.glob("badnet_tiny_arch_seed0*.safetensors"))
     assert len(variants) == 2 and default_path in variants
+
+
+def test_other_epochs_are_another_model_cached_apart_the_default_is_kept(tiny_bench):
+    train_attacked, train = tiny_bench
+    info, _ = train()
+    longer, was_trained = train(epochs=2)
+    assert was_trained and longer["epochs"] == 2 and info["epochs"] == 1
+    assert train(epochs=2) == (longer, False) and train() == (info, False)  # each reused, neither replaced
+    default_path = train_attacked.model_path("badnet", "tiny_arch", 0)
+    assert default_path.is_file() and default_path.with_name("badnet_tiny_arch_seed0-epochs2.safetensors").is_file()
+    settings = json.loads(json.dumps(__import__("dataclasses").asdict(train_attacked.ATTACKS["badnet"]())))
+    assert train_attacked.model_variant("badnet", "tiny_arch", settings, 1) is None
+    assert train_attacked.model_variant("badnet", "tiny_arch", {**settings, "poison_rate": 0.2}, 2).endswith("-epochs2")
+    assert train_attacked.trained_model_path(longer).name == "badnet_tiny_arch_seed0-epochs2.safetensors"
+    assert train_attacked.trained_model_path(info) == default_path
 
 
 def test_a_stale_cached_model_is_trained_again_never_reused(tiny_bench, capsys):
