@@ -79,9 +79,11 @@ def model_variant(attack_name: str, arch: str, settings: dict, epochs: int) -> s
 def trained_model_path(info: dict) -> Path:
     """Where the model that ``train_backdoored`` returned with ``info`` is cached (its variant included;
     an entry older than recorded settings was cached under the recipe's name)."""
-    default = json.loads(json.dumps(dataclasses.asdict(ATTACKS[info["attack"]](**recipe_attack_kwargs(info["arch"], info["attack"])))))
-    variant = model_variant(info["attack"], info["arch"], info.get("attack_settings", default), info["epochs"])
-    return model_path(info["attack"], info["arch"], info["seed"], variant)
+    attack, arch = info["attack"], info["arch"]
+    settings = info.get("attack_settings")
+    if settings is None:
+        settings = json.loads(json.dumps(dataclasses.asdict(ATTACKS[attack](**recipe_attack_kwargs(arch, attack)))))
+    return model_path(attack, arch, info["seed"], model_variant(attack, arch, settings, info["epochs"]))
 
 
 def stale_reason(info: dict, asked: dict) -> str | None:

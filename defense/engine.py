@@ -95,7 +95,8 @@ class _ScoredForwards(nn.Module):
 
     def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model_logits, expert_logits, auxiliary_logits, *activations = self.forwards(images_uint8)
-        return tuple(vars(self._guard[0].scores_from(model_logits, expert_logits, auxiliary_logits, activations)).values())
+        scores = self._guard[0].scores_from(model_logits, expert_logits, auxiliary_logits, activations)
+        return tuple(vars(scores).values())
 
 
 class SlicedForwards:
