@@ -40,7 +40,7 @@ from scipy.stats import betabinom
 from bench.attacks import ATTACKS, MIN_ASR
 from bench.cifar10 import CACHE, attacks_with_data, reserved_split
 from bench.detection import write_reserved_folder
-from bench.train_attacked import model_path, train_backdoored
+from bench.train_attacked import train_backdoored, trained_model_path
 from defense.build import stratified_split
 from defense.bundle import load_bundle
 from badexpert.main import main as badexpert
@@ -178,7 +178,7 @@ def run_attack(name: str, arch: str, seed: int, data: dict, device: str, optiona
                                      CACHE / "bench" / "reserved" / f"seed{seed}_n2000")
     pool_index, eval_index = split_test_set(len(data["test_labels"]), seed)
     pool = write_pool(data["test_images"][pool_index], ROOT / f"pool_seed{seed}")
-    weights = model_path(model_attack, arch, seed)
+    weights = trained_model_path(model_info)
     weights_sha256 = sha256_of(weights)
     common = ["build", "--model", arch, "--weights", str(weights), "--clean-data",
               str(reserved), "--preset", "cifar", "--seed", str(seed), "--device", device]

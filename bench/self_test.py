@@ -34,7 +34,7 @@ from bench.cifar10 import CACHE, CLASSES, attacks_with_data, reserved_split
 from bench.results import newest_per_guard
 from bench.feature_signal import add_guard_arguments, key_of, sha256_file
 from bench.operating_point import split_test_set
-from bench.train_attacked import PREPROCESSING, model_path, recipe_attack_kwargs, settings_variant, train_backdoored
+from bench.train_attacked import PREPROCESSING, recipe_attack_kwargs, train_backdoored, trained_model_path
 from defense import auxiliary_recipes
 from defense import canary as canary_constants
 from defense.canary import CANARY_KINDS, DEFAULT_CANARY_KINDS
@@ -80,7 +80,7 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
     model_name = attack.model_attack or attack_name
     attack_settings = json.loads(json.dumps(dataclasses.asdict(ATTACKS[model_name](**recipe_attack_kwargs(arch, model_name)))))
     model, info = train_backdoored(model_name, arch, seed=model_seed)
-    weights = model_path(model_name, arch, model_seed, settings_variant(model_name, arch, attack_settings))
+    weights = trained_model_path(info)
     config = BuildConfig(seed=build_seed, self_test="choose", canary_seed=canary_seed, canary_kinds=tuple(canary_kinds),
                          progress=False)
     key = key_of(sha256_file(weights), attack_settings, dataclasses.asdict(config), arch,
