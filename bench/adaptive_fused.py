@@ -40,7 +40,7 @@ from defense.data import ImageSet
 from defense.progress import progress_bar
 
 RESULTS = ROOT / "adaptive"
-RULES = ("expert", "features:default", "fused:default", "fused:last2", "sum:last2")  # the default and its contenders
+RULES = ("expert", "features:default", "fused:default", "fused:last2", "sum:last2", "sum:default")  # the default and its contenders
 
 
 def surrogate_guard(model_attack: str, arch: str, seed: int, data: dict):

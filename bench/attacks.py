@@ -103,7 +103,8 @@ class Attack:
     adaptive = False  # reported in the adaptive-attack table (paper Table 5)
     model_attack = None  # (class attribute) name of the attack whose trained model this one reuses
     finetunes_clean_model = False  # (class attribute) post-development attack: poison by finetuning a clean model
-    train_epochs = 4  # (class attribute) the bench's training epochs for this attack's model (the tables' "epochs")
+    train_epochs = 4  # (class attribute) the bench's training epochs for this attack's model, where the
+    # architecture's recipe (bench.train_attacked.RECIPES) names none
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """Test-time trigger."""

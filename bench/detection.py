@@ -90,7 +90,7 @@ def run_attack(attack_name: str, arch: str, n_reserved: int, seed: int, extra_bu
     name = f"{attack_name}_{arch}_seed{seed}_n{n_reserved}{tag}"
     # The guard belongs to the model: an inference-time variant is measured with its base attack's bundle.
     bundle = CACHE / "bench" / "bundles" / f"{model_attack}_{arch}_seed{seed}_n{n_reserved}{tag}"
-    weights = trained_model_path(model_info)  # another --epochs than the attack's: that model, cached apart
+    weights = trained_model_path(model_info)  # another --epochs than the recipe's: that model, cached apart
     started = time.monotonic()
     built = (bundle / "manifest.json").is_file()
     if not built or (model_attack == attack_name and not reuse_bundle):
@@ -114,7 +114,8 @@ def main() -> None:
     parser.add_argument("--reserved", type=int, nargs="+", default=[2000], help="reserved clean set sizes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int,
-                        help="attacker's training epochs (default: each attack's train_epochs in bench/attacks.py)")
+                        help="attacker's training epochs (default: the architecture's recipe in bench.train_attacked, else "
+                             "each attack's train_epochs in bench/attacks.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default="", help="suffix of the result name, for variants")
     parser.add_argument("--reuse-bundle", action="store_true",

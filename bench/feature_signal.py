@@ -40,7 +40,7 @@ from bench.attacks import ATTACKS, MIN_ASR
 from bench.calibration_draws import draw_operating_points, summarize
 from bench.cifar10 import CACHE, CLASSES, attacks_with_data, reserved_split
 from bench.operating_point import split_test_set
-from bench.train_attacked import PREPROCESSING, recipe_attack_kwargs, train_backdoored, trained_model_path
+from bench.train_attacked import PREPROCESSING, recipe_attack_kwargs, recipe_epochs, train_backdoored, trained_model_path
 from defense.build import BuildConfig, build_guard, stratified_split
 from defense.bundle import load_bundle, save_bundle
 from defense.data import ImageSet
@@ -224,7 +224,7 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
               "bundle_id": manifest["bundle_id"], "build_key": key, "model_asr": asr, "model_epochs": info["epochs"],
               "model_clean_accuracy": info["clean_accuracy"], "counted": asr >= MIN_ASR, **measured}
     name = f"{attack_name}_{arch}_seed{model_seed}_build{build_seed}"
-    if info["epochs"] != ATTACKS[model_name].train_epochs:  # a variant: kept apart, out of the tables' means
+    if info["epochs"] != recipe_epochs(arch, model_name):  # a variant: kept apart, out of the tables' means
         out = ROOT / "variants" / f"{name}_epochs{info['epochs']}.json"
     else:
         out = ROOT / "results" / f"{name}.json"
@@ -334,7 +334,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="the attacked model's training rate (default: the architecture's "
                                                   "recipe in bench.train_attacked)")
     parser.add_argument("--poison-rate", type=float, help="the attack's poison rate, where not the recipe's")
-    parser.add_argument("--epochs", type=int, help="the attacked model's training epochs, where not the attack's "
+    parser.add_argument("--epochs", type=int, help="the attacked model's training epochs, where not the recipe's "
                                                    "(a variant: its model and result are kept apart, and --table "
                                                    "lists it under the main table, out of the means)")
     parser.add_argument("--table", action="store_true", help="print the Markdown tables from the cached results")

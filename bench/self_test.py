@@ -34,7 +34,7 @@ from bench.cifar10 import CACHE, CLASSES, attacks_with_data, reserved_split
 from bench.results import newest_per_guard
 from bench.feature_signal import add_guard_arguments, key_of, sha256_file
 from bench.operating_point import split_test_set
-from bench.train_attacked import PREPROCESSING, recipe_attack_kwargs, train_backdoored, trained_model_path
+from bench.train_attacked import PREPROCESSING, recipe_attack_kwargs, recipe_epochs, train_backdoored, trained_model_path
 from defense import auxiliary_recipes
 from defense import canary as canary_constants
 from defense.canary import CANARY_KINDS, DEFAULT_CANARY_KINDS
@@ -117,7 +117,7 @@ def run(attack_name: str, data: dict, arch: str, model_seed: int, build_seed: in
                           **real_figures(today.guard, test_images, test_labels, attack)}
     result = {"attack": attack_name, "arch": arch, "model_seed": model_seed, "build_seed": build_seed, "key": key,
               "canary_kinds": list(canary_kinds), "canary_seed": canary_seed,
-              "model_clean_accuracy": info["clean_accuracy"], "model_asr": guards["rule"]["asr_without_guard"],
+              "model_clean_accuracy": info["clean_accuracy"], "model_epochs": info["epochs"], "model_asr": guards["rule"]["asr_without_guard"],
               "counted": guards["rule"]["asr_without_guard"] >= MIN_ASR, "guards": guards,
               "self_test": {k: v for k, v in self_test.items() if k != "promise"},
               "auxiliary_lr": fields["auxiliary_model"]["lr"], "self_test_seconds": self_test["seconds"]}
@@ -163,6 +163,14 @@ def guard_of(result: dict) -> tuple:
     return result["arch"], result["attack"], result["model_seed"], result["build_seed"]
 
 
+def of_the_recipes_model(result: dict) -> bool:
+    """Whether a result measured the architecture's recipe model (a result from before epochs were
+    recorded was trained for its attack's train_epochs, the recipe then)."""
+    model_name = ATTACKS[result["attack"]].model_attack or result["attack"]
+    epochs = result.get("model_epochs", ATTACKS[model_name].train_epochs)
+    return epochs == recipe_epochs(result["arch"], model_name)
+
+
 def canary_seed_of(result: dict) -> int:
     return result.get("canary_seed", result["build_seed"])  # results before canary seeds: the build seed
 
@@ -170,9 +178,10 @@ def canary_seed_of(result: dict) -> int:
 def latest_results(kinds: tuple[str, ...] = DEFAULT_CANARY_KINDS, other_canary_seeds: bool = False) -> list[dict]:
     """One result per guard (arch, attack, model seed, build seed) with the canaries ``kinds``: the
     newest file, whatever its key; drawn from the build seed (the tables' rows), or with
-    ``other_canary_seeds`` one per guard and other canary seed."""
+    ``other_canary_seeds`` one per guard and other canary seed. Only the recipe's models: a result
+    on a model trained otherwise (an older recipe's) stays on disk, out of the tables."""
     def guard(result: dict) -> tuple | None:
-        wanted = result_kinds(result) == tuple(kinds) and \
+        wanted = of_the_recipes_model(result) and result_kinds(result) == tuple(kinds) and \
             (canary_seed_of(result) != result["build_seed"]) == other_canary_seeds
         return (*guard_of(result), canary_seed_of(result)) if wanted else None
     return list(newest_per_guard(ROOT / "results", guard).values())

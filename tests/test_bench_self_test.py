@@ -52,3 +52,20 @@ def test_results_of_each_canary_set_stay_apart_and_are_tabled_side_by_side(tmp_p
     assert self_test.canary_seed_table().splitlines()[2:] == [
         "| a | wanet | 0/0 | 0 | 0.0005: 90.00 / 50.0% | 0.0002, plain | 95.00 / 1.20% / 25.0% |",
         "| a | wanet | 0/0 | 7 | 0.0005: 90.00 / 50.0% | 0.0005, plain | 96.00 / 1.20% / 25.0% |"]
+
+
+def test_only_results_on_the_recipes_model_are_tabled(tmp_path, monkeypatch):
+    import json
+
+    from bench import self_test
+
+    monkeypatch.setattr(self_test, "ROOT", tmp_path)
+    (tmp_path / "results").mkdir()
+    old = {**result(None, 0.95, 2e-4), "arch": "cifar_vgg11_bn_compact"}  # no epochs recorded: the attack's 6
+    (tmp_path / "results" / "old.json").write_text(json.dumps(old))
+    assert self_test.latest_results() == []  # the VGG's WaNet recipe is 20 epochs: the 6-epoch model's result is out
+    recipe = {**old, "model_epochs": 20, "self_test": {**old["self_test"], "chosen_lr": 3e-4}}
+    (tmp_path / "results" / "recipe.json").write_text(json.dumps(recipe))
+    assert [r["self_test"]["chosen_lr"] for r in self_test.latest_results()] == [3e-4]
+    monkeypatch.setitem(__import__("bench.train_attacked").train_attacked.RECIPES, "cifar_vgg11_bn_compact", {})
+    assert [r["self_test"]["chosen_lr"] for r in self_test.latest_results()] == [2e-4]  # recipe 6 again: the old one

@@ -101,3 +101,18 @@ def test_each_architectures_recipe_is_what_the_benches_get(tiny_bench):
         train_attacked.ATTACKS["blend"](poison_rate=0.05))))
     assert train_attacked.settings_variant("blend", "cifar_lenet", lenet_blend) is None  # the recipe's: plain name
     assert train_attacked.settings_variant("blend", "cifar_resnet_compact", lenet_blend) is not None
+
+
+def test_an_architectures_recipe_epochs_are_its_default_other_epochs_a_variant(tiny_bench, monkeypatch):
+    train_attacked, train = tiny_bench
+    assert train_attacked.recipe_epochs("cifar_vgg11_bn_compact", "wanet") == 20  # the VGG's WaNet: trained longer
+    assert train_attacked.recipe_epochs("cifar_resnet_compact", "wanet") == train_attacked.ATTACKS["wanet"].train_epochs
+    assert train_attacked.recipe_epochs("cifar_vgg11_bn_compact", "wanet", 6) == 6  # asked: what was asked
+    monkeypatch.setitem(train_attacked.RECIPES, "tiny_arch", {"epochs": {"badnet": 2}})
+    info, was_trained = train()
+    assert was_trained and info["epochs"] == 2  # the recipe's epochs, not the attack's 1
+    default_path = train_attacked.model_path("badnet", "tiny_arch", 0)
+    assert train_attacked.trained_model_path(info) == default_path  # the recipe's model: the plain name
+    shorter, was_trained = train(epochs=1)  # the attack's own epochs are now a variant, cached apart
+    assert was_trained and train_attacked.trained_model_path(shorter).name == "badnet_tiny_arch_seed0-epochs1.safetensors"
+    assert train() == (info, False)
