@@ -1,14 +1,17 @@
-"""The jit engine's two graphs side by side in process (issue 30b): the three forwards of a small
-batch serially on one torch thread, serially on two, and on the parallel graph (B forked beside M
-and M') on one thread, the server's small-batch setting. Each graph holds the score too (the
-engine's graphs do); a last row times the graph's forwards with the score computed in Python, as
-the engine did before issue 30d. Medians of many calls, the rows interleaved per repetition.
+"""The jit engine's graphs side by side in process (issues 30b, 30e): the three forwards of a small
+batch serially on one torch thread, serially on two, on the parallel graph (B forked beside M and
+M') on one thread, and as one merged network (:mod:`defense.grouped`) on one and on two threads.
+Each graph holds the score too (the engine's graphs do); a last row times the graph's forwards
+with the score computed in Python, as the engine did before issue 30d. Medians of many calls, the
+rows interleaved per repetition.
 
     python -m bench.parallel_forwards                  # compact CIFAR ResNet, batches of 1 and 8
     python -m bench.parallel_forwards --sizes 1 8 64 --repeats 3
 
-A last row cuts the batch in two slices, each through the serial graph on its own thread with one
-torch thread (the server's large batches, ``--slice-batches``).
+First it builds the engine as the server does and says whether the merged network is kept (it is
+where one image runs no slower through it, timed at load). A last row cuts the batch in two
+slices, each through the serial graph on its own thread with one torch thread (the server's large
+batches, ``--slice-batches``).
 
 The bundle is ``bench.serve``'s (random weights, the feature signal on). The parallel graph is
 built first, on one torch thread (as the engine builds it), so that torch's inter-op pool starts
@@ -18,6 +21,7 @@ with one; the two-thread rows run in the same process after it.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -50,9 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     setup = MODELS[args.model]
     guard, _ = load_bundle(bundle_for(args.model), "cpu")
     checks = [sample_images(setup, 2), sample_images(setup, 1), sample_images(setup, 5)]
-    engine = build_engine(guard, "jit", checks, parallel_up_to=max(args.sizes), split_ways=2)
-    if not engine.parallel_up_to or engine.split_ways != 2:
-        print("the parallel graph or the sliced batches were not built (see the log)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's load-time choices
+    started = time.perf_counter()
+    served = build_engine(guard, "jit", checks, parallel_up_to=8, split_ways=2, sliced_over=8, merged_up_to=1)
+    print(f"as the server builds it ({time.perf_counter() - started:.1f} s): merged network for one image "
+          f"{'kept' if served.merged_up_to else 'not used'}")
+    engine = build_engine(guard, "jit", checks, parallel_up_to=max(args.sizes), split_ways=2,
+                          merged_up_to=max(args.sizes), time_merged=False)  # every graph, to time them all
+    if not engine.parallel_up_to or engine.split_ways != 2 or not engine.merged_up_to:
+        print("the parallel graph, the merged network or the sliced batches were not built (see the log)")
         return 1
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the engine builds its parallel graph: torch's inter-op pool keeps one thread
@@ -65,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = (("serial graph, 1 thread", engine._forwards, 1), ("serial graph, 2 threads", engine._forwards, 2),
              ("parallel graph (B forked), 1 thread", engine._small_forwards, 1),
+             ("merged network (M, B, M' as channel groups), 1 thread", engine._merged_forwards, 1),
+             ("merged network, 2 threads", engine._merged_forwards, 2),
              ("serial graph on 2 slices, 2 threads of 1 torch thread", engine._sliced, 1),
              ("parallel graph without the score, scored in Python (before issue 30d), 1 thread", score_in_python, 1))
     print(f"{args.model}, the three forwards and the score, ms (median of {args.repeats} repetitions, range)")

@@ -60,6 +60,7 @@ BUNDLES = CACHE / "bench" / "serve"
 RESULTS = CACHE / "bench" / "results"
 NUM_CLASSES = 10
 SMALL_BATCH_SIZE = 8  # the server's default small_batch_size: its parallel graph serves batches up to it
+MERGED_BATCH_SIZE = 1  # the server's default merged_batch_size: its merged network serves batches up to it
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def in_process_paths(bundle: Path, setup: ModelSetup) -> list[tuple[str, object]
     paths += [(f"guard_{name}", engine) for name, engine in engines.items() if engine.name == name]
     threads = torch.get_num_threads()
     served = build_engine(guard, "jit", checks, parallel_up_to=SMALL_BATCH_SIZE, split_ways=threads,
-                          sliced_over=SMALL_BATCH_SIZE)
+                          sliced_over=SMALL_BATCH_SIZE, merged_up_to=MERGED_BATCH_SIZE)
     if served.parallel_up_to:
         paths.append(("guard_jit_served", served_threads(served, threads)))
     for _, function in paths:
@@ -165,11 +166,11 @@ def in_process_paths(bundle: Path, setup: ModelSetup) -> list[tuple[str, object]
 
 
 def served_threads(engine, large_threads: int):
-    """``engine`` called as the server calls it: one torch thread for batches of up to its
-    ``parallel_up_to`` images (which its parallel graph runs), and for the larger ones that it cuts
-    into slices; ``large_threads`` above otherwise."""
+    """``engine`` called as the server calls it (its defaults): one torch thread for batches of up to
+    ``SMALL_BATCH_SIZE`` images (its merged network, then its parallel graph) and for the larger ones
+    that it cuts into slices; ``large_threads`` otherwise."""
     def run(images: torch.Tensor):
-        torch.set_num_threads(1 if len(images) <= engine.parallel_up_to else engine.large_batch_threads(large_threads))
+        torch.set_num_threads(engine.threads_for(len(images), 1, large_threads, SMALL_BATCH_SIZE))
         try:
             return engine(images)
         finally:

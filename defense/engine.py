@@ -18,6 +18,9 @@ unit of work, for serving. Each returns exactly what :meth:`Guard.score_batch` r
   wait for each other inside a layer, so a core taken for a while by the server's event loop slows
   one slice rather than stalling the whole team at every layer (compact CIFAR ResNet, batch 64, two
   cores, in process: 59 against 73 ms on two OpenMP threads, ``python -m bench.parallel_forwards``).
+  With ``merged_up_to`` (the server's lone images), a third graph runs the three models merged
+  into one network (:mod:`defense.grouped`: each layer's three weights side by side as channel
+  groups): one forward on one thread, 2.3 ms against the parallel graph's 2.5 ms on two.
 
 With the feature signal on (``guard.feature_detector``), M's hooked activations come out of the
 same pass: ``jit`` traces them into its graph; ``fused`` keeps M eager (folding would remove the
@@ -31,18 +34,20 @@ with data-dependent control flow, is caught here.
 
 from __future__ import annotations
 
-import concurrent.futures
-import copy
 import logging
+import statistics
+import time
 import warnings
-import weakref
 from typing import Callable, Literal, TypeVar
 
 import torch
 import torch.nn as nn
 
+from defense.fused_forwards import fused_forwards
+from defense.grouped import merge_three
 from defense.guard import Guard
 from defense.score import GuardScores, rejects
+from defense.sliced_forwards import SlicedForwards
 
 EngineName = Literal["eager", "fused", "jit"]
 ENGINES: tuple[str, ...] = ("eager", "fused", "jit")
@@ -82,6 +87,18 @@ class _ThreeForwardsInParallel(_ThreeForwards):
         return (model_logits, torch.jit.wait(expert), auxiliary_logits, *activations)
 
 
+class _MergedForwards(nn.Module):
+    """The same three forwards as one merged network (:func:`defense.grouped.merge_three`): every layer
+    runs M, B and M' side by side as channel groups, M's tapped activations among its outputs."""
+
+    def __init__(self, guard: Guard, merged: nn.Module):
+        super().__init__()
+        self.normalizer, self.merged = guard.normalizer, merged
+
+    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.merged(self.normalizer(images_uint8))
+
+
 class _ScoredForwards(nn.Module):
     """``forwards`` (a :class:`_ThreeForwards`), then the guard's scores from its outputs, as the
     columns of :class:`GuardScores` in field order: the score's few dozen small tensor operations go
@@ -99,32 +116,6 @@ class _ScoredForwards(nn.Module):
         return tuple(vars(scores).values())
 
 
-class SlicedForwards:
-    """``forwards`` on ``ways`` slices of a batch at once: the first slice on the calling thread, the
-    others on threads of its own pool, each with one torch thread; the outputs joined in order.
-    ``forwards`` must be safe to call from several threads at once (a frozen TorchScript graph is;
-    an eager guard, whose tap holds one batch's activations, is not). The calling thread should run
-    on one torch thread too: that is how the slices share the cores."""
-
-    def __init__(self, forwards: Callable[[torch.Tensor], tuple], ways: int):
-        if ways < 2:
-            raise ValueError(f"slicing a batch needs at least 2 ways, got {ways}")
-        self.forwards, self.ways = forwards, ways
-        self._pool = concurrent.futures.ThreadPoolExecutor(ways - 1, thread_name_prefix="badexpert-slice",
-                                                           initializer=torch.set_num_threads, initargs=(1,))
-        weakref.finalize(self, self._pool.shutdown, wait=False)  # a swapped-out bundle's threads end with it
-
-    def _run(self, images: torch.Tensor) -> tuple:
-        with torch.inference_mode():  # a mode is per thread: the pool's threads need their own
-            return self.forwards(images)
-
-    def __call__(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        first, *others = torch.tensor_split(images_uint8, self.ways)
-        pending = [self._pool.submit(self._run, part) for part in others]
-        outputs = [self._run(first)] + [future.result() for future in pending]
-        return tuple(torch.cat(pieces) for pieces in zip(*outputs))
-
-
 class GuardEngine:
     """``engine(images_uint8)`` -> :class:`GuardScores` on the CPU, like ``guard.score_batch``.
     ``forwards``: uint8 images -> the three models' logits and M's tapped activations (``fused``), or
@@ -132,22 +123,44 @@ class GuardEngine:
     ``small_forwards``: another graph of the same forwards for batches of up to ``parallel_up_to``
     images (the jit engine's parallel one; 0: none). ``sliced``: the serial graph on slices of a
     larger batch, for batches of more than ``sliced_over`` and at least ``sliced.ways`` images
-    (``split_ways``; 1: none)."""
+    (``split_ways``; 1: none). ``merged_forwards``: the merged network's graph, for batches of up to
+    ``merged_up_to`` images (0: none; it comes first)."""
 
     def __init__(self, name: str, guard: Guard, forwards: Callable[[torch.Tensor], tuple] | None = None,
                  channels_last: bool = False, small_forwards: Callable[[torch.Tensor], tuple] | None = None,
-                 parallel_up_to: int = 0, sliced: SlicedForwards | None = None, sliced_over: int = 0):
+                 parallel_up_to: int = 0, sliced: SlicedForwards | None = None, sliced_over: int = 0,
+                 merged_forwards: Callable[[torch.Tensor], tuple] | None = None, merged_up_to: int = 0):
         self.name, self.guard, self._forwards, self._channels_last = name, guard, forwards, channels_last
         self._small_forwards, self.parallel_up_to = small_forwards, parallel_up_to if small_forwards else 0
         self._sliced, self.sliced_over = sliced, sliced_over
         self.split_ways = sliced.ways if sliced else 1
+        self._merged_forwards, self.merged_up_to = merged_forwards, merged_up_to if merged_forwards else 0
 
     def large_batch_threads(self, threads: int) -> int:
         """The calling thread's torch threads for a batch it cuts into slices (one: each slice runs on its
         own thread), else ``threads``."""
         return 1 if self.split_ways > 1 else threads
 
+    def threads_for(self, size: int, small: int, large: int, small_batch_size: int) -> int:
+        """The calling thread's torch threads for a batch of ``size`` images: ``small`` up to
+        ``small_batch_size`` images (the merged network and the parallel graph run there), else
+        ``large``, or one for a batch cut into slices (:meth:`large_batch_threads`). The merged network
+        on two OpenMP threads was faster in process and slower through HTTP (compact CIFAR ResNet, one
+        client, two cores: median 4.2 against 3.4 ms on one thread): the team's second thread spins
+        on the core the event loop needs."""
+        return small if size <= small_batch_size else self.large_batch_threads(large)
+
+    def with_parts(self, **parts) -> "GuardEngine":
+        """A copy of this engine with some of its graphs replaced (the keyword arguments of ``__init__``)."""
+        current = {"forwards": self._forwards, "channels_last": self._channels_last,
+                   "small_forwards": self._small_forwards, "parallel_up_to": self.parallel_up_to,
+                   "sliced": self._sliced, "sliced_over": self.sliced_over,
+                   "merged_forwards": self._merged_forwards, "merged_up_to": self.merged_up_to}
+        return GuardEngine(self.name, self.guard, **{**current, **parts})
+
     def _forwards_for(self, size: int) -> Callable[[torch.Tensor], tuple]:
+        if size <= self.merged_up_to:
+            return self._merged_forwards
         if size <= self.parallel_up_to:
             return self._small_forwards
         if size > self.sliced_over and size >= self.split_ways > 1:
@@ -168,37 +181,28 @@ class GuardEngine:
         return self.guard.scores_from(model_logits, expert_logits, auxiliary_logits, activations)
 
 
-def _scored_three(guard: Guard, parallel: bool = False) -> _ScoredForwards:
+def _scored_three(guard: Guard, parallel: bool = False, merged: bool = False) -> _ScoredForwards:
+    if merged:
+        layers = guard.feature_detector.layers if guard.feature_detector is not None else []
+        network = merge_three([guard.model, guard.backdoor_expert, guard.auxiliary_model], layers)
+        if network is None:
+            raise ValueError("the three models cannot be merged into one network (a layer defense.grouped "
+                             "does not rewrite)")
+        return _ScoredForwards(_MergedForwards(guard, network.to(guard.device)), guard).eval()
     return _ScoredForwards((_ThreeForwardsInParallel if parallel else _ThreeForwards)(guard), guard).eval()
 
 
-def jit_forwards(guard: Guard, example: torch.Tensor, parallel: bool = False, scored: bool = True) -> Callable:
+def jit_forwards(guard: Guard, example: torch.Tensor, parallel: bool = False, scored: bool = True,
+                 merged: bool = False) -> Callable:
     """The jit graph: uint8 images in, the columns of :class:`GuardScores` out (``scored=False``: the
-    logits and activations, without the score; ``bench.parallel_forwards`` compares the two)."""
-    module = _scored_three(guard, parallel) if scored else _scored_three(guard, parallel).forwards
+    logits and activations, without the score; ``bench.parallel_forwards`` compares the two).
+    ``parallel``: B forked beside M and M'; ``merged``: the three models as one merged network."""
+    module = _scored_three(guard, parallel, merged)
+    module = module if scored else module.forwards
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer warnings: the check below decides
         traced = torch.jit.trace(module, example.to(guard.device), check_trace=False)
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
-
-
-def _fused_forwards(guard: Guard) -> Callable:
-    from torch.fx.experimental.optimization import fuse
-
-    models = []
-    tapped = guard.feature_detector is not None
-    for module in (guard.model, guard.backdoor_expert, guard.auxiliary_model):
-        if tapped and module is guard.model:
-            models.append(module)  # eager: the feature layers' hooks sit on its modules
-        else:
-            models.append(fuse(copy.deepcopy(module).eval()).to(memory_format=torch.channels_last))
-    normalizer = guard.normalizer
-
-    def forwards(images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inputs = normalizer(images_uint8).contiguous(memory_format=torch.channels_last)
-        return (*(model(inputs) for model in models), *guard.activations())
-
-    return forwards
 
 
 def mismatch(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor]) -> str | None:
@@ -247,8 +251,7 @@ def _with_parallel_graph(engine: GuardEngine, guard: Guard, samples: list[torch.
     if problem is not None:
         on_fallback(f"jit engine's parallel graph not used ({problem}); small batches run the serial graph")
         return engine
-    return GuardEngine("jit", guard, engine._forwards, small_forwards=parallel._forwards,
-                       parallel_up_to=parallel_up_to, sliced=engine._sliced, sliced_over=engine.sliced_over)
+    return engine.with_parts(small_forwards=parallel._forwards, parallel_up_to=parallel_up_to)
 
 
 def _with_sliced_batches(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor], ways: int, over: int,
@@ -264,18 +267,60 @@ def _with_sliced_batches(engine: GuardEngine, guard: Guard, samples: list[torch.
     if problem is not None:
         on_fallback(f"jit engine's sliced batches not used ({problem}); large batches run on one OpenMP team")
         return engine
-    return GuardEngine("jit", guard, engine._forwards, sliced=sliced, sliced_over=over)
+    return engine.with_parts(sliced=sliced, sliced_over=over)
+
+
+def median_seconds(function: Callable[[torch.Tensor], object], images: torch.Tensor, calls: int = 7) -> float:
+    """The median wall time of ``function(images)`` over ``calls`` calls, after two to warm up."""
+    with torch.inference_mode():
+        times = []
+        for call in range(calls + 2):
+            started = time.perf_counter()
+            function(images)
+            if call >= 2:
+                times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _with_merged_network(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor], merged_up_to: int,
+                         on_fallback: Callable[[str], None], timed: bool = True) -> GuardEngine:
+    """``engine`` (jit, checked) running batches of up to ``merged_up_to`` images through the merged network
+    (:mod:`defense.grouped`), once it scores ``samples`` as eager does and, with ``timed``, once one image
+    goes through it on one torch thread at least as fast as through the graph that would run it
+    otherwise (the parallel graph, else the serial one): a small model gains (fewer, wider
+    operations), a large one loses the second core. ``engine`` unchanged otherwise (``on_fallback``
+    told of a mismatch or an error; a slower merged network is logged at info level)."""
+    try:
+        merged = GuardEngine("jit", guard, jit_forwards(guard, samples[0], merged=True))
+        problem = mismatch(merged, guard, [images[:merged_up_to] for images in samples])
+        if problem is None and timed:
+            one, other = samples[0][:1], engine._forwards_for(1)
+            merged_s, other_s = _one_torch_thread(lambda: (median_seconds(merged._forwards, one),
+                                                            median_seconds(other, one)))
+            if merged_s > other_s:  # a choice, not a fault: said at info level
+                log.info("jit engine's merged network not used: one image took %.2f ms against %.2f ms without it",
+                         1000 * merged_s, 1000 * other_s)
+                return engine
+    except Exception as error:
+        problem = _problem(error)
+    if problem is not None:
+        on_fallback(f"jit engine's merged network not used ({problem}); small batches run the other graphs")
+        return engine
+    return engine.with_parts(merged_forwards=merged._forwards, merged_up_to=merged_up_to)
 
 
 def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],
                  on_fallback: Callable[[str], None] | None = None, parallel_up_to: int = 0,
-                 split_ways: int = 1, sliced_over: int = 0) -> GuardEngine:
+                 split_ways: int = 1, sliced_over: int = 0, merged_up_to: int = 0,
+                 time_merged: bool = True) -> GuardEngine:
     """The engine ``name`` for ``guard``, checked on ``samples`` (uint8 batches; give two sizes);
     ``eager`` when it cannot be built or does not match (``on_fallback`` hears why). ``parallel_up_to``:
     the jit engine runs batches of up to this many images on its parallel graph; ``split_ways``: it
     runs batches of more than ``sliced_over`` images (and at least ``split_ways``) as that many slices
-    on as many threads, each with one torch thread. Both are checked like the engine itself, and
-    dropped alone on a mismatch."""
+    on as many threads, each with one torch thread; ``merged_up_to``: it runs batches of up to this
+    many images through the three models merged into one network (:mod:`defense.grouped`), where
+    (``time_merged``) one image runs through it no slower than without it. Each is checked like the
+    engine itself, and dropped alone on a mismatch."""
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
     eager = GuardEngine("eager", guard)
@@ -285,7 +330,7 @@ def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],
         if name == "jit":
             engine = GuardEngine("jit", guard, jit_forwards(guard, samples[0]))
         else:
-            engine = GuardEngine("fused", guard, _fused_forwards(guard), channels_last=True)
+            engine = GuardEngine("fused", guard, fused_forwards(guard), channels_last=True)
         problem = mismatch(engine, guard, samples)
     except Exception as error:  # untraceable model: eager serves it
         problem = _problem(error)
@@ -293,7 +338,10 @@ def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],
         if name == "jit" and split_ways > 1:
             engine = _with_sliced_batches(engine, guard, samples, split_ways, sliced_over, on_fallback or log.warning)
         if name == "jit" and parallel_up_to > 0:
-            return _with_parallel_graph(engine, guard, samples, parallel_up_to, on_fallback or log.warning)
+            engine = _with_parallel_graph(engine, guard, samples, parallel_up_to, on_fallback or log.warning)
+        if name == "jit" and merged_up_to > 0:
+            engine = _with_merged_network(engine, guard, samples, merged_up_to, on_fallback or log.warning,
+                                          time_merged)
         return engine
     message = f"engine {name} not used ({problem}); serving with the eager engine"
     (on_fallback or log.warning)(message)

@@ -204,8 +204,7 @@ class GuardService:
 
     def infer(self, images: torch.Tensor, lineup: Lineup | None = None) -> GuardScores:
         lineup = lineup or self.lineup
-        small, large = self._threads[0], lineup.live.engine.large_batch_threads(self._threads[1])
-        threads = small if len(images) <= self.settings.small_batch_size else large
+        threads = lineup.live.engine.threads_for(len(images), *self._threads, self.settings.small_batch_size)
         if torch.get_num_threads() != threads:  # the inference thread's own setting (one thread runs every forward)
             torch.set_num_threads(threads)
         return score_lineup(lineup, images, self.metrics.candidate_failures.inc)

@@ -94,8 +94,10 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
     parallel_up_to = settings.small_batch_size if settings.parallel_forwards and settings.small_batch_threads == 1 \
         and large_batch_threads >= 2 and not on_cuda else 0
     split_ways = large_batch_threads if settings.slice_batches and large_batch_threads >= 2 and not on_cuda else 1
+    merged_up_to = settings.merged_batch_size if not on_cuda else 0
     engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning,
-                          parallel_up_to=parallel_up_to, split_ways=split_ways, sliced_over=settings.small_batch_size)
+                          parallel_up_to=parallel_up_to, split_ways=split_ways, sliced_over=settings.small_batch_size,
+                          merged_up_to=merged_up_to)
     streams = None
     if on_cuda and settings.cuda_streams and engine.name == "eager":
         streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]
@@ -145,6 +147,7 @@ def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manif
                   "max_queue": settings.max_queue, "engine": engine.name if engine else "eager",
                   "small_batch_size": settings.small_batch_size,
                   "parallel_forwards_up_to": engine.parallel_up_to if engine else 0,
+                  "merged_network_up_to": engine.merged_up_to if engine else 0,
                   "large_batch_slices": engine.split_ways if engine else 1,
                   "torch_threads": [settings.small_batch_threads,
                                     engine.large_batch_threads(torch.get_num_threads()) if engine

@@ -192,19 +192,23 @@ class SpyEngine:
     """The served engine, recording each batch's size and the calling thread's torch threads."""
 
     def __init__(self, engine, seen):
-        self.engine, self.seen, self.large_batch_threads = engine, seen, engine.large_batch_threads
+        self.engine, self.seen, self.threads_for = engine, seen, engine.threads_for
 
     def __call__(self, images):
         self.seen.append((len(images), torch.get_num_threads()))
         return self.engine(images)
 
 
-@pytest.mark.parametrize("sliced, large_batch_threads", [(False, 2), (True, 1)])
-def test_small_batches_run_on_their_own_thread_count(tiny, sliced, large_batch_threads):
+@pytest.mark.parametrize("sliced, merged, large_batch_threads", [(False, 0, 2), (True, 0, 1), (True, 1, 1)])
+def test_small_batches_run_on_their_own_thread_count(tiny, sliced, merged, large_batch_threads, monkeypatch):
+    import defense.engine
+
+    monkeypatch.setattr(defense.engine, "median_seconds", lambda *args, **kwargs: 0.0)  # the merged network: no slower
     service = loaded_service(tiny.bundle, small_batch_size=2, small_batch_threads=1, torch_threads=2, warmup=False,
-                             slice_batches=sliced)
+                             slice_batches=sliced, merged_batch_size=merged)
     live = service.live
     assert live.engine.name == "jit" and live.info["batching"]["engine"] == "jit"  # the default on CPU
+    assert live.engine.merged_up_to == merged == live.info["batching"]["merged_network_up_to"]
     seen = []
     live.engine = SpyEngine(live.engine, seen)
     images = torch.stack([live.guard.preprocessing.load(path) for path in tiny.files])
@@ -213,7 +217,7 @@ def test_small_batches_run_on_their_own_thread_count(tiny, sliced, large_batch_t
                                                             (images[:1], images[:2], images[:5], images[:1])))
     worker.start()
     worker.join(60)
-    assert seen == [(1, 1), (2, 1), (5, large_batch_threads), (1, 1)]
+    assert seen == [(1, 1), (2, 1), (5, large_batch_threads), (1, 1)]  # the merged network too: one thread
     assert torch.allclose(results[2].score, tiny.scores[:5].double(), rtol=1e-5)
     service._decode_pool.shutdown()
     service._audit_pool.shutdown()

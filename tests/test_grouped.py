@@ -1,0 +1,160 @@
+"""defense/grouped.py: M, B and M' merged into one network compute exactly the three models' logits and
+M's tapped activations; what the merge does not rewrite is refused (None), and the jit engine serves
+small batches with it only once it scores like the eager guard."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from defense.engine import build_engine
+from defense.features import ActivationTap, find_feature_layers
+from defense.grouped import merge_three
+from defense.models import create_model
+from test_engine import random_guard, samples
+
+
+def three(arch: str, seed: int = 0) -> list[nn.Module]:
+    guard = random_guard(arch, 32 if arch != "tiny_cnn" else 16, seed)
+    return [guard.model, guard.backdoor_expert, guard.auxiliary_model]
+
+
+def separately(models: list[nn.Module], inputs: torch.Tensor, taps: list[str]) -> tuple[torch.Tensor, ...]:
+    tap = ActivationTap(models[0], taps)
+    try:
+        with torch.inference_mode():
+            logits = [model(inputs) for model in models[:1]]
+            activations = tap.take()
+            logits += [model(inputs) for model in models[1:]]
+    finally:
+        tap.remove()
+    return (*logits, *activations)
+
+
+def test_the_merged_network_computes_each_models_logits_and_ms_activations():
+    for arch, size in (("tiny_cnn", 16), ("cifar_resnet_compact", 32), ("cifar_lenet", 32), ("cifar_vgg11_bn_compact", 32)):
+        models = three(arch)
+        inputs = torch.randn(3, 3, size, size)
+        taps = find_feature_layers(models[0], inputs)
+        merged = merge_three(models, taps)
+        assert merged is not None, arch
+        with torch.inference_mode():
+            got = merged(inputs)
+        want = separately(models, inputs, taps)
+        assert len(got) == 3 + len(taps)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5), arch
+        assert not torch.allclose(got[0], got[1])  # three models, three different outputs
+
+
+class TwiceCalledRelu(nn.Module):
+    """torchvision's BasicBlock reuses one ReLU module; a view(size(0), -1) flattens."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        x = self.relu(x)
+        x = self.relu(self.norm(self.conv(x)))
+        return self.head(x.view(x.size(0), -1))
+
+
+class Concatenates(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(F.adaptive_avg_pool2d(torch.cat([self.a(x), self.b(x)], 1), 1).flatten(1))
+
+
+class LayerNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head, self.norm = nn.Linear(3 * 8 * 8, 4), nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(self.head(x.flatten(1)))
+
+
+def test_a_module_called_twice_and_a_batch_view_merge():
+    torch.manual_seed(0)
+    models = [TwiceCalledRelu().eval() for _ in range(3)]
+    inputs = torch.randn(2, 3, 8, 8)
+    merged = merge_three(models)
+    with torch.inference_mode():
+        for got, model in zip(merged(inputs), models):
+            assert torch.allclose(got, model(inputs), atol=1e-6)
+
+
+def test_what_the_merge_does_not_rewrite_is_refused():
+    assert merge_three([Concatenates().eval() for _ in range(3)]) is None
+    assert merge_three([LayerNormed().eval() for _ in range(3)]) is None
+    assert merge_three([create_model("tiny_cnn", 4).eval() for _ in range(2)]) is None  # not three
+    mixed = [create_model("tiny_cnn", 4).eval(), create_model("tiny_cnn", 4).eval(), LayerNormed().eval()]
+    assert merge_three(mixed) is None
+    assert merge_three(three("tiny_cnn"), ["no.such.layer"]) is None
+
+
+def test_the_jit_engine_runs_small_batches_on_the_merged_network_and_scores_like_eager():
+    guard = random_guard("cifar_resnet_compact", 32)
+    fallbacks = []
+    engine = build_engine(guard, "jit", samples(32), on_fallback=fallbacks.append, merged_up_to=2, time_merged=False)
+    assert engine.merged_up_to == 2 and not fallbacks
+    images = samples(32)[2]
+    for batch in (images[:1], images[:2]):
+        got, want = engine(batch), guard.score_batch(batch)
+        assert torch.equal(got.label, want.label) and torch.allclose(got.score, want.score, rtol=1e-5, atol=0)
+    assert build_engine(guard, "jit", samples(32)).merged_up_to == 0  # only when asked for
+
+
+def test_a_model_the_merge_refuses_keeps_the_other_graphs_and_says_why():
+    from defense.guard import Guard
+    from synthetic import PREPROCESSING
+
+    torch.manual_seed(0)
+
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(F.adaptive_avg_pool2d(torch.cat([self.a(x), self.b(x)], 1), 1).flatten(1))
+
+    guard = Guard(Small().eval(), Small().eval(), Small().eval(), preprocessing=PREPROCESSING, rejection_threshold=1.0)
+    fallbacks = []
+    engine = build_engine(guard, "jit", samples(16), on_fallback=fallbacks.append, merged_up_to=4, time_merged=False)
+    assert engine.name == "jit" and engine.merged_up_to == 0
+    assert len(fallbacks) == 1 and "merged network not used" in fallbacks[0]
+
+
+def test_the_merged_network_is_kept_only_where_one_image_runs_no_slower_through_it(monkeypatch, caplog):
+    import defense.engine
+
+    guard, median_seconds = random_guard("tiny_cnn", 16), defense.engine.median_seconds
+    for merged_s, other_s, kept in ((0.002, 0.001, False), (0.001, 0.002, True)):
+        timings = iter((merged_s, other_s))  # the merged network is timed first, then the graph it would replace
+        monkeypatch.setattr(defense.engine, "median_seconds", lambda *args, **kwargs: next(timings))
+        fallbacks = []
+        caplog.clear()
+        with caplog.at_level("INFO", logger="badexpert.engine"):
+            engine = build_engine(guard, "jit", samples(16), on_fallback=fallbacks.append, parallel_up_to=8,
+                                  merged_up_to=1)
+        assert engine.merged_up_to == (1 if kept else 0) and engine.parallel_up_to == 8 and not fallbacks
+        said = "jit engine's merged network not used: one image took 2.00 ms against 1.00 ms without it"
+        assert (said in caplog.text) != kept  # a choice, told at info level, not a fallback warning
+    calls = [0]
+
+    def slow(images):
+        calls[0] += 1
+        __import__("time").sleep(0.002)
+
+    assert 0.002 <= median_seconds(slow, torch.zeros(1), calls=3) < 0.05 and calls[0] == 5  # two warm-up calls
