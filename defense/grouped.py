@@ -12,15 +12,17 @@ activations stacked along the channel dimension (M's first, then B's, then M''s)
 - what acts on each channel alone (activations, pooling, dropout in eval mode, adding two stacked
   tensors) is kept as it is, and flattening keeps each model's features in one contiguous block.
 
-One forward of the merged network then costs fewer, wider operations than three forwards: on two CPU
-cores, for the compact CIFAR ResNet at batch 1, about 1.6 bare forwards' time instead of three
-(``python -m bench.parallel_forwards``). oneDNN's grouped convolutions lose at larger batches, so the
-engine uses the merged graph for small batches only (:mod:`defense.engine`).
+One forward of the merged network is fewer, wider operations than three forwards: compact CIFAR
+ResNet, one image, 2.33 ms on one thread against 3.6 ms for the three forwards in a row and 2.5 ms
+for the parallel graph on two threads (``python -m bench.parallel_forwards``). oneDNN's grouped
+convolutions lose at larger batches, and a large model loses more from one thread than it gains, so
+the engine uses the merged graph for lone images, where timing at load finds it no slower
+(:mod:`defense.engine`).
 
 A graph with anything else (a module or function not listed in this file, a concatenation, a reshape
-other than flattening, a module called twice) is not merged: :func:`merge_three` returns None and the
-engine keeps its other graphs. The engine also checks the merged graph against the eager guard, like
-every graph it builds.
+other than flattening, a softmax) is not merged: :func:`merge_three` returns None and the engine
+keeps its other graphs. A module called twice (a shared ReLU) is merged once. The engine also
+checks the merged graph against the eager guard, like every graph it builds.
 """
 
 from __future__ import annotations
