@@ -18,9 +18,10 @@ unit of work, for serving. Each returns exactly what :meth:`Guard.score_batch` r
   wait for each other inside a layer, so a core taken for a while by the server's event loop slows
   one slice rather than stalling the whole team at every layer (compact CIFAR ResNet, batch 64, two
   cores, in process: 59 against 73 ms on two OpenMP threads, ``python -m bench.parallel_forwards``).
-  With ``merged_up_to`` (the server's lone images), a third graph runs the three models merged
+  With ``merged_up_to`` (the server's lone images), another graph runs the three models merged
   into one network (:mod:`defense.grouped`: each layer's three weights side by side as channel
-  groups): one forward on one thread, 2.3 ms against the parallel graph's 2.5 ms on two.
+  groups): one forward on one thread, 2.3 ms against the parallel graph's 2.5 ms on two; kept
+  where timing one image at load finds it no slower (a large model is faster on two threads).
 
 With the feature signal on (``guard.feature_detector``), M's hooked activations come out of the
 same pass: ``jit`` traces them into its graph; ``fused`` keeps M eager (folding would remove the
