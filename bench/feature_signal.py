@@ -257,7 +257,7 @@ def table(rules: tuple[str, ...] = ("expert", "features:default", "fused:default
 
 
 def variant_table(rules: tuple[str, ...] = ("expert", "features:default", "fused:default"), calibration: str = "cal") -> str:
-    """The variants' rows (models trained for other epochs than the attack's), each beside the clean
+    """The variants' rows (models trained for other epochs than their recipe's), each beside the clean
     accuracy and epochs of its model; empty when there are none."""
     paths = sorted((ROOT / "variants").glob("*.json"))
     if not paths:

@@ -30,19 +30,7 @@ import torch
 
 from bench.serve import MODELS, bundle_for, sample_images
 from defense.bundle import load_bundle
-from defense.engine import build_engine, jit_forwards
-
-
-def _median_ms(function, images: torch.Tensor, calls: int) -> float:
-    with torch.inference_mode():
-        for _ in range(5):
-            function(images)
-        times = []
-        for _ in range(calls):
-            started = time.perf_counter()
-            function(images)
-            times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+from defense.engine import build_engine, jit_forwards, median_seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             images = sample_images(setup, size)
             for name, forwards, count in paths:
                 torch.set_num_threads(count)
-                results[name][size].append(_median_ms(forwards, images, max(20, 400 // size)))
+                results[name][size].append(1000 * median_seconds(forwards, images, max(20, 400 // size), warmup=5))
     torch.set_num_threads(threads)
     for name, by_size in results.items():
         cells = [f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for v in by_size.values()]

@@ -240,45 +240,50 @@ def _one_torch_thread(build: Callable[[], T]) -> T:
         torch.set_num_threads(threads)
 
 
+def _with_checked(engine: GuardEngine, graph: str, otherwise: str, build: Callable, on_fallback: Callable) -> GuardEngine:
+    """``engine.with_parts(**parts)`` for ``build()`` -> ``(parts, problem)``; ``engine`` unchanged where
+    there are no parts, or a problem or an error (``on_fallback`` told why, and ``otherwise``)."""
+    try:
+        parts, problem = build()
+    except Exception as error:
+        parts, problem = None, _problem(error)
+    if problem is not None:
+        on_fallback(f"jit engine's {graph} not used ({problem}); {otherwise}")
+        return engine
+    return engine.with_parts(**parts) if parts else engine
+
+
 def _with_parallel_graph(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor], parallel_up_to: int,
                          on_fallback: Callable[[str], None]) -> GuardEngine:
     """``engine`` (jit, checked) with the parallel graph for batches up to ``parallel_up_to`` images, once
     that graph scores ``samples`` as eager does; ``engine`` unchanged (and ``on_fallback`` told) otherwise."""
-    try:
+    def build():
         parallel = _one_torch_thread(lambda: GuardEngine("jit", guard, jit_forwards(guard, samples[0], parallel=True)))
         problem = _one_torch_thread(lambda: mismatch(parallel, guard, samples))
-    except Exception as error:
-        problem = _problem(error)
-    if problem is not None:
-        on_fallback(f"jit engine's parallel graph not used ({problem}); small batches run the serial graph")
-        return engine
-    return engine.with_parts(small_forwards=parallel._forwards, parallel_up_to=parallel_up_to)
+        return {"small_forwards": parallel._forwards, "parallel_up_to": parallel_up_to}, problem
+    return _with_checked(engine, "parallel graph", "small batches run the serial graph", build, on_fallback)
 
 
 def _with_sliced_batches(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor], ways: int, over: int,
                          on_fallback: Callable[[str], None]) -> GuardEngine:
     """``engine`` (jit, checked) running batches of more than ``over`` images as ``ways`` slices on as many
     threads, once that scores ``samples`` as eager does; ``engine`` unchanged (``on_fallback`` told) otherwise."""
-    try:
+    def build():
         sliced = SlicedForwards(engine._forwards, ways)
         problem = _one_torch_thread(lambda: mismatch(GuardEngine("jit", guard, engine._forwards, sliced=sliced),
                                                      guard, samples + [torch.cat(samples)]))
-    except Exception as error:
-        problem = _problem(error)
-    if problem is not None:
-        on_fallback(f"jit engine's sliced batches not used ({problem}); large batches run on one OpenMP team")
-        return engine
-    return engine.with_parts(sliced=sliced, sliced_over=over)
+        return {"sliced": sliced, "sliced_over": over}, problem
+    return _with_checked(engine, "sliced batches", "large batches run on one OpenMP team", build, on_fallback)
 
 
-def median_seconds(function: Callable[[torch.Tensor], object], images: torch.Tensor, calls: int = 7) -> float:
-    """The median wall time of ``function(images)`` over ``calls`` calls, after two to warm up."""
+def median_seconds(function: Callable, images: torch.Tensor, calls: int = 7, warmup: int = 2) -> float:
+    """The median wall time of ``function(images)`` over ``calls`` calls, after ``warmup`` calls."""
     with torch.inference_mode():
         times = []
-        for call in range(calls + 2):
+        for call in range(calls + warmup):
             started = time.perf_counter()
             function(images)
-            if call >= 2:
+            if call >= warmup:
                 times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -289,9 +294,9 @@ def _with_merged_network(engine: GuardEngine, guard: Guard, samples: list[torch.
     (:mod:`defense.grouped`), once it scores ``samples`` as eager does and, with ``timed``, once one image
     goes through it on one torch thread at least as fast as through the graph that would run it
     otherwise (the parallel graph, else the serial one): a small model gains (fewer, wider
-    operations), a large one loses the second core. ``engine`` unchanged otherwise (``on_fallback``
-    told of a mismatch or an error; a slower merged network is logged at info level)."""
-    try:
+    operations), a large one loses the second core. Otherwise ``engine`` unchanged (a slower merged
+    network is logged at info level, a mismatch or an error told to ``on_fallback``)."""
+    def build():
         merged = GuardEngine("jit", guard, jit_forwards(guard, samples[0], merged=True))
         problem = mismatch(merged, guard, [images[:merged_up_to] for images in samples])
         if problem is None and timed:
@@ -301,13 +306,9 @@ def _with_merged_network(engine: GuardEngine, guard: Guard, samples: list[torch.
             if merged_s > other_s:  # a choice, not a fault: said at info level
                 log.info("jit engine's merged network not used: one image took %.2f ms against %.2f ms without it",
                          1000 * merged_s, 1000 * other_s)
-                return engine
-    except Exception as error:
-        problem = _problem(error)
-    if problem is not None:
-        on_fallback(f"jit engine's merged network not used ({problem}); small batches run the other graphs")
-        return engine
-    return engine.with_parts(merged_forwards=merged._forwards, merged_up_to=merged_up_to)
+                return None, None
+        return {"merged_forwards": merged._forwards, "merged_up_to": merged_up_to}, problem
+    return _with_checked(engine, "merged network", "small batches run the other graphs", build, on_fallback)
 
 
 def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],
