@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from bench.serve import MODELS, bundle_for, sample_images
+from bench.serve import MODELS, RETAIN_FREED_MB, bundle_for, sample_images
+from defense.allocator import retain_freed_memory
 from defense.bundle import load_bundle
 from defense.engine import build_engine, jit_forwards, median_seconds
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (median shown, range beside)")
     args = parser.parse_args(argv)
     setup = MODELS[args.model]
+    retain_freed_memory(RETAIN_FREED_MB)  # as the server sets its allocator
     guard, _ = load_bundle(bundle_for(args.model), "cpu")
     checks = [sample_images(setup, 2), sample_images(setup, 1), sample_images(setup, 5)]
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's load-time choices

@@ -48,6 +48,7 @@ from bench.load import batch_counts, get, json_body, multipart_body, png_bytes, 
 from bench.native_load import run_wrk, wrk_path
 from bench.process_cpu import cpu_seconds
 from bench.serve_table import table
+from defense.allocator import retain_freed_memory
 from defense.bundle import load_bundle, save_bundle
 from defense.engine import ENGINES, build_engine
 from defense.feature_fit import fit_guard_features
@@ -55,12 +56,14 @@ from defense.guard import Guard
 from defense.models import create_model
 from defense.models.loading import ModelSpec
 from defense.preprocessing import Preprocessing
+from service.settings import ServiceSettings
 
 BUNDLES = CACHE / "bench" / "serve"
 RESULTS = CACHE / "bench" / "results"
 NUM_CLASSES = 10
 SMALL_BATCH_SIZE = 8  # the server's default small_batch_size: its parallel graph serves batches up to it
 MERGED_BATCH_SIZE = 1  # the server's default merged_batch_size: its merged network serves batches up to it
+RETAIN_FREED_MB = ServiceSettings.model_fields["retain_freed_mb"].default  # as the server sets its allocator
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,9 @@ def _median(values: list[float]) -> float:
 
 def in_process_paths(bundle: Path, setup: ModelSetup) -> list[tuple[str, object]]:
     """(name, function of a uint8 batch): the bare model eager and TorchScript, the eager guard and
-    the guard's other engines, each warmed up."""
+    the guard's other engines, each warmed up; the process's allocator set as the server sets its
+    own (the bare paths run under the same setting)."""
+    retain_freed_memory(RETAIN_FREED_MB)
     guard, _ = load_bundle(bundle, "cpu")
     batch, one = sample_images(setup, 64), sample_images(setup, 1)
     checks = [sample_images(setup, 2), sample_images(setup, 1), sample_images(setup, 5)]

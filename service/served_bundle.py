@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from defense.allocator import retain_freed_memory
 from defense.bundle import load_bundle, package_versions
 from defense.engine import GuardEngine, build_engine
 from defense.guard import Guard
@@ -95,6 +96,8 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
         and large_batch_threads >= 2 and not on_cuda else 0
     split_ways = large_batch_threads if settings.slice_batches and large_batch_threads >= 2 and not on_cuda else 1
     merged_up_to = settings.merged_batch_size if not on_cuda else 0
+    if retain_freed_memory(settings.retain_freed_mb):  # every forward runs off the main thread
+        log.debug("freed memory kept for reuse: up to %d MiB per allocator arena", settings.retain_freed_mb)
     engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning,
                           parallel_up_to=parallel_up_to, split_ways=split_ways, sliced_over=settings.small_batch_size,
                           merged_up_to=merged_up_to)

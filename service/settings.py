@@ -59,6 +59,10 @@ class ServiceSettings(BaseSettings):
                                 "thread, each slice's three forwards on its own thread with one torch thread, "
                                 "instead of one forward on an OpenMP team (which waits at every layer for a "
                                 "thread that the event loop or decoding holds)")
+    retain_freed_mb: int = Field(256, ge=0, le=65536, description="freed memory (MiB) each of the C allocator's "
+                                 "arenas keeps for the next forward instead of returning it to the system (glibc "
+                                 "only; 0: glibc's own thresholds, under which forwards off the main thread, as "
+                                 "the server runs them, fault their activations' pages back in on every large batch)")
     engine: Literal["auto", "eager", "fused", "jit"] = Field(
         "auto", description="how the three forwards run: eager (module by module), fused (BatchNorm folded, "
                             "channels-last), jit (one frozen TorchScript graph); auto: jit on CPU, eager on CUDA. "
