@@ -16,3 +16,33 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     fields = text[text.rindex(")") + 2:].split()  # after the command name, which may hold spaces
     return (int(fields[11]) + int(fields[12])) / TICKS_PER_S  # utime, stime: fields 14 and 15 of the line
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) each thread of a process has used so far, by native thread id,
+    from ``/proc/PID/task/TID/stat``; empty where /proc is absent. A thread that ends between the
+    listing and its read is left out."""
+    seconds = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return seconds
+    for tid in tids:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+    return seconds
+
+
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, all) CPU seconds of the whole machine so far, every core summed, from ``/proc/stat``
+    (idle and iowait count as not busy); None where /proc is absent."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return (total - fields[3] - fields[4]) / TICKS_PER_S, total / TICKS_PER_S

@@ -10,6 +10,11 @@ time goes", shows one run.
 
 py-spy reads the process's memory: it needs the same user (or root) and, in a container,
 ``SYS_PTRACE``. The raw samples are kept (``--out``) for flame graphs.
+
+Beside the samples, each thread's CPU time over the same seconds comes from ``/proc`` (user and
+system time, which py-spy's "busy" is not: it counts a thread that is ready to run but waits for a
+core as busy), with the machine's busy cores: where they fall short of the cores there are, the
+server is waiting on itself, not on the CPU.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from bench.load import multipart_body, png_bytes
+from bench.process_cpu import machine_cpu_seconds, thread_cpu_seconds
 from bench.serve import MODELS, Scenario, bundle_for, free_port, load, sample_images, start_server, _stop
 
 # (category, substrings of a frame): a sample goes to the first rule matched by its deepest matching frame
@@ -71,6 +78,38 @@ def breakdown(raw: str) -> dict[str, collections.Counter]:
     return threads
 
 
+def thread_names(raw: str) -> dict[int, str]:
+    """Native thread id -> thread name (without its pool index), from py-spy's raw samples."""
+    names = {}
+    for line in raw.splitlines():
+        head = line.split(";", 1)[0]
+        if head.startswith("thread (") and "): " in head:
+            tid, name = head[len("thread ("):].split("): ", 1)
+            names[int(tid, 0)] = name.rstrip("0123456789").rstrip("_")
+    return names
+
+
+def cpu_report(before: dict[int, float], after: dict[int, float], names: dict[int, str], seconds: float,
+               images_per_s: float | None, machine: tuple[float, float] | None) -> str:
+    """Each thread's CPU over ``seconds`` (cores, and ms per answered image), threads of one name
+    summed; then the machine's busy cores out of all (``machine``: busy and all CPU seconds)."""
+    per_name: dict[str, float] = collections.Counter()
+    for tid, used in after.items():
+        per_name[names.get(tid, "threads py-spy did not sample")] += used - before.get(tid, 0.0)
+    lines = ["| thread | CPU, cores (/proc) | CPU ms per image |", "|---|---:|---:|"]
+    for name, used in sorted(per_name.items(), key=lambda item: -item[1]):
+        if used > 0:
+            per_image = f"{1000 * used / seconds / images_per_s:.3f}" if images_per_s else ""
+            lines.append(f"| {name} | {used / seconds:.2f} | {per_image} |")
+    total = sum(per_name.values())
+    per_image = f"{1000 * total / seconds / images_per_s:.3f}" if images_per_s else ""
+    lines.append(f"| **server, all threads** | **{total / seconds:.2f}** | **{per_image}** |")
+    if machine is not None:
+        busy, every = machine
+        lines.append(f"\nMachine: {busy / seconds:.2f} of {every / seconds:.0f} cores busy (the load generator included).")
+    return "\n".join(lines) + "\n"
+
+
 def report(threads: dict[str, collections.Counter], seconds: float, rate: int) -> str:
     lines = ["| thread | busy (share of wall time) | category | share of the thread's samples |", "|---|---:|---|---:|"]
     for thread, counts in sorted(threads.items(), key=lambda item: -sum(item[1].values())):
@@ -115,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             loader = threading.Thread(target=lambda: result.update(
                 load(port, body, content_type, scenario, args.seconds + 2, generator)))
             loader.start()
+            cpu_before, machine_before, started = thread_cpu_seconds(pid), machine_cpu_seconds(), time.monotonic()
             subprocess.run([py_spy, "record", "-p", str(pid), "-d", str(round(args.seconds)), "-r", str(args.rate),
                             "--threads", "--nonblocking", "--format", "raw", "-o", str(raw_path)],
                            check=True, capture_output=True)
+            cpu_after, machine_after, wall = thread_cpu_seconds(pid), machine_cpu_seconds(), time.monotonic() - started
             loader.join()
             raw = raw_path.read_text()
         finally:
@@ -126,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}, {scenario.name} ({generator}): {result.get('images_per_s')} img/s, "
           f"p50 {result.get('p50_ms')} ms, statuses {result.get('statuses')}")
     print(report(breakdown(raw), args.seconds, args.rate))
+    machine = None if machine_before is None or machine_after is None else \
+        tuple(late - early for late, early in zip(machine_after, machine_before))
+    print(cpu_report(cpu_before, cpu_after, thread_names(raw), wall, result.get("images_per_s"), machine))
     return 0
 
 

@@ -4,11 +4,11 @@ glibc gives each thread that allocates an arena of its own. When a forward frees
 an arena other than the main thread's hands the freed top of its heap back to the operating
 system, and the next forward takes page faults to get the same memory back. The server runs every
 forward off the main thread (the inference thread, and the slice threads of a large batch), so
-this cost is paid on every batch: compact CIFAR ResNet, batch 64 in two slices, one thread each,
-2 cores, a sixth of the forwards' CPU time was the kernel's (0.30 ms per image of 2.0), and 55
-against 66 ms per batch once freed memory stayed (BENCHMARKS.md, "Issue 30f"). The main thread's
-arena has a threshold glibc adapts as blocks are freed, which is why a bare model timed on the
-main thread does not show it.
+this cost is paid on every large batch: compact CIFAR ResNet, 2 cores, a batch of 64 in two slices of one
+thread each took about 9,500 page faults and 66 ms, against 43 faults and 54 ms once freed memory
+stayed (``python -m bench.allocator``; BENCHMARKS.md, "Issue 30f"). The main thread's arena has a
+threshold glibc adapts as blocks are freed, which is why a bare model timed on the main thread
+does not show it.
 
 :func:`retain_freed_memory` sets glibc's two thresholds once for the process: a freed block up to
 32 MiB stays in its arena, and an arena keeps up to the given amount free before it trims. What
