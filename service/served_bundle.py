@@ -96,8 +96,8 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
         and large_batch_threads >= 2 and not on_cuda else 0
     split_ways = large_batch_threads if settings.slice_batches and large_batch_threads >= 2 and not on_cuda else 1
     merged_up_to = settings.merged_batch_size if not on_cuda else 0
-    if retain_freed_memory(settings.retain_freed_mb):  # every forward runs off the main thread
-        log.debug("freed memory kept for reuse: up to %d MiB per allocator arena", settings.retain_freed_mb)
+    retained_mb = settings.retain_freed_mb if retain_freed_memory(settings.retain_freed_mb) else 0  # forwards run off
+    # the main thread (defense/allocator.py); 0 where nothing was set (0 asked, or not glibc)
     engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning,
                           parallel_up_to=parallel_up_to, split_ways=split_ways, sliced_over=settings.small_batch_size,
                           merged_up_to=merged_up_to)
@@ -105,7 +105,7 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
     if on_cuda and settings.cuda_streams and engine.name == "eager":
         streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]
     served = ServedBundle(folder, guard, manifest, tau, class_names,
-                          info_document(settings, limits, guard, manifest, device, engine),
+                          info_document(settings, limits, guard, manifest, device, engine, retained_mb),
                           engine, streams)
     if settings.warmup:
         warm_up(served, settings, limits)
@@ -130,7 +130,7 @@ def signals_info(manifest: Manifest) -> dict:
 
 
 def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manifest: Manifest, device: str,
-                  engine: GuardEngine | None = None) -> dict:
+                  engine: GuardEngine | None = None, retained_freed_mb: int = 0) -> dict:
     """What ``GET /v1/info`` answers for this bundle."""
     info = InfoResponse(
         bundle_id=manifest.bundle_id, created_at=manifest.created_at, architecture=manifest.architecture,
@@ -152,6 +152,7 @@ def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manif
                   "parallel_forwards_up_to": engine.parallel_up_to if engine else 0,
                   "merged_network_up_to": engine.merged_up_to if engine else 0,
                   "large_batch_slices": engine.split_ways if engine else 1,
+                  "retained_freed_mb": retained_freed_mb,
                   "torch_threads": [settings.small_batch_threads,
                                     engine.large_batch_threads(torch.get_num_threads()) if engine
                                     else torch.get_num_threads()]},

@@ -63,9 +63,17 @@ def test_forwards_off_the_main_thread_stop_faulting_their_memory_back_in():
     assert kept < default / 10, (kept, default)
 
 
-def test_the_server_sets_the_allocator_from_its_setting(tiny, monkeypatch):
+@pytest.mark.parametrize("applied", [True, False])
+def test_the_server_sets_the_allocator_from_its_setting_and_says_what_it_kept(tiny, monkeypatch, applied):
     calls = []
-    monkeypatch.setattr(service.served_bundle, "retain_freed_memory", lambda megabytes: calls.append(megabytes))
+
+    def retain(megabytes: int) -> bool:
+        calls.append(megabytes)
+        return applied  # False: not glibc (or 0 asked)
+
+    monkeypatch.setattr(service.served_bundle, "retain_freed_memory", retain)
     with TestClient(create_app(settings(tiny.bundle, retain_freed_mb=64))) as client:
         wait_ready(client)
+        batching = client.get("/v1/info").json()["batching"]
     assert calls == [64]
+    assert batching["retained_freed_mb"] == (64 if applied else 0)
