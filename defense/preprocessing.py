@@ -62,14 +62,17 @@ class Preprocessing:
     def from_dict(cls, data: dict) -> "Preprocessing":
         return cls(tuple(data["input_size"]), tuple(data["mean"]), tuple(data["std"]))
 
-    def image_to_uint8(self, image: Image.Image) -> torch.Tensor:
-        """A decoded image as a (3, H, W) uint8 tensor at the input size."""
+    def image_to_array(self, image: Image.Image) -> np.ndarray:
+        """A decoded image as an (H, W, 3) uint8 array at the input size (it may be read-only)."""
         image = to_eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
         height, width = self.input_size
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        return np.asarray(image, dtype=np.uint8)
+
+    def image_to_uint8(self, image: Image.Image) -> torch.Tensor:
+        """A decoded image as a (3, H, W) uint8 tensor at the input size."""
+        return torch.from_numpy(np.ascontiguousarray(self.image_to_array(image).transpose(2, 0, 1)))
 
     def normalizer(self) -> "Normalizer":
         return Normalizer(self.mean, self.std)
@@ -79,6 +82,22 @@ class Preprocessing:
         """Decode bytes or a file into a (3, H, W) uint8 tensor (``formats``: Pillow format names
         to try; None: any Pillow can open)."""
         return self.image_to_uint8(decode_image(source, max_pixels, formats))
+
+    def load_array(self, source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   formats: tuple[str, ...] | None = None) -> np.ndarray:
+        """:meth:`load`, as an (H, W, 3) uint8 array: a batch of them becomes one tensor in one step
+        (:func:`batch_to_uint8`)."""
+        return self.image_to_array(decode_image(source, max_pixels, formats))
+
+
+def batch_to_uint8(arrays: list[np.ndarray]) -> torch.Tensor:
+    """(H, W, 3) uint8 arrays of one size as an (N, 3, H, W) uint8 tensor: the stack of their
+    :meth:`Preprocessing.image_to_uint8` tensors, made in one copy."""
+    height, width = arrays[0].shape[:2]
+    batch = np.empty((len(arrays), 3, height, width), dtype=np.uint8)
+    for row, array in zip(batch, arrays):
+        row[...] = array.transpose(2, 0, 1)
+    return torch.from_numpy(batch)
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")

@@ -33,6 +33,12 @@ def rejects(scores: torch.Tensor, tau: float) -> torch.Tensor:
     return ~(torch.isfinite(torch.as_tensor(scores)) & (scores >= tau))
 
 
+def rejected(scores: list[float], tau: float) -> list[bool]:
+    """:func:`rejects` for scores already in a list (a request's, on the server's event loop): the
+    same rule on the same float64 values, without four tensor operations per request."""
+    return [not (math.isfinite(score) and score >= tau) for score in scores]
+
+
 def triangle_score(expert_agreement: torch.Tensor, auxiliary_agreement: torch.Tensor, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
     """Score from b (the expert's probability of M's label) and a (the auxiliary's), in float64.
 

@@ -22,7 +22,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from defense.device import resolve_device
-from defense.score import GuardScores, rejects
+from defense.score import GuardScores, rejected
 from service.audit import AuditTrail
 from service.batcher import MicroBatcher, Overloaded, ShuttingDown
 from service.decisions import Decisions, attach_signal_parts, audit_records, predict_answer
@@ -316,8 +316,9 @@ class GuardService:
             return self.overloaded()
         except ShuttingDown:
             return self.unavailable()
-        flagged = rejects(scores.score, bundle.tau).tolist()  # the guard's one rule: a NaN score is flagged
-        decisions = Decisions(bundle, scores.label.tolist(), scores.confidence.tolist(), scores.score.tolist(),
+        score_list = scores.score.tolist()
+        flagged = rejected(score_list, bundle.tau)  # the guard's one rule: a NaN score is flagged
+        decisions = Decisions(bundle, scores.label.tolist(), scores.confidence.tolist(), score_list,
                               flagged, [flag and self.enforce for flag in flagged])
         if self.show_scores:  # the signals' parts are answered only with the full response policy
             attach_signal_parts(decisions, scores)

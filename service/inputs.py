@@ -22,7 +22,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from defense.preprocessing import ImageDecodeError, Preprocessing
+from defense.preprocessing import ImageDecodeError, Preprocessing, batch_to_uint8
 from service.schemas import PredictJSONRequest
 
 MULTIPART = "multipart/form-data"
@@ -318,10 +318,10 @@ def parse_json(body: bytes, limits: Limits) -> list[bytes]:
 def decode_images(preprocessing: Preprocessing, images: list[bytes], max_pixels: int,
                   formats: tuple[str, ...] | None = None) -> torch.Tensor:
     """(N, 3, H, W) uint8 through the bundle's preprocessing. Blocking: run it off the event loop."""
-    tensors = []
+    arrays = []
     for index, data in enumerate(images):
         try:
-            tensors.append(preprocessing.load(data, max_pixels, formats))
+            arrays.append(preprocessing.load_array(data, max_pixels, formats))
         except ImageDecodeError as error:
             if error.too_large:
                 raise InputError(413, "image_too_large", f"image {index}: {error}", index)
@@ -330,7 +330,7 @@ def decode_images(preprocessing: Preprocessing, images: list[bytes], max_pixels:
         except Exception as error:  # EXIF or mode conversion trouble in an otherwise decodable file
             raise InputError(422, "undecodable_image",
                              f"image {index}: cannot process image ({type(error).__name__}: {error})", index)
-    return torch.stack(tensors)
+    return batch_to_uint8(arrays)
 
 
 def pixels_within(images: list[bytes], limit: int, formats: tuple[str, ...] | None = None) -> bool:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from defense.preprocessing import Preprocessing
+from defense.preprocessing import Preprocessing, batch_to_uint8
 
 RNG = np.random.default_rng(0)
 
@@ -166,3 +166,18 @@ def test_normalizer_scales_to_unit_range_then_standardizes():
     # by hand: 255 in channel 0 -> (1 - 0.4914) / 0.2470 = 2.0591
     assert preprocessing.normalizer()(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8))[0, 0, 0, 0].item() == \
         pytest.approx((1 - 0.4914) / 0.2470, rel=1e-6)
+
+
+def test_a_batch_of_arrays_is_the_stack_of_the_images_tensors():
+    rng = np.random.default_rng(3)
+    preprocessing = Preprocessing.from_preset("cifar")
+    images = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+              for height, width in ((32, 32), (28, 40), (64, 16))]  # two resized to 32x32
+    images.append(Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), mode="L"))  # greyscale
+    batch = batch_to_uint8([preprocessing.image_to_array(image) for image in images])
+    assert batch.dtype == torch.uint8 and batch.shape == (4, 3, 32, 32) and batch.is_contiguous()
+    assert torch.equal(batch, torch.stack([preprocessing.image_to_uint8(image) for image in images]))
+    single = preprocessing.image_to_uint8(images[0])
+    assert single.shape == (3, 32, 32) and single.is_contiguous()
+    single[0, 0, 0] += 1  # its own, writable memory: the batch is unchanged
+    assert int(single[0, 0, 0]) == (int(batch[0, 0, 0, 0]) + 1) % 256

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from defense.score import guard_scores, rejects, triangle_score
+from defense.score import guard_scores, rejected, rejects, triangle_score
 
 
 def test_first_term_wins_when_expert_agrees():
@@ -111,6 +111,16 @@ def test_non_finite_logits_give_a_nan_score_that_is_rejected():
 def test_rejects_is_strictly_below_tau_and_fails_closed_on_nan_and_inf():
     scores = torch.tensor([0.5, 0.49999, 0.50001, float("nan"), float("inf")], dtype=torch.float64)
     assert rejects(scores, 0.5).tolist() == [False, True, False, True, True]  # a score at tau is accepted
+
+
+def test_the_list_form_of_the_rule_decides_as_the_tensor_form():
+    tau = 0.1 + 0.2  # 0.30000000000000004: a tau that is not a short decimal
+    values = [tau, math.nextafter(tau, 0.0), math.nextafter(tau, 1.0), -1e300, 2e8, 0.0, -0.0, float("nan"),
+              float("inf"), float("-inf")]
+    expected = [False, True, False, True, False, True, True, True, True, True]
+    assert rejected(values, tau) == expected
+    assert rejects(torch.tensor(values, dtype=torch.float64), tau).tolist() == expected
+    assert rejected([], tau) == []
 
 
 def test_guard_rejects_uses_its_threshold():
