@@ -32,7 +32,8 @@ def measure(model: str, sizes: list[int], retain_mb: int) -> dict:
     that is not the main one, as the server's inference thread is."""
     from defense.allocator import retain_freed_memory
     from defense.bundle import load_bundle
-    from defense.engine import build_engine, median_seconds
+    from defense.engine import build_engine
+    from defense.timing import median_seconds
 
     retain_freed_memory(retain_mb)
     setup = MODELS[model]

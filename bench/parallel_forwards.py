@@ -31,7 +31,8 @@ import torch
 from bench.serve import MODELS, RETAIN_FREED_MB, bundle_for, sample_images
 from defense.allocator import retain_freed_memory
 from defense.bundle import load_bundle
-from defense.engine import build_engine, jit_forwards, median_seconds
+from defense.engine import build_engine, jit_forwards
+from defense.timing import median_seconds
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,8 +36,6 @@ with data-dependent control flow, is caught here.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 import warnings
 from typing import Callable, Literal, TypeVar
 
@@ -49,6 +47,7 @@ from defense.grouped import merge_three
 from defense.guard import Guard
 from defense.score import GuardScores, rejects
 from defense.sliced_forwards import SlicedForwards
+from defense.timing import fastest_seconds
 
 EngineName = Literal["eager", "fused", "jit"]
 ENGINES: tuple[str, ...] = ("eager", "fused", "jit")
@@ -276,24 +275,12 @@ def _with_sliced_batches(engine: GuardEngine, guard: Guard, samples: list[torch.
     return _with_checked(engine, "sliced batches", "large batches run on one OpenMP team", build, on_fallback)
 
 
-def median_seconds(function: Callable, images: torch.Tensor, calls: int = 7, warmup: int = 2) -> float:
-    """The median wall time of ``function(images)`` over ``calls`` calls, after ``warmup`` calls."""
-    with torch.inference_mode():
-        times = []
-        for call in range(calls + warmup):
-            started = time.perf_counter()
-            function(images)
-            if call >= warmup:
-                times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def _with_merged_network(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor], merged_up_to: int,
                          on_fallback: Callable[[str], None], timed: bool = True) -> GuardEngine:
     """``engine`` (jit, checked) running batches of up to ``merged_up_to`` images through the merged network
     (:mod:`defense.grouped`), once it scores ``samples`` as eager does and, with ``timed``, once one image
     goes through it on one torch thread at least as fast as through the graph that would run it
-    otherwise (the parallel graph, else the serial one): a small model gains (fewer, wider
+    otherwise (the parallel graph, else the serial one; fastest calls, interleaved): a small model gains (fewer, wider
     operations), a large one loses the second core. Otherwise ``engine`` unchanged (a slower merged
     network is logged at info level, a mismatch or an error told to ``on_fallback``)."""
     def build():
@@ -301,8 +288,7 @@ def _with_merged_network(engine: GuardEngine, guard: Guard, samples: list[torch.
         problem = mismatch(merged, guard, [images[:merged_up_to] for images in samples])
         if problem is None and timed:
             one, other = samples[0][:1], engine._forwards_for(1)
-            merged_s, other_s = _one_torch_thread(lambda: (median_seconds(merged._forwards, one),
-                                                            median_seconds(other, one)))
+            merged_s, other_s = _one_torch_thread(lambda: fastest_seconds([merged._forwards, other], one))
             if merged_s > other_s:  # a choice, not a fault: said at info level
                 log.info("jit engine's merged network not used: one image took %.2f ms against %.2f ms without it",
                          1000 * merged_s, 1000 * other_s)

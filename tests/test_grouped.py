@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from defense.engine import build_engine
+from defense.timing import fastest_seconds, median_seconds
 from defense.features import ActivationTap, find_feature_layers
 from defense.grouped import merge_three
 from defense.models import create_model
@@ -139,18 +140,40 @@ def test_a_model_the_merge_refuses_keeps_the_other_graphs_and_says_why():
 def test_the_merged_network_is_kept_only_where_one_image_runs_no_slower_through_it(monkeypatch, caplog):
     import defense.engine
 
-    guard, median_seconds = random_guard("tiny_cnn", 16), defense.engine.median_seconds
-    for merged_s, other_s, kept in ((0.002, 0.001, False), (0.001, 0.002, True)):
-        timings = iter((merged_s, other_s))  # the merged network is timed first, then the graph it would replace
-        monkeypatch.setattr(defense.engine, "median_seconds", lambda *args, **kwargs: next(timings))
+    guard = random_guard("tiny_cnn", 16)
+    for merged_s, other_s, kept in ((0.002, 0.001, False), (0.001, 0.002, True), (0.001, 0.001, True)):
+        timed = []
+
+        def fastest(functions, images, merged_s=merged_s, other_s=other_s):  # the merged network first
+            timed.append(len(functions))
+            return [merged_s, other_s]
+
+        monkeypatch.setattr(defense.engine, "fastest_seconds", fastest)
         fallbacks = []
         caplog.clear()
         with caplog.at_level("INFO", logger="badexpert.engine"):
             engine = build_engine(guard, "jit", samples(16), on_fallback=fallbacks.append, parallel_up_to=8,
                                   merged_up_to=1)
-        assert engine.merged_up_to == (1 if kept else 0) and engine.parallel_up_to == 8 and not fallbacks
+        assert timed == [2] and engine.merged_up_to == (1 if kept else 0) and engine.parallel_up_to == 8
+        assert not fallbacks
         said = "jit engine's merged network not used: one image took 2.00 ms against 1.00 ms without it"
         assert (said in caplog.text) != kept  # a choice, told at info level, not a fallback warning
+
+
+def test_timing_interleaves_the_functions_and_keeps_each_ones_fastest_call():
+    order, delays = [], {"a": iter([0.0, 0.0, 0.03, 0.002, 0.03]), "b": iter([0.0, 0.0, 0.01, 0.03, 0.01])}
+
+    def timed(name):
+        def function(images):
+            order.append(name)
+            __import__("time").sleep(next(delays[name]))
+        return function
+
+    a, b = fastest_seconds([timed("a"), timed("b")], torch.zeros(1), calls=3, warmup=2)
+    assert order == ["a", "b"] * 5  # in turn, two warm-up rounds first
+    # the fastest measured call of each, whatever the slow ones: a 2 ms, b 10 ms (a sleep overshoots a little)
+    assert 0.002 <= a < 0.009 and 0.01 <= b < 0.029, (a, b)
+
     calls = [0]
 
     def slow(images):
