@@ -8,13 +8,15 @@
 
 One band and one drift window per live bundle and per candidate in shadow; a hot swap or a new
 candidate replaces them (the old bundle's gauges go). Nothing here exposes a score or tau: the drift
-gauge is a window statistic, rounded (to 0.01; under ``decision_only``, to 0.1).
+gauge is a window statistic, rounded (to 0.01; under ``decision_only``, to 0.1), computed when
+``/metrics`` is read. A request only adds its scores to the window and counts its images, on
+series children looked up when the bundle was followed, not per request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -33,6 +35,7 @@ DRIFT_DIGITS = {"full": 2, "decision_only": 1}  # by response policy
 class _Watched:
     bundle_id: str
     drift: DriftWindow | None
+    inputs: dict[str, object] = field(default_factory=dict)  # decision -> its counter's series
 
 
 class LiveMonitoring:
@@ -56,6 +59,8 @@ class LiveMonitoring:
                            "median from the calibration scores (chi-square over its 1-in-1000 value; >1: "
                            "recalibrate)", ["bundle", "role"], registry=registry)
         self._watched: dict[str, _Watched] = {}
+        self._class_names: Sequence[str] | None = None  # the bound names (the live bundle's list)
+        self._accepted_by_class: list = []  # their series, by class index
 
     @classmethod
     def for_service(cls, registry: CollectorRegistry, settings: ServiceSettings) -> "LiveMonitoring":
@@ -76,33 +81,40 @@ class LiveMonitoring:
         band = FprBand.from_manifest(manifest)
         for bound, value in (band.as_dict() if band else {}).items():
             self.band.labels(bundle=bundle_id, role=role, bound=bound).set(value)
-        for decision in ("accepted", "rejected"):
-            self.inputs.labels(bundle=bundle_id, role=role, decision=decision)  # rates start from zero
+        inputs = {decision: self.inputs.labels(bundle=bundle_id, role=role, decision=decision)  # rates start at 0
+                  for decision in ("accepted", "rejected")}
         calibration = manifest.calibration or {}
         tail = UpperTail.from_quantiles(calibration.get("score_quantiles"), calibration.get("n"))
         window = DriftWindow(tail, self.drift_window, self.drift_blocks) if tail else None
         if window is not None:
-            self.drift.labels(bundle=bundle_id, role=role).set(0.0)
-        self._watched[role] = _Watched(bundle_id, window)
+            digits = self.drift_digits
+            self.drift.labels(bundle=bundle_id, role=role).set_function(lambda: round(window.statistic(), digits))
+        self._watched[role] = _Watched(bundle_id, window, inputs)
 
     def bind_classes(self, class_names: Sequence[str]) -> None:
-        for index, name in enumerate(class_names):
-            self.accepted_by_class.labels(predicted_class=str(index), class_name=name)
+        self._class_names = class_names
+        self._accepted_by_class = [self.accepted_by_class.labels(predicted_class=str(index), class_name=name)
+                                   for index, name in enumerate(class_names)]
 
     def record(self, role: str, bundle_id: str, labels: Sequence[int], scores: Sequence[float],
                flagged: Sequence[bool], class_names: Sequence[str] | None = None) -> None:
         """One request's images as ``bundle_id`` decided them (``class_names``: live only, per-class counts)."""
+        watched = self._watched.get(role)
+        followed = watched is not None and watched.bundle_id == bundle_id
         rejected = sum(bool(flag) for flag in flagged)
-        self.inputs.labels(bundle=bundle_id, role=role, decision="rejected").inc(rejected)
-        self.inputs.labels(bundle=bundle_id, role=role, decision="accepted").inc(len(flagged) - rejected)
+        for decision, count in (("rejected", rejected), ("accepted", len(flagged) - rejected)):
+            series = watched.inputs[decision] if followed else \
+                self.inputs.labels(bundle=bundle_id, role=role, decision=decision)
+            series.inc(count)
         if class_names is not None:
+            bound = class_names is self._class_names
             for label, flag in zip(labels, flagged):
                 if not flag and 0 <= label < len(class_names):
-                    self.accepted_by_class.labels(predicted_class=str(label), class_name=class_names[label]).inc()
-        watched = self._watched.get(role)
-        if watched is not None and watched.bundle_id == bundle_id and watched.drift is not None:
-            watched.drift.add(scores)
-            self.drift.labels(bundle=bundle_id, role=role).set(round(watched.drift.statistic(), self.drift_digits))
+                    series = self._accepted_by_class[label] if bound else \
+                        self.accepted_by_class.labels(predicted_class=str(label), class_name=class_names[label])
+                    series.inc()
+        if followed and watched.drift is not None:
+            watched.drift.add(scores)  # its gauge computes the statistic when /metrics is read
 
 
 def _remove(metric, *labels: str) -> None:

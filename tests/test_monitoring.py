@@ -215,3 +215,22 @@ def test_the_service_wiring_follows_lineups_and_records_both_roles():
     assert sample(registry, "badexpert_fpr_band", bundle="b", role="live", bound="high") == 0.056
     assert sample(registry, "badexpert_fpr_band", bundle="b", role="candidate", bound="high") is None
     assert sample(registry, "badexpert_fpr_band", bundle="a", role="live", bound="high") is None
+
+
+def test_a_request_counts_on_the_series_found_at_follow_time_and_the_drift_is_computed_when_read():
+    registry = CollectorRegistry()
+    monitoring = LiveMonitoring(registry, drift_window=100, drift_blocks=2)
+    monitoring.follow("live", "bundle-a", manifest(n=480))
+    names = ["cat", "dog"]
+    monitoring.bind_classes(names)
+    for _ in range(3):  # the bound list itself: the series looked up at bind time
+        monitoring.record("live", "bundle-a", [1] * 20, [1.5] * 20, [False] * 20, names)
+    assert sample(registry, "badexpert_accepted_by_class_total", predicted_class="1", class_name="dog") == 60
+    assert sample(registry, "badexpert_bundle_inputs_total", bundle="bundle-a", role="live", decision="accepted") == 60
+    # the same 60 images as in the test above: the same statistic, though no request computed it
+    assert sample(registry, "badexpert_clean_score_drift", bundle="bundle-a", role="live") == round(192 / CHI2_6DF_999, 2)
+    # other names (a request decided by a bundle whose names differ) and a bundle not followed still count
+    monitoring.record("live", "bundle-a", [0], [1.5], [False], ["chat", "chien"])
+    monitoring.record("candidate", "bundle-z", [0], [0.01], [True])
+    assert sample(registry, "badexpert_accepted_by_class_total", predicted_class="0", class_name="chat") == 1
+    assert sample(registry, "badexpert_bundle_inputs_total", bundle="bundle-z", role="candidate", decision="rejected") == 1
