@@ -280,9 +280,10 @@ def _with_merged_network(engine: GuardEngine, guard: Guard, samples: list[torch.
     """``engine`` (jit, checked) running batches of up to ``merged_up_to`` images through the merged network
     (:mod:`defense.grouped`), once it scores ``samples`` as eager does and, with ``timed``, once one image
     goes through it on one torch thread at least as fast as through the graph that would run it
-    otherwise (the parallel graph, else the serial one; fastest calls, interleaved): a small model gains (fewer, wider
-    operations), a large one loses the second core. Otherwise ``engine`` unchanged (a slower merged
-    network is logged at info level, a mismatch or an error told to ``on_fallback``)."""
+    otherwise (the parallel graph, else the serial one; each one's fastest call, the two called in
+    turn: :func:`defense.timing.fastest_seconds`): a small model gains (fewer, wider operations), a
+    large one loses the second core. Otherwise ``engine`` unchanged (a slower merged network is
+    logged at info level, a mismatch or an error told to ``on_fallback``)."""
     def build():
         merged = GuardEngine("jit", guard, jit_forwards(guard, samples[0], merged=True))
         problem = mismatch(merged, guard, [images[:merged_up_to] for images in samples])

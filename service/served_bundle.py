@@ -96,8 +96,8 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
         and large_batch_threads >= 2 and not on_cuda else 0
     split_ways = large_batch_threads if settings.slice_batches and large_batch_threads >= 2 and not on_cuda else 1
     merged_up_to = settings.merged_batch_size if not on_cuda else 0
-    retained_mb = settings.retain_freed_mb if retain_freed_memory(settings.retain_freed_mb) else 0  # forwards run off
-    # the main thread (defense/allocator.py); 0 where nothing was set (0 asked, or not glibc)
+    # every forward runs off the main thread (defense/allocator.py); 0 where nothing was set (0 asked, not glibc)
+    retained_mb = settings.retain_freed_mb if retain_freed_memory(settings.retain_freed_mb) else 0
     engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning,
                           parallel_up_to=parallel_up_to, split_ways=split_ways, sliced_over=settings.small_batch_size,
                           merged_up_to=merged_up_to)
