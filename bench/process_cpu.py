@@ -9,13 +9,18 @@ from pathlib import Path
 TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def cpu_seconds(pid: int) -> float | None:
+def _stat_seconds(path: str) -> float | None:
+    """User + system CPU seconds from a ``/proc`` stat file (a process's or one thread's); None if unreadable."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        text = Path(path).read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()  # after the command name, which may hold spaces
     return (int(fields[11]) + int(fields[12])) / TICKS_PER_S  # utime, stime: fields 14 and 15 of the line
+
+
+def cpu_seconds(pid: int) -> float | None:
+    return _stat_seconds(f"/proc/{pid}/stat")
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
@@ -28,12 +33,9 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     except OSError:
         return seconds
     for tid in tids:
-        try:
-            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+        used = _stat_seconds(f"/proc/{pid}/task/{tid}/stat")
+        if used is not None:
+            seconds[int(tid)] = used
     return seconds
 
 

@@ -61,9 +61,10 @@ from service.settings import ServiceSettings
 BUNDLES = CACHE / "bench" / "serve"
 RESULTS = CACHE / "bench" / "results"
 NUM_CLASSES = 10
-SMALL_BATCH_SIZE = 8  # the server's default small_batch_size: its parallel graph serves batches up to it
-MERGED_BATCH_SIZE = 1  # the server's default merged_batch_size: its merged network serves batches up to it
-RETAIN_FREED_MB = ServiceSettings.model_fields["retain_freed_mb"].default  # as the server sets its allocator
+_DEFAULTS = ServiceSettings.model_fields  # the server's defaults, as the in-process paths run them
+SMALL_BATCH_SIZE = _DEFAULTS["small_batch_size"].default  # its parallel graph serves batches up to it
+MERGED_BATCH_SIZE = _DEFAULTS["merged_batch_size"].default  # its merged network serves batches up to it
+RETAIN_FREED_MB = _DEFAULTS["retain_freed_mb"].default  # as the server sets its allocator
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,11 @@ class StackedLinear(nn.Module):
         return out.transpose(0, 1).reshape(x.shape[0], -1)
 
 
+def _joined(modules: list[nn.Module], name: str) -> nn.Parameter:
+    """The three modules' parameter ``name`` concatenated along its first dimension (M's first)."""
+    return nn.Parameter(torch.cat([getattr(module, name).detach() for module in modules]))
+
+
 def _stacked_conv(convs: list[nn.Conv2d], shared_input: bool) -> nn.Conv2d:
     first = convs[0]
     if first.padding_mode != "zeros" or (shared_input and first.groups != 1):
@@ -80,9 +85,9 @@ def _stacked_conv(convs: list[nn.Conv2d], shared_input: bool) -> nn.Conv2d:
     in_channels = first.in_channels if shared_input else first.in_channels * GROUPS
     conv = nn.Conv2d(in_channels, first.out_channels * GROUPS, first.kernel_size, first.stride, first.padding,
                      first.dilation, groups, bias=first.bias is not None)
-    conv.weight = nn.Parameter(torch.cat([c.weight.detach() for c in convs]))
+    conv.weight = _joined(convs, "weight")
     if first.bias is not None:
-        conv.bias = nn.Parameter(torch.cat([c.bias.detach() for c in convs]))
+        conv.bias = _joined(convs, "bias")
     return conv
 
 
@@ -94,8 +99,7 @@ def _stacked_batchnorm(norms: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
     norm.running_mean = torch.cat([n.running_mean for n in norms])
     norm.running_var = torch.cat([n.running_var for n in norms])
     if first.affine:
-        norm.weight = nn.Parameter(torch.cat([n.weight.detach() for n in norms]))
-        norm.bias = nn.Parameter(torch.cat([n.bias.detach() for n in norms]))
+        norm.weight, norm.bias = _joined(norms, "weight"), _joined(norms, "bias")
     return norm.eval()
 
 
@@ -103,9 +107,9 @@ def _stacked_linear(layers: list[nn.Linear], shared_input: bool) -> nn.Module:
     if not shared_input:
         return StackedLinear(layers)
     linear = nn.Linear(layers[0].in_features, layers[0].out_features * GROUPS, bias=layers[0].bias is not None)
-    linear.weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]))
+    linear.weight = _joined(layers, "weight")
     if layers[0].bias is not None:
-        linear.bias = nn.Parameter(torch.cat([layer.bias.detach() for layer in layers]))
+        linear.bias = _joined(layers, "bias")
     return linear
 
 

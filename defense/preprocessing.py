@@ -72,7 +72,7 @@ class Preprocessing:
 
     def image_to_uint8(self, image: Image.Image) -> torch.Tensor:
         """A decoded image as a (3, H, W) uint8 tensor at the input size."""
-        return torch.from_numpy(np.ascontiguousarray(self.image_to_array(image).transpose(2, 0, 1)))
+        return batch_to_uint8([self.image_to_array(image)])[0]
 
     def normalizer(self) -> "Normalizer":
         return Normalizer(self.mean, self.std)
@@ -91,8 +91,8 @@ class Preprocessing:
 
 
 def batch_to_uint8(arrays: list[np.ndarray]) -> torch.Tensor:
-    """(H, W, 3) uint8 arrays of one size as an (N, 3, H, W) uint8 tensor: the stack of their
-    :meth:`Preprocessing.image_to_uint8` tensors, made in one copy."""
+    """(H, W, 3) uint8 arrays of one size as an (N, 3, H, W) uint8 tensor, made in one copy (its own,
+    writable memory); :meth:`Preprocessing.image_to_uint8` is its one-image case."""
     height, width = arrays[0].shape[:2]
     batch = np.empty((len(arrays), 3, height, width), dtype=np.uint8)
     for row, array in zip(batch, arrays):

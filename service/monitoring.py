@@ -16,7 +16,7 @@ series children looked up when the bundle was followed, not per request.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -35,7 +35,7 @@ DRIFT_DIGITS = {"full": 2, "decision_only": 1}  # by response policy
 class _Watched:
     bundle_id: str
     drift: DriftWindow | None
-    inputs: dict[str, object] = field(default_factory=dict)  # decision -> its counter's series
+    inputs: dict[str, object]  # decision -> its counter's series
 
 
 class LiveMonitoring:
