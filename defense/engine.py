@@ -141,14 +141,16 @@ class GuardEngine:
         own thread), else ``threads``."""
         return 1 if self.split_ways > 1 else threads
 
-    def threads_for(self, size: int, small: int, large: int, small_batch_size: int) -> int:
+    def threads_for(self, size: int, small: int, large: int, small_batch_size: int, cores: int | None = None) -> int:
         """The calling thread's torch threads for a batch of ``size`` images: ``small`` up to
         ``small_batch_size`` images (the merged network and the parallel graph run there), else
-        ``large``, or one for a batch cut into slices (:meth:`large_batch_threads`). The merged network
-        on two OpenMP threads was faster in process and slower through HTTP (compact CIFAR ResNet, one
-        client, two cores: median 4.2 against 3.4 ms on one thread): the team's second thread spins
-        on the core the event loop needs."""
-        return small if size <= small_batch_size else self.large_batch_threads(large)
+        ``large``, or one for a batch cut into slices (:meth:`large_batch_threads`); at most ``cores``
+        where the batch has that many (concurrent batches) and runs beside others (:attr:`thread_safe`).
+        The merged network on two OpenMP threads was faster in process and slower through HTTP
+        (compact CIFAR ResNet, one client, two cores: median 4.2 against 3.4 ms on one thread): the
+        team's second thread spins on the core the event loop needs."""
+        threads = small if size <= small_batch_size else self.large_batch_threads(large)
+        return threads if cores is None or not self.thread_safe else min(threads, cores)
 
     def with_parts(self, **parts) -> "GuardEngine":
         """A copy of this engine with some of its graphs replaced (the keyword arguments of ``__init__``)."""
@@ -158,23 +160,34 @@ class GuardEngine:
                    "merged_forwards": self._merged_forwards, "merged_up_to": self.merged_up_to}
         return GuardEngine(self.name, self.guard, **{**current, **parts})
 
-    def _forwards_for(self, size: int) -> Callable[[torch.Tensor], tuple]:
+    @property
+    def thread_safe(self) -> bool:
+        """Whether two threads may run batches through this engine at once: the jit engine's frozen
+        graphs may; the eager guard (and the fused engine's eager M) keeps one batch's activations in
+        its tap."""
+        return self.name == "jit"
+
+    def _forwards_for(self, size: int, cores: int | None = None) -> Callable[[torch.Tensor], tuple]:
+        ways = self.split_ways if cores is None else min(cores, self.split_ways)
         if size <= self.merged_up_to:
             return self._merged_forwards
-        if size <= self.parallel_up_to:
+        if size <= self.parallel_up_to and (cores is None or cores > 1):
             return self._small_forwards
-        if size > self.sliced_over and size >= self.split_ways > 1:
-            return self._sliced
+        if size > self.sliced_over and size >= ways > 1:
+            return lambda images: self._sliced(images, ways)
         return self._forwards
 
     @torch.inference_mode()
-    def __call__(self, images_uint8: torch.Tensor) -> GuardScores:
+    def __call__(self, images_uint8: torch.Tensor, cores: int | None = None) -> GuardScores:
+        """The scores of ``images_uint8``. ``cores``: how many cores this batch may take (the server's
+        concurrent batches give each batch one, and a lone request every free one); None: all the
+        engine was built for. On one, neither the parallel graph nor slices run."""
         if self._forwards is None:
             return self.guard.score_batch(images_uint8)
         images = images_uint8.to(self.guard.device, non_blocking=True)
         if self._channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        outputs = self._forwards_for(len(images))(images)
+        outputs = self._forwards_for(len(images), cores)(images)
         if self.name == "jit":  # its graphs score too
             return GuardScores(*outputs)
         model_logits, expert_logits, auxiliary_logits, *activations = outputs

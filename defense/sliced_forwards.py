@@ -29,8 +29,10 @@ class SlicedForwards:
         with torch.inference_mode():  # a mode is per thread: the pool's threads need their own
             return self.forwards(images)
 
-    def __call__(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        first, *others = torch.tensor_split(images_uint8, self.ways)
+    def __call__(self, images_uint8: torch.Tensor, ways: int | None = None) -> tuple[torch.Tensor, ...]:
+        """The outputs of ``forwards(images_uint8)``, from ``ways`` slices (default and most: ``self.ways``)."""
+        ways = self.ways if ways is None else max(1, min(ways, self.ways))
+        first, *others = torch.tensor_split(images_uint8, ways)
         pending = [self._pool.submit(self._run, part) for part in others]
         outputs = [self._run(first)] + [future.result() for future in pending]
         return tuple(torch.cat(pieces) for pieces in zip(*outputs))

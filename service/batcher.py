@@ -1,17 +1,24 @@
-"""The micro-batcher: concurrent requests are coalesced into one model forward.
+"""The micro-batcher: concurrent requests are coalesced into batches, each one model forward.
 
 Requests put their images (one uint8 tensor per request, never split) on a bounded queue. One
-worker task takes what is queued, up to ``max_batch_size`` images, runs the forward in a single
-inference thread, off the event loop, and hands each request its rows of the result. A request
-larger than ``max_batch_size`` runs alone, as one batch. A request may name a ``group`` (the
-server's: the bundle it started on): requests of different groups never share a batch, and
-``infer(images, group)`` gets the group, so a hot swap never mixes two guards in one forward.
+worker task takes what is queued into a batch and runs its forward on one of ``lanes`` inference
+threads, off the event loop; each request gets its rows of the result. ``infer(images, group,
+cores)`` scores a batch: ``group`` is the one its requests named (the server's: the bundle each
+started on; requests of different groups never share a batch, so a hot swap never mixes two
+guards in one forward), ``cores`` how many of the lanes' cores the batch may use.
 
-Batches form while the model is busy: requests that arrive during a forward are taken together
-when it ends, and may wait up to ``max_wait_ms`` (counted from the oldest one's arrival) for more
-to fill the batch. The first request of an idle period runs at once unless other requests are
-already on their way (``upstream``: being decoded), and then it waits for those only: a lone
-request never waits.
+Lanes: with one, batches run one after the other, up to ``max_batch_size`` images each. With
+several (the server's concurrent batches on CPU: one per core), up to that many batches run at
+once, each on one core with up to ``max_batch_size / lanes`` images, so that at most
+``max_batch_size`` images are in the forwards. A lane that finishes takes the next queued
+requests at once; it never waits for a slower one (a core shared with the event loop, say). A
+lone request with nothing else queued takes every free lane (``cores`` > 1: the engine may then
+spread it over those cores); a request larger than the lane's share runs alone, as one batch.
+
+Batches form while the lanes are busy: requests that waited for a lane are taken together, and
+may wait up to ``max_wait_ms`` (counted from the oldest one's arrival) for more to fill the
+batch. A request that finds a lane free runs at once unless other requests are already on their
+way (``upstream``: being decoded), and then it waits for those only: a lone request never waits.
 
 A full queue refuses at once (:class:`Overloaded`, the server's 503 with Retry-After); it never
 waits. :meth:`MicroBatcher.close` stops accepting and finishes what is queued.
@@ -54,8 +61,15 @@ class _Item:
 class MicroBatcher:
     def __init__(self, infer: Callable[..., GuardScores], max_batch_size: int, max_wait_ms: float,
                  max_queue: int, on_batch: Callable[[int], None] | None = None,
-                 on_queue_depth: Callable[[int], None] | None = None, upstream: Callable[[], int] | None = None):
+                 on_queue_depth: Callable[[int], None] | None = None, upstream: Callable[[], int] | None = None,
+                 lanes: int = 1, spread_up_to: int = 0):
+        if lanes < 1:
+            raise ValueError(f"a batcher needs at least one lane, got {lanes}")
         self._infer = infer
+        self.lanes = lanes
+        self.spread_up_to = spread_up_to
+        self._free_lanes = lanes
+        self._running: set[asyncio.Task] = set()
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -68,7 +82,6 @@ class MicroBatcher:
         self._worker: asyncio.Task | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._closing = False
-        self._busy = False
 
     @property
     def queued_images(self) -> int:
@@ -79,9 +92,14 @@ class MicroBatcher:
         return self._worker is not None and not self._worker.done() and not self._closing
 
     @property
+    def lane_batch_size(self) -> int:
+        """Most images of one lane's batch (a larger single request still runs alone)."""
+        return -(-self.max_batch_size // self.lanes)
+
+    @property
     def idle(self) -> bool:
         """Nothing queued and no forward running."""
-        return not self._queue and not self._busy
+        return not self._queue and self._free_lanes == self.lanes
 
     def has_room(self, images: int) -> bool:
         return self._queued_images + images <= self.max_queue
@@ -89,12 +107,13 @@ class MicroBatcher:
     def start(self) -> None:
         """Start the worker on the running event loop."""
         self._wakeup = asyncio.Event()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="badexpert-infer")
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=self.lanes,
+                                                                thread_name_prefix="badexpert-infer")
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="badexpert-batcher")
 
     async def submit(self, images: torch.Tensor, group: object = None) -> GuardScores:
         """Scores of ``images`` (N, 3, H, W) uint8, from a batch shared with concurrent requests of the
-        same ``group`` (scored by ``infer(images)``, or ``infer(images, group)`` when a group is given)."""
+        same ``group``."""
         if self._closing or self._worker is None:
             raise ShuttingDown()
         if not self.has_room(len(images)):
@@ -115,8 +134,8 @@ class MicroBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    async def _wait_for_more(self, deadline: float, idle: bool) -> None:
-        while self._queued_images < self.max_batch_size and not self._closing:
+    async def _wait_for_more(self, deadline: float, idle: bool, cap: int) -> None:
+        while self._queued_images < cap and not self._closing:
             if idle and not self._upstream():  # an idle model waits only for requests known to be coming
                 return
             remaining = deadline - time.monotonic()
@@ -128,10 +147,10 @@ class MicroBatcher:
             except (asyncio.TimeoutError, TimeoutError):
                 return
 
-    def _take(self) -> list[_Item]:
+    def _take(self, cap: int) -> list[_Item]:
         batch = [self._queue.popleft()]
         size = batch[0].size
-        while self._queue and size + self._queue[0].size <= self.max_batch_size and \
+        while self._queue and size + self._queue[0].size <= cap and \
                 self._queue[0].group is batch[0].group:
             item = self._queue.popleft()
             batch.append(item)
@@ -140,38 +159,67 @@ class MicroBatcher:
         self._on_queue_depth(self._queued_images)
         return batch
 
+    def _lanes_for_next(self) -> int:
+        """How many lanes the next batch takes now (0: it waits for more lanes). A lone request (the only
+        one queued) takes every free lane at once: the engine may spread it over their cores. A small
+        batch (up to ``spread_up_to`` images, where the engine runs two threads) waits for every lane
+        and takes them all, as with one lane. Any other batch takes one lane."""
+        if not self._queue or not self._free_lanes:
+            return 0
+        if len(self._queue) == 1:
+            return self._free_lanes
+        if min(self._queued_images, self.lane_batch_size) <= self.spread_up_to:
+            return self.lanes if self._free_lanes == self.lanes else 0
+        return 1
+
     async def _run(self) -> None:
+        try:
+            while True:
+                idle = not self._queue  # nothing waited for a lane: run the next request at once
+                while not self._lanes_for_next():
+                    if self._closing and not self._queue:
+                        return
+                    idle = idle and not self._queue  # a request that waited for a lane waits for others too
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                cap = self.lane_batch_size
+                if self.max_wait > 0:
+                    await self._wait_for_more(self._queue[0].arrived + self.max_wait, idle, cap)
+                cores = self._lanes_for_next()  # the queue may have grown while it waited
+                if not cores:
+                    continue
+                batch = [item for item in self._take(cap) if not item.future.done()]  # done: the client went away
+                if not batch:
+                    continue
+                self._free_lanes -= cores
+                task = asyncio.get_running_loop().create_task(self._run_batch(batch, cores))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        finally:
+            if self._running:
+                await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _run_batch(self, batch: list[_Item], cores: int) -> None:
+        """``batch`` through ``infer`` on ``cores`` lanes (None to ``infer`` when it has them all); the
+        lanes are free again, and the worker woken, as soon as the forward ends."""
         loop = asyncio.get_running_loop()
-        while True:
-            idle = not self._queue  # nothing arrived during the last forward: run the next request at once
-            while not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self.max_wait > 0:
-                await self._wait_for_more(self._queue[0].arrived + self.max_wait, idle)
-            batch = [item for item in self._take() if not item.future.done()]  # done: the client went away
-            if not batch:
-                continue
-            images = batch[0].images if len(batch) == 1 else torch.cat([item.images for item in batch])
-            self._busy = True
-            try:
-                group = batch[0].group
-                arguments = (images,) if group is None else (images, group)
-                scores = await loop.run_in_executor(self._executor, self._infer, *arguments)
-                self._on_batch(len(images))
-            except Exception as error:  # the requests get the error; the worker goes on
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
-                continue
-            finally:
-                self._busy = False
-            start = 0
-            columns = vars(scores)
+        images = batch[0].images if len(batch) == 1 else torch.cat([item.images for item in batch])
+        try:
+            scores = await loop.run_in_executor(self._executor, self._infer, images, batch[0].group,
+                                                None if cores == self.lanes else cores)
+            self._on_batch(len(images))
+        except Exception as error:  # the requests get the error; the worker goes on
             for item in batch:
-                stop = start + item.size
                 if not item.future.done():
-                    item.future.set_result(type(scores)(**{name: value[start:stop] for name, value in columns.items()}))
-                start = stop
+                    item.future.set_exception(error)
+            return
+        finally:
+            self._free_lanes += cores
+            self._wakeup.set()
+        start = 0
+        columns = vars(scores)
+        for item in batch:
+            stop = start + item.size
+            if not item.future.done():
+                item.future.set_result(type(scores)(**{name: value[start:stop] for name, value in columns.items()}))
+            start = stop

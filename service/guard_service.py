@@ -27,12 +27,11 @@ from service.audit import AuditTrail
 from service.batcher import MicroBatcher, Overloaded, ShuttingDown
 from service.decisions import Decisions, attach_signal_parts, audit_records, predict_answer
 from service.bundle_reload import BundleReloader
-from service.inputs import (MULTIPART, ByteBudget, InputError, Limits, Reservation, body_budget_exhausted,
-                            check_content_length, check_media_type, decode_images, media_type,
-                            parse_json, parse_multipart, pixels_within, read_body_within)
+from service.inputs import (ByteBudget, InputError, Limits, Reservation, body_budget_exhausted, check_content_length,
+                            check_media_type, media_type, parse_images, read_body_within)
 from service.metrics import ServiceMetrics
 from service.monitoring import LiveMonitoring, follow_lineup, record_request
-from service.served_bundle import ServedBundle, load_served_bundle
+from service.served_bundle import ServedBundle, batch_lanes, load_served_bundle
 from service.shadow import (CandidateDecisions, Lineup, candidate_decisions, check_candidate, lineup_info,
                             score_lineup)
 from service.settings import ServiceSettings
@@ -173,7 +172,9 @@ class GuardService:
             self.batcher = MicroBatcher(self.infer, self.settings.max_batch_size, self.settings.max_wait_ms,
                                         self.settings.max_queue, on_batch=self.metrics.batch_size.observe,
                                         on_queue_depth=self.metrics.queue_depth.set,
-                                        upstream=lambda: self.decode_backlog)
+                                        upstream=lambda: self.decode_backlog,
+                                        lanes=batch_lanes(self.settings, self._threads[1], self.device),
+                                        spread_up_to=self.settings.small_batch_size)
             self.batcher.start()
             self.state = READY
         except asyncio.CancelledError:
@@ -202,24 +203,20 @@ class GuardService:
 
     # ----- inference (runs in the batcher's inference thread) -----------------------------------
 
-    def infer(self, images: torch.Tensor, lineup: Lineup | None = None) -> GuardScores:
+    def infer(self, images: torch.Tensor, lineup: Lineup | None = None, cores: int | None = None) -> GuardScores:
+        """Blocking (an inference thread): ``images`` scored by ``lineup`` (default: the live one) on ``cores``."""
         lineup = lineup or self.lineup
-        threads = lineup.live.engine.threads_for(len(images), *self._threads, self.settings.small_batch_size)
-        if torch.get_num_threads() != threads:  # the inference thread's own setting (one thread runs every forward)
+        threads = lineup.live.engine.threads_for(len(images), *self._threads, self.settings.small_batch_size, cores)
+        if torch.get_num_threads() != threads:  # this inference thread's own setting, kept between its batches
             torch.set_num_threads(threads)
-        return score_lineup(lineup, images, self.metrics.candidate_failures.inc)
+        return score_lineup(lineup, images, self.metrics.candidate_failures.inc, cores)
 
     # ----- one request ---------------------------------------------------------------------------
 
     def prepare(self, kind: str, content_type: str, body: bytes, bundle: ServedBundle | None = None,
                 inline: int = 0) -> tuple[list[bytes], torch.Tensor] | None:
-        """Blocking (decode thread): the /predict request's image bytes and their (N, 3, H, W) uint8 tensor.
-        ``inline`` pixels (on the event loop): None instead when the headers say more than that."""
-        blobs = parse_multipart(content_type, body, self.limits) if kind == MULTIPART else parse_json(body, self.limits)
-        if inline and not pixels_within(blobs, inline, self.limits.formats):
-            return None
-        preprocessing = (bundle or self.live).guard.preprocessing
-        return blobs, decode_images(preprocessing, blobs, self.limits.max_pixels, self.limits.formats)
+        """Blocking: :func:`service.inputs.parse_images` with the bundle's preprocessing (default: the live one's)."""
+        return parse_images(kind, content_type, body, self.limits, (bundle or self.live).guard.preprocessing, inline)
 
     def readiness_problem(self) -> tuple[str, str | None] | None:
         """(status, reason) when requests cannot be answered now, or None when they can."""

@@ -11,18 +11,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import re
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 from pydantic import ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from defense.preprocessing import ImageDecodeError, Preprocessing, batch_to_uint8
+from defense.preprocessing import ImageDecodeError, Preprocessing, batch_to_uint8, pixels_within
 from service.schemas import PredictJSONRequest
 
 MULTIPART = "multipart/form-data"
@@ -333,17 +331,11 @@ def decode_images(preprocessing: Preprocessing, images: list[bytes], max_pixels:
     return batch_to_uint8(arrays)
 
 
-def pixels_within(images: list[bytes], limit: int, formats: tuple[str, ...] | None = None) -> bool:
-    """Whether the images' headers say at most ``limit`` pixels in all. Cheap: nothing is decoded.
-    False for bytes Pillow cannot open (the decode threads then give the error)."""
-    total = 0
-    for data in images:
-        try:
-            with Image.open(io.BytesIO(data), formats=formats) as image:
-                width, height = image.size
-        except Exception:
-            return False
-        total += width * height
-        if total > limit:
-            return False
-    return True
+def parse_images(kind: str, content_type: str, body: bytes, limits: Limits, preprocessing: Preprocessing,
+                 inline: int = 0) -> tuple[list[bytes], torch.Tensor] | None:
+    """Blocking (a decode thread): a /predict body's image bytes and their (N, 3, H, W) uint8 tensor.
+    ``inline`` pixels (on the event loop): None instead when the headers say more than that."""
+    blobs = parse_multipart(content_type, body, limits) if kind == MULTIPART else parse_json(body, limits)
+    if inline and not pixels_within(blobs, inline, limits.formats):
+        return None
+    return blobs, decode_images(preprocessing, blobs, limits.max_pixels, limits.formats)

@@ -9,10 +9,12 @@ changes the guard under a request in flight.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,16 +43,24 @@ class ServedBundle:
     info: dict
     engine: GuardEngine
     streams: list | None = None
+    # concurrent batches take turns through an engine that is not thread-safe (GuardEngine.thread_safe)
+    _turns: contextlib.AbstractContextManager = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        thread_safe = self.engine.thread_safe and self.streams is None
+        self._turns = contextlib.nullcontext() if thread_safe else threading.Lock()
 
     @property
     def bundle_id(self) -> str:
         return self.manifest.bundle_id
 
-    def infer(self, images: torch.Tensor) -> GuardScores:
-        """Blocking (the batcher's inference thread): the scores of one batch of uint8 images."""
-        if self.streams is None:
-            return self.engine(images)
-        return self._infer_on_streams(images)
+    def infer(self, images: torch.Tensor, cores: int | None = None) -> GuardScores:
+        """Blocking (one of the batcher's inference threads): the scores of one batch of uint8 images,
+        on ``cores`` cores (:meth:`GuardEngine.__call__`)."""
+        with self._turns:
+            if self.streams is None:
+                return self.engine(images, cores)
+            return self._infer_on_streams(images)
 
     @torch.inference_mode()
     def _infer_on_streams(self, images: torch.Tensor) -> GuardScores:
@@ -69,6 +79,13 @@ class ServedBundle:
             current.wait_stream(stream)
             output.record_stream(current)
         return guard.scores_from(*outputs, activations)
+
+
+def batch_lanes(settings: ServiceSettings, large_batch_threads: int, device: str) -> int:
+    """How many batches the server runs at once (``concurrent_batches``): one per large-batch torch
+    thread on CPU, where each then runs on one torch thread; one on CUDA, where the device is shared."""
+    on_cuda = torch.device(device).type == "cuda"
+    return large_batch_threads if settings.concurrent_batches and large_batch_threads >= 2 and not on_cuda else 1
 
 
 def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, limits: Limits,
@@ -95,6 +112,7 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
     parallel_up_to = settings.small_batch_size if settings.parallel_forwards and settings.small_batch_threads == 1 \
         and large_batch_threads >= 2 and not on_cuda else 0
     split_ways = large_batch_threads if settings.slice_batches and large_batch_threads >= 2 and not on_cuda else 1
+    lanes = batch_lanes(settings, large_batch_threads, device)
     merged_up_to = settings.merged_batch_size if not on_cuda else 0
     # every forward runs off the main thread (defense/allocator.py); 0 where nothing was set (0 asked, not glibc)
     retained_mb = settings.retain_freed_mb if retain_freed_memory(settings.retain_freed_mb) else 0
@@ -105,7 +123,7 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
     if on_cuda and settings.cuda_streams and engine.name == "eager":
         streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]
     served = ServedBundle(folder, guard, manifest, tau, class_names,
-                          info_document(settings, limits, guard, manifest, device, engine, retained_mb),
+                          info_document(settings, limits, guard, manifest, device, engine, retained_mb, lanes),
                           engine, streams)
     if settings.warmup:
         warm_up(served, settings, limits)
@@ -130,7 +148,7 @@ def signals_info(manifest: Manifest) -> dict:
 
 
 def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manifest: Manifest, device: str,
-                  engine: GuardEngine | None = None, retained_freed_mb: int = 0) -> dict:
+                  engine: GuardEngine | None = None, retained_freed_mb: int = 0, lanes: int = 1) -> dict:
     """What ``GET /v1/info`` answers for this bundle."""
     info = InfoResponse(
         bundle_id=manifest.bundle_id, created_at=manifest.created_at, architecture=manifest.architecture,
@@ -152,6 +170,7 @@ def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manif
                   "parallel_forwards_up_to": engine.parallel_up_to if engine else 0,
                   "merged_network_up_to": engine.merged_up_to if engine else 0,
                   "large_batch_slices": engine.split_ways if engine else 1,
+                  "concurrent_batches": lanes,
                   "retained_freed_mb": retained_freed_mb,
                   "torch_threads": [settings.small_batch_threads,
                                     engine.large_batch_threads(torch.get_num_threads()) if engine

@@ -24,7 +24,9 @@ class ServiceSettings(BaseSettings):
         "enforce", description="enforce: flagged inputs are rejected; shadow: nothing is rejected, but scores, "
                                "would-be rejections, metrics and the audit log are produced as in enforce mode")
     reveal_rejected: bool = Field(False, description="keep label, class_name and confidence of rejected inputs (debugging only)")
-    max_batch_size: int = Field(64, ge=1, description="most images per model forward (a larger single request still runs as one batch)")
+    max_batch_size: int = Field(64, ge=1, description="most images in the model's forwards at once (with "
+                                "concurrent_batches, shared by the batches running together; a larger single "
+                                "request still runs as one batch)")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the first queued request waits for others to join its batch")
     max_queue: int = Field(512, ge=1, description="most images waiting for the model; beyond it requests get 503 with Retry-After at once")
     max_images_per_request: int = Field(32, ge=1, description="more images in one request get 413")
@@ -55,10 +57,18 @@ class ServiceSettings(BaseSettings):
                                    "takes two; kept where one image runs no slower through it, timed at load (0: "
                                    "off; a model with a layer the merge does not rewrite keeps the other graphs)")
     slice_batches: bool = Field(True, description="with the jit engine on CPU and two or more torch threads for "
-                                "large batches, a batch over small_batch_size images is cut into one slice per "
+                                "large batches, a batch over small_batch_size images that has the cores to itself "
+                                "(a lone request, with concurrent_batches) is cut into one slice per "
                                 "thread, each slice's three forwards on its own thread with one torch thread, "
                                 "instead of one forward on an OpenMP team (which waits at every layer for a "
                                 "thread that the event loop or decoding holds)")
+    concurrent_batches: bool = Field(True, description="on CPU with two or more torch threads for large batches, "
+                                     "one lane per thread: batches over small_batch_size images run that many at "
+                                     "once, each on its own thread with one torch thread and up to max_batch_size "
+                                     "/ threads images, and a lane that finishes takes the next queued requests "
+                                     "instead of waiting for the others. A smaller batch waits for every lane, and "
+                                     "a lone request takes every free one, as before. Only the jit engine runs two "
+                                     "batches truly at once; another engine takes them in turn")
     retain_freed_mb: int = Field(256, ge=0, le=65536, description="freed memory (MiB) each of the C allocator's "
                                  "arenas keeps for the next forward instead of returning it to the system (glibc "
                                  "only; 0: glibc's own thresholds, under which forwards off the main thread, as "

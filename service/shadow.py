@@ -43,14 +43,14 @@ def check_candidate(live: ServedBundle, candidate: ServedBundle) -> None:
                          f"live bundle's {list(live_size)}; a candidate must score the same images")
 
 
-def score_lineup(lineup: Lineup, images: torch.Tensor, on_failure=None) -> GuardScores:
+def score_lineup(lineup: Lineup, images: torch.Tensor, on_failure=None, cores: int | None = None) -> GuardScores:
     """Blocking (the inference thread): the live bundle's scores, and the candidate's beside them.
     A failing candidate never fails the request: its scores are then NaN (and counted)."""
-    scores = lineup.live.infer(images)
+    scores = lineup.live.infer(images, cores)
     if lineup.candidate is None:
         return scores
     try:
-        shadow = lineup.candidate.infer(images)
+        shadow = lineup.candidate.infer(images, cores)
         label, score = shadow.label, shadow.score
     except Exception as error:  # the live answer stands whatever the candidate does
         log.error("candidate bundle %s failed on a batch: %s", lineup.candidate.bundle_id, error)

@@ -192,11 +192,11 @@ class SpyEngine:
     """The served engine, recording each batch's size and the calling thread's torch threads."""
 
     def __init__(self, engine, seen):
-        self.engine, self.seen, self.threads_for = engine, seen, engine.threads_for
+        self.engine, self.seen, self.threads_for, self.thread_safe = engine, seen, engine.threads_for, engine.thread_safe
 
-    def __call__(self, images):
+    def __call__(self, images, cores=None):
         self.seen.append((len(images), torch.get_num_threads()))
-        return self.engine(images)
+        return self.engine(images, cores)
 
 
 @pytest.mark.parametrize("sliced, merged, large_batch_threads", [(False, 0, 2), (True, 0, 1), (True, 1, 1)])
@@ -294,7 +294,7 @@ def test_an_idle_batcher_waits_only_for_requests_on_their_way():
     from defense.score import GuardScores
     from service.batcher import MicroBatcher
 
-    def infer(images):
+    def infer(images, *context):  # context: the group and the cores
         batches.append(len(images))
         zeros = torch.zeros(len(images))
         return GuardScores(zeros.long(), zeros, zeros.double(), zeros.double(), zeros.double(), zeros.double(), zeros.double())

@@ -513,7 +513,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(tiny):
 def test_batcher_close_finishes_queued_work_and_refuses_new_work():
     calls = []
 
-    def infer(images):
+    def infer(images, *context):  # context: the group and the cores
         calls.append(len(images))
         time.sleep(0.05)
         from defense.score import guard_scores

@@ -102,6 +102,7 @@ def test_pixels_within_reads_headers_only_and_refuses_what_it_cannot_open():
 
     from PIL import Image
 
+    from defense.preprocessing import png_size
     from service.inputs import pixels_within
 
     def png(width, height):
@@ -113,3 +114,6 @@ def test_pixels_within_reads_headers_only_and_refuses_what_it_cannot_open():
     assert not pixels_within([png(16, 16), png(32, 32)], 16 * 16 + 32 * 32 - 1)
     assert not pixels_within([b"not an image"], 10 ** 9)
     assert not pixels_within([png(4, 4)], 10 ** 9, formats=("JPEG",))
+    assert png_size(png(7, 3)) == (7, 3) and png_size(png(7, 3)[:20]) is None and png_size(b"GIF89a" * 8) is None
+    damaged = png(8, 8)[:40]  # a PNG header, then nothing Pillow can decode: the decode gives the error
+    assert pixels_within([damaged], 64) and not pixels_within([damaged], 63)
