@@ -13,7 +13,9 @@ once, each on one core with up to ``max_batch_size / lanes`` images, so that at 
 ``max_batch_size`` images are in the forwards. A lane that finishes takes the next queued
 requests at once; it never waits for a slower one (a core shared with the event loop, say). A
 lone request with nothing else queued takes every free lane (``cores`` > 1: the engine may then
-spread it over those cores); a request larger than the lane's share runs alone, as one batch.
+spread it over those cores), and a small batch of several requests (up to ``spread_up_to``
+images, which the engine runs on two threads) waits for every lane and takes them all; a request
+larger than the lane's share runs alone, as one batch.
 
 Batches form while the lanes are busy: requests that waited for a lane are taken together, and
 may wait up to ``max_wait_ms`` (counted from the oldest one's arrival) for more to fill the

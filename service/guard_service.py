@@ -173,7 +173,7 @@ class GuardService:
                                         self.settings.max_queue, on_batch=self.metrics.batch_size.observe,
                                         on_queue_depth=self.metrics.queue_depth.set,
                                         upstream=lambda: self.decode_backlog,
-                                        lanes=batch_lanes(self.settings, self._threads[1], self.device),
+                                        lanes=batch_lanes(self.settings, self._threads[1], self.device, self.live.engine),
                                         spread_up_to=self.settings.small_batch_size)
             self.batcher.start()
             self.state = READY

@@ -81,11 +81,14 @@ class ServedBundle:
         return guard.scores_from(*outputs, activations)
 
 
-def batch_lanes(settings: ServiceSettings, large_batch_threads: int, device: str) -> int:
+def batch_lanes(settings: ServiceSettings, large_batch_threads: int, device: str, engine: GuardEngine) -> int:
     """How many batches the server runs at once (``concurrent_batches``): one per large-batch torch
-    thread on CPU, where each then runs on one torch thread; one on CUDA, where the device is shared."""
+    thread on CPU, where each then runs on one torch thread; one on CUDA, where the device is shared,
+    and for an engine whose batches take turns anyway (not :attr:`GuardEngine.thread_safe`; a bundle
+    swapped in later with such an engine keeps the server's lanes, and its batches take turns)."""
     on_cuda = torch.device(device).type == "cuda"
-    return large_batch_threads if settings.concurrent_batches and large_batch_threads >= 2 and not on_cuda else 1
+    concurrent = settings.concurrent_batches and engine.thread_safe and not on_cuda
+    return large_batch_threads if concurrent and large_batch_threads >= 2 else 1
 
 
 def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, limits: Limits,
@@ -112,13 +115,13 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
     parallel_up_to = settings.small_batch_size if settings.parallel_forwards and settings.small_batch_threads == 1 \
         and large_batch_threads >= 2 and not on_cuda else 0
     split_ways = large_batch_threads if settings.slice_batches and large_batch_threads >= 2 and not on_cuda else 1
-    lanes = batch_lanes(settings, large_batch_threads, device)
     merged_up_to = settings.merged_batch_size if not on_cuda else 0
     # every forward runs off the main thread (defense/allocator.py); 0 where nothing was set (0 asked, not glibc)
     retained_mb = settings.retain_freed_mb if retain_freed_memory(settings.retain_freed_mb) else 0
     engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning,
                           parallel_up_to=parallel_up_to, split_ways=split_ways, sliced_over=settings.small_batch_size,
                           merged_up_to=merged_up_to)
+    lanes = batch_lanes(settings, large_batch_threads, device, engine)
     streams = None
     if on_cuda and settings.cuda_streams and engine.name == "eager":
         streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]

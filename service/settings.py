@@ -67,8 +67,8 @@ class ServiceSettings(BaseSettings):
                                      "once, each on its own thread with one torch thread and up to max_batch_size "
                                      "/ threads images, and a lane that finishes takes the next queued requests "
                                      "instead of waiting for the others. A smaller batch waits for every lane, and "
-                                     "a lone request takes every free one, as before. Only the jit engine runs two "
-                                     "batches truly at once; another engine takes them in turn")
+                                     "a lone request takes every free one, as before. Only with the jit engine: the "
+                                     "others keep one batch's activations, and get one lane")
     retain_freed_mb: int = Field(256, ge=0, le=65536, description="freed memory (MiB) each of the C allocator's "
                                  "arenas keeps for the next forward instead of returning it to the system (glibc "
                                  "only; 0: glibc's own thresholds, under which forwards off the main thread, as "
