@@ -168,11 +168,11 @@ class GuardEngine:
         return self.name == "jit"
 
     def _forwards_for(self, size: int, cores: int | None = None) -> Callable[[torch.Tensor], tuple]:
-        ways = self.split_ways if cores is None else min(cores, self.split_ways)
         if size <= self.merged_up_to:
             return self._merged_forwards
         if size <= self.parallel_up_to and (cores is None or cores > 1):
             return self._small_forwards
+        ways = self.split_ways if cores is None else min(cores, self.split_ways)
         if size > self.sliced_over and size >= ways > 1:
             return lambda images: self._sliced(images, ways)
         return self._forwards

@@ -31,7 +31,7 @@ class SlicedForwards:
 
     def __call__(self, images_uint8: torch.Tensor, ways: int | None = None) -> tuple[torch.Tensor, ...]:
         """The outputs of ``forwards(images_uint8)``, from ``ways`` slices (default and most: ``self.ways``)."""
-        ways = self.ways if ways is None else max(1, min(ways, self.ways))
+        ways = self.ways if ways is None else min(ways, self.ways)
         first, *others = torch.tensor_split(images_uint8, ways)
         pending = [self._pool.submit(self._run, part) for part in others]
         outputs = [self._run(first)] + [future.result() for future in pending]

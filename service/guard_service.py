@@ -31,7 +31,7 @@ from service.inputs import (ByteBudget, InputError, Limits, Reservation, body_bu
                             check_media_type, media_type, parse_images, read_body_within)
 from service.metrics import ServiceMetrics
 from service.monitoring import LiveMonitoring, follow_lineup, record_request
-from service.served_bundle import ServedBundle, batch_lanes, load_served_bundle
+from service.served_bundle import ServedBundle, load_served_bundle
 from service.shadow import (CandidateDecisions, Lineup, candidate_decisions, check_candidate, lineup_info,
                             score_lineup)
 from service.settings import ServiceSettings
@@ -173,7 +173,7 @@ class GuardService:
                                         self.settings.max_queue, on_batch=self.metrics.batch_size.observe,
                                         on_queue_depth=self.metrics.queue_depth.set,
                                         upstream=lambda: self.decode_backlog,
-                                        lanes=batch_lanes(self.settings, self._threads[1], self.device, self.live.engine),
+                                        lanes=self.live.lanes,
                                         spread_up_to=self.settings.small_batch_size)
             self.batcher.start()
             self.state = READY

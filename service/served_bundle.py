@@ -43,6 +43,7 @@ class ServedBundle:
     info: dict
     engine: GuardEngine
     streams: list | None = None
+    lanes: int = 1  # batches the server runs at once with this bundle at startup (batch_lanes)
     # concurrent batches take turns through an engine that is not thread-safe (GuardEngine.thread_safe)
     _turns: contextlib.AbstractContextManager = field(init=False, repr=False, compare=False)
 
@@ -127,7 +128,7 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
         streams = [torch.cuda.Stream(device=guard.device) for _ in range(3)]
     served = ServedBundle(folder, guard, manifest, tau, class_names,
                           info_document(settings, limits, guard, manifest, device, engine, retained_mb, lanes),
-                          engine, streams)
+                          engine, streams, lanes)
     if settings.warmup:
         warm_up(served, settings, limits)
     return served
