@@ -6,7 +6,6 @@ size (bilinear), keep uint8 until the batch is on its device, then scale to [0, 
 from __future__ import annotations
 
 import io
-import struct
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,12 +16,15 @@ import torch.nn as nn
 from PIL import Image, ImageOps
 
 from defense.errors import UserError
+from defense.plain_png import decode_plain_png, png_size
 
 PRESETS: dict[str, dict] = {
     "cifar": {"input_size": (32, 32), "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
     "imagenet": {"input_size": (224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
     "none": {"input_size": (32, 32), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
 }
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
 
 # Generous for build-time folders; the server sets its own, stricter limit.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -65,7 +67,10 @@ class Preprocessing:
 
     def image_to_array(self, image: Image.Image) -> np.ndarray:
         """A decoded image as an (H, W, 3) uint8 array at the input size (it may be read-only)."""
-        image = to_eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # else exif_transpose would only copy it
+            image = ImageOps.exif_transpose(image)
+        image = to_eight_bit(image)
+        image = image if image.mode == "RGB" else image.convert("RGB")
         height, width = self.input_size
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.BILINEAR)
@@ -130,7 +135,13 @@ class Normalizer(nn.Module):
 def decode_image(source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
                  formats: tuple[str, ...] | None = None) -> Image.Image:
     """Open and fully decode an image, refusing more than ``max_pixels`` before decoding. With
-    ``formats``, only those Pillow plugins are tried (others never see the bytes)."""
+    ``formats``, only those Pillow plugins are tried (others never see the bytes). A plain PNG given
+    as bytes goes to Pillow's decoder without its plugin machinery (:mod:`defense.plain_png`: the
+    same pixels in half the time)."""
+    if isinstance(source, (bytes, bytearray)) and (formats is None or "PNG" in formats):
+        image = decode_plain_png(source, max_pixels)
+        if image is not None:
+            return image
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
     try:
         with warnings.catch_warnings():
@@ -154,17 +165,6 @@ def decode_image(source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
     finally:
         if not isinstance(source, (bytes, bytearray)):
             stream.close()
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's header chunk (the size Pillow reads there too), or None for bytes
-    that do not start like a PNG: a tenth of the time Pillow takes to open one (0.5 against 10 us)."""
-    if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
-        return None
-    return struct.unpack_from(">II", data, 16)
 
 
 def pixels_within(images: list[bytes], limit: int, formats: tuple[str, ...] | None = None) -> bool:
