@@ -48,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the engine's load-time choices
     started = time.perf_counter()
     served = build_engine(guard, "jit", checks, parallel_up_to=8, split_ways=2, sliced_over=8, merged_up_to=1)
-    print(f"as the server builds it ({time.perf_counter() - started:.1f} s): merged network for one image "
-          f"{'kept' if served.merged_up_to else 'not used'}")
+    print(f"as the server builds it ({time.perf_counter() - started:.1f} s): for one image, merged network "
+          f"{'kept' if served.merged_up_to else 'not used'}, merged pair {'kept' if served.pair_up_to else 'not used'}")
     engine = build_engine(guard, "jit", checks, parallel_up_to=max(args.sizes), split_ways=2,
                           merged_up_to=max(args.sizes), time_merged=False)  # every graph, to time them all
-    if not engine.parallel_up_to or engine.split_ways != 2 or not engine.merged_up_to:
-        print("the parallel graph, the merged network or the sliced batches were not built (see the log)")
+    if not engine.parallel_up_to or engine.split_ways != 2 or not engine.merged_up_to or not engine.pair_up_to:
+        print("the parallel graph, the merged networks or the sliced batches were not built (see the log)")
         return 1
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the engine builds its parallel graph: torch's inter-op pool keeps one thread
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
              ("parallel graph (B forked), 1 thread", engine._small_forwards, 1),
              ("merged network (M, B, M' as channel groups), 1 thread", engine._merged_forwards, 1),
              ("merged network, 2 threads", engine._merged_forwards, 2),
+             ("merged pair (M and B merged, M' forked beside them), 1 thread each", engine._pair_forwards, 1),
              ("serial graph on 2 slices, 2 threads of 1 torch thread", engine._sliced, 1),
              ("parallel graph without the score, scored in Python (before issue 30d), 1 thread", score_in_python, 1))
     print(f"{args.model}, the three forwards and the score, ms (median of {args.repeats} repetitions, range)")

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from defense.fused_forwards import fused_forwards
-from defense.grouped import merge_three
+from defense.grouped import merge_models
 from defense.guard import Guard
 from defense.score import GuardScores, rejects
 from defense.sliced_forwards import SlicedForwards
@@ -88,7 +88,7 @@ class _ThreeForwardsInParallel(_ThreeForwards):
 
 
 class _MergedForwards(nn.Module):
-    """The same three forwards as one merged network (:func:`defense.grouped.merge_three`): every layer
+    """The same three forwards as one merged network (:func:`defense.grouped.merge_models`): every layer
     runs M, B and M' side by side as channel groups, M's tapped activations among its outputs."""
 
     def __init__(self, guard: Guard, merged: nn.Module):
@@ -97,6 +97,23 @@ class _MergedForwards(nn.Module):
 
     def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.merged(self.normalizer(images_uint8))
+
+
+class _MergedPairForwards(nn.Module):
+    """The same three forwards as two jobs of about one size on two threads: M and B merged into one
+    network (two channel groups, M's tapped activations among its outputs) on the calling thread, and
+    M' in a ``torch.jit.fork`` task beside it. For a lone image with two cores: the merged network of
+    three on one thread does the work of fewer, wider layers but leaves the second core idle."""
+
+    def __init__(self, guard: Guard, pair: nn.Module):
+        super().__init__()
+        self.normalizer, self.pair, self.auxiliary = guard.normalizer, pair, guard.auxiliary_model
+
+    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = self.normalizer(images_uint8)
+        auxiliary = torch.jit.fork(self.auxiliary, inputs)
+        model_logits, expert_logits, *activations = self.pair(inputs)
+        return (model_logits, expert_logits, torch.jit.wait(auxiliary), *activations)
 
 
 class _ScoredForwards(nn.Module):
@@ -124,17 +141,20 @@ class GuardEngine:
     images (the jit engine's parallel one; 0: none). ``sliced``: the serial graph on slices of a
     larger batch, for batches of more than ``sliced_over`` and at least ``sliced.ways`` images
     (``split_ways``; 1: none). ``merged_forwards``: the merged network's graph, for batches of up to
-    ``merged_up_to`` images (0: none; it comes first)."""
+    ``merged_up_to`` images (0: none; it comes first). ``pair_forwards``: M and B merged with M' forked
+    beside them, for batches of up to ``pair_up_to`` images that have two cores (before all others)."""
 
     def __init__(self, name: str, guard: Guard, forwards: Callable[[torch.Tensor], tuple] | None = None,
                  channels_last: bool = False, small_forwards: Callable[[torch.Tensor], tuple] | None = None,
                  parallel_up_to: int = 0, sliced: SlicedForwards | None = None, sliced_over: int = 0,
-                 merged_forwards: Callable[[torch.Tensor], tuple] | None = None, merged_up_to: int = 0):
+                 merged_forwards: Callable[[torch.Tensor], tuple] | None = None, merged_up_to: int = 0,
+                 pair_forwards: Callable[[torch.Tensor], tuple] | None = None, pair_up_to: int = 0):
         self.name, self.guard, self._forwards, self._channels_last = name, guard, forwards, channels_last
         self._small_forwards, self.parallel_up_to = small_forwards, parallel_up_to if small_forwards else 0
         self._sliced, self.sliced_over = sliced, sliced_over
         self.split_ways = sliced.ways if sliced else 1
         self._merged_forwards, self.merged_up_to = merged_forwards, merged_up_to if merged_forwards else 0
+        self._pair_forwards, self.pair_up_to = pair_forwards, pair_up_to if pair_forwards else 0
 
     def large_batch_threads(self, threads: int) -> int:
         """The calling thread's torch threads for a batch it cuts into slices (one: each slice runs on its
@@ -157,7 +177,8 @@ class GuardEngine:
         current = {"forwards": self._forwards, "channels_last": self._channels_last,
                    "small_forwards": self._small_forwards, "parallel_up_to": self.parallel_up_to,
                    "sliced": self._sliced, "sliced_over": self.sliced_over,
-                   "merged_forwards": self._merged_forwards, "merged_up_to": self.merged_up_to}
+                   "merged_forwards": self._merged_forwards, "merged_up_to": self.merged_up_to,
+                   "pair_forwards": self._pair_forwards, "pair_up_to": self.pair_up_to}
         return GuardEngine(self.name, self.guard, **{**current, **parts})
 
     @property
@@ -168,9 +189,12 @@ class GuardEngine:
         return self.name == "jit"
 
     def _forwards_for(self, size: int, cores: int | None = None) -> Callable[[torch.Tensor], tuple]:
+        two_cores = cores is None or cores > 1
+        if size <= self.pair_up_to and two_cores:
+            return self._pair_forwards
         if size <= self.merged_up_to:
             return self._merged_forwards
-        if size <= self.parallel_up_to and (cores is None or cores > 1):
+        if size <= self.parallel_up_to and two_cores:
             return self._small_forwards
         ways = self.split_ways if cores is None else min(cores, self.split_ways)
         if size > self.sliced_over and size >= ways > 1:
@@ -181,7 +205,7 @@ class GuardEngine:
     def __call__(self, images_uint8: torch.Tensor, cores: int | None = None) -> GuardScores:
         """The scores of ``images_uint8``. ``cores``: how many cores this batch may take (the server's
         concurrent batches give each batch one, and a lone request every free one); None: all the
-        engine was built for. On one, neither the parallel graph nor slices run."""
+        engine was built for. On one, neither the merged pair, the parallel graph nor slices run."""
         if self._forwards is None:
             return self.guard.score_batch(images_uint8)
         images = images_uint8.to(self.guard.device, non_blocking=True)
@@ -194,22 +218,31 @@ class GuardEngine:
         return self.guard.scores_from(model_logits, expert_logits, auxiliary_logits, activations)
 
 
-def _scored_three(guard: Guard, parallel: bool = False, merged: bool = False) -> _ScoredForwards:
-    if merged:
+MERGED_GRAPHS = ("three", "pair")  # jit_forwards' merged graphs: M, B and M' as one network; M and B, M' beside
+
+
+def _scored_three(guard: Guard, parallel: bool = False, merged: str | None = None) -> _ScoredForwards:
+    if merged is not None:
         layers = guard.feature_detector.layers if guard.feature_detector is not None else []
-        network = merge_three([guard.model, guard.backdoor_expert, guard.auxiliary_model], layers)
+        models = [guard.model, guard.backdoor_expert] + ([guard.auxiliary_model] if merged == "three" else [])
+        network = merge_models(models, layers)
         if network is None:
-            raise ValueError("the three models cannot be merged into one network (a layer defense.grouped "
-                             "does not rewrite)")
-        return _ScoredForwards(_MergedForwards(guard, network.to(guard.device)), guard).eval()
+            raise ValueError("the models cannot be merged into one network (a layer defense.grouped does not "
+                             "rewrite)")
+        network = network.to(guard.device)
+        forwards = _MergedForwards(guard, network) if merged == "three" else _MergedPairForwards(guard, network)
+        return _ScoredForwards(forwards, guard).eval()
     return _ScoredForwards((_ThreeForwardsInParallel if parallel else _ThreeForwards)(guard), guard).eval()
 
 
 def jit_forwards(guard: Guard, example: torch.Tensor, parallel: bool = False, scored: bool = True,
-                 merged: bool = False) -> Callable:
+                 merged: str | None = None) -> Callable:
     """The jit graph: uint8 images in, the columns of :class:`GuardScores` out (``scored=False``: the
     logits and activations, without the score; ``bench.parallel_forwards`` compares the two).
-    ``parallel``: B forked beside M and M'; ``merged``: the three models as one merged network."""
+    ``parallel``: B forked beside M and M'; ``merged``: ``"three"``, the three models as one merged
+    network; ``"pair"``, M and B merged with M' forked beside them."""
+    if merged is not None and merged not in MERGED_GRAPHS:
+        raise ValueError(f"merged: {merged!r}, not one of {MERGED_GRAPHS}")
     module = _scored_three(guard, parallel, merged)
     module = module if scored else module.forwards
     with warnings.catch_warnings(), torch.no_grad():
@@ -290,24 +323,51 @@ def _with_sliced_batches(engine: GuardEngine, guard: Guard, samples: list[torch.
 
 def _with_merged_network(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor], merged_up_to: int,
                          on_fallback: Callable[[str], None], timed: bool = True) -> GuardEngine:
-    """``engine`` (jit, checked) running batches of up to ``merged_up_to`` images through the merged network
-    (:mod:`defense.grouped`), once it scores ``samples`` as eager does and, with ``timed``, once one image
-    goes through it on one torch thread at least as fast as through the graph that would run it
-    otherwise (the parallel graph, else the serial one; each one's fastest call, the two called in
-    turn: :func:`defense.timing.fastest_seconds`): a small model gains (fewer, wider operations), a
-    large one loses the second core. Otherwise ``engine`` unchanged (a slower merged network is
-    logged at info level, a mismatch or an error told to ``on_fallback``)."""
+    """``engine`` (jit, checked) running batches of up to ``merged_up_to`` images through merged networks
+    (:mod:`defense.grouped`), each once it scores ``samples`` as eager does and, with ``timed``, where a
+    batch of one image and one of ``merged_up_to`` go through it at least as fast as through the graphs
+    it would replace (each one's fastest call, called in turn: :func:`defense.timing.fastest_seconds`):
+
+    - the three models merged, on one torch thread, where it is no slower than the graph that would run
+      the batch otherwise (the parallel graph, else the serial one): a small model gains (fewer, wider
+      operations), a large one loses the second core;
+    - M and B merged with M' forked beside them (two threads; for a batch that has two cores), where it
+      is no slower than both, and only beside the parallel graph (which forks too; it has the conditions
+      for a second thread: one torch thread for small batches and two cores).
+
+    Otherwise ``engine`` unchanged (a slower merged network is logged at info level, a mismatch or an
+    error told to ``on_fallback``)."""
     def build():
-        merged = GuardEngine("jit", guard, jit_forwards(guard, samples[0], merged=True))
-        problem = mismatch(merged, guard, [images[:merged_up_to] for images in samples])
-        if problem is None and timed:
-            one, other = samples[0][:1], engine._forwards_for(1)
-            merged_s, other_s = _one_torch_thread(lambda: fastest_seconds([merged._forwards, other], one))
-            if merged_s > other_s:  # a choice, not a fault: said at info level
-                log.info("jit engine's merged network not used: one image took %.2f ms against %.2f ms without it",
-                         1000 * merged_s, 1000 * other_s)
-                return None, None
-        return {"merged_forwards": merged._forwards, "merged_up_to": merged_up_to}, problem
+        checked = [images[:merged_up_to] for images in samples]
+        three = GuardEngine("jit", guard, jit_forwards(guard, samples[0], merged="three"))
+        problem = mismatch(three, guard, checked)
+        if problem is not None:
+            return None, problem
+        parts = {"merged_forwards": three._forwards, "merged_up_to": merged_up_to}
+        pair = None
+        if engine.parallel_up_to > 0:
+            pair = _one_torch_thread(lambda: GuardEngine("jit", guard, jit_forwards(guard, samples[0], merged="pair")))
+            problem = _one_torch_thread(lambda: mismatch(pair, guard, checked))
+            if problem is not None:
+                return None, f"the merged pair: {problem}"
+            parts.update(pair_forwards=pair._forwards, pair_up_to=merged_up_to)
+        if timed:
+            images = torch.cat(samples)
+            while len(images) < merged_up_to:
+                images = torch.cat([images, images])
+            for size in sorted({1, merged_up_to}):
+                batch, other = images[:size], engine._forwards_for(size)
+                graphs = [three._forwards, other] + ([pair._forwards] if pair is not None else [])
+                three_s, other_s, *pair_s = _one_torch_thread(lambda: fastest_seconds(graphs, batch))
+                if three_s > other_s and "merged_forwards" in parts:  # a choice, not a fault: info level
+                    log.info("jit engine's merged network not used: %d image(s) took %.2f ms against %.2f ms "
+                             "without it", size, 1000 * three_s, 1000 * other_s)
+                    del parts["merged_forwards"], parts["merged_up_to"]
+                if pair_s and pair_s[0] > min(three_s, other_s) and "pair_forwards" in parts:
+                    log.info("jit engine's merged pair (M and B merged, M' beside them) not used: %d image(s) took "
+                             "%.2f ms against %.2f ms without it", size, 1000 * pair_s[0], 1000 * min(three_s, other_s))
+                    del parts["pair_forwards"], parts["pair_up_to"]
+        return parts, None
     return _with_checked(engine, "merged network", "small batches run the other graphs", build, on_fallback)
 
 

@@ -1,8 +1,9 @@
 """M, B and M' merged into one network: each layer runs the three models side by side as channel groups.
 
 The backdoor expert and the auxiliary model are finetuned copies of M: the same layers, other weights.
-:func:`merge_three` rewrites M's ``torch.fx`` graph so that every activation holds the three models'
-activations stacked along the channel dimension (M's first, then B's, then M''s):
+:func:`merge_models` rewrites M's ``torch.fx`` graph so that every activation holds the three models'
+activations stacked along the channel dimension (M's first, then B's, then M''s; the same for M and B
+alone, two groups):
 
 - a convolution on the shared input becomes one convolution with three times the output channels; a
   convolution on stacked activations becomes a grouped convolution (``groups`` times 3) whose
@@ -20,7 +21,7 @@ the engine uses the merged graph for lone images, where timing at load finds it 
 (:mod:`defense.engine`).
 
 A graph with anything else (a module or function not listed in this file, a concatenation, a reshape
-other than flattening, a softmax) is not merged: :func:`merge_three` returns None and the engine
+other than flattening, a softmax) is not merged: :func:`merge_models` returns None and the engine
 keeps its other graphs. A module called twice (a shared ReLU) is merged once. The engine also
 checks the merged graph against the eager guard, like every graph it builds.
 """
@@ -38,8 +39,7 @@ import torch.nn.functional as F
 
 from defense.features import INPUT_SUFFIX, pooled
 
-GROUPS = 3  # M, B, M'
-SHARED, STACKED = "shared", "stacked"  # an activation: the one input all three read, or the three side by side
+SHARED, STACKED = "shared", "stacked"  # an activation: the one input all models read, or theirs side by side
 # modules that act on each channel alone and have no weights: kept as they are
 _PER_CHANNEL_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
                         nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
@@ -52,28 +52,29 @@ _PER_CHANNEL_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
 
 
 class Unmergeable(Exception):
-    """The graph holds something :func:`merge_three` does not rewrite."""
+    """The graph holds something :func:`merge_models` does not rewrite."""
 
 
 class StackedLinear(nn.Module):
-    """Three linear layers on the three models' stacked features (N, 3F) -> (N, 3 * out)."""
+    """G linear layers on the G models' stacked features (N, G * F) -> (N, G * out)."""
 
     def __init__(self, layers: list[nn.Linear]):
         super().__init__()
-        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))  # (3, out, F)
+        self.groups = len(layers)
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))  # (G, out, F)
         bias = [layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features) for layer in layers]
-        self.bias = nn.Parameter(torch.stack(bias))  # (3, out)
+        self.bias = nn.Parameter(torch.stack(bias))  # (G, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             raise Unmergeable("a linear layer on more than (batch, features)")
-        stacked = x.reshape(x.shape[0], GROUPS, -1).transpose(0, 1)  # (3, N, F)
-        out = torch.baddbmm(self.bias.unsqueeze(1), stacked, self.weight.transpose(1, 2))  # (3, N, out)
+        stacked = x.reshape(x.shape[0], self.groups, -1).transpose(0, 1)  # (G, N, F)
+        out = torch.baddbmm(self.bias.unsqueeze(1), stacked, self.weight.transpose(1, 2))  # (G, N, out)
         return out.transpose(0, 1).reshape(x.shape[0], -1)
 
 
 def _joined(modules: list[nn.Module], name: str) -> nn.Parameter:
-    """The three modules' parameter ``name`` concatenated along its first dimension (M's first)."""
+    """The modules' parameter ``name`` concatenated along its first dimension (M's first)."""
     return nn.Parameter(torch.cat([getattr(module, name).detach() for module in modules]))
 
 
@@ -81,9 +82,9 @@ def _stacked_conv(convs: list[nn.Conv2d], shared_input: bool) -> nn.Conv2d:
     first = convs[0]
     if first.padding_mode != "zeros" or (shared_input and first.groups != 1):
         raise Unmergeable("a convolution this merge does not rewrite")
-    groups = first.groups if shared_input else first.groups * GROUPS
-    in_channels = first.in_channels if shared_input else first.in_channels * GROUPS
-    conv = nn.Conv2d(in_channels, first.out_channels * GROUPS, first.kernel_size, first.stride, first.padding,
+    groups = first.groups if shared_input else first.groups * len(convs)
+    in_channels = first.in_channels if shared_input else first.in_channels * len(convs)
+    conv = nn.Conv2d(in_channels, first.out_channels * len(convs), first.kernel_size, first.stride, first.padding,
                      first.dilation, groups, bias=first.bias is not None)
     conv.weight = _joined(convs, "weight")
     if first.bias is not None:
@@ -95,7 +96,7 @@ def _stacked_batchnorm(norms: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
     first = norms[0]
     if not first.track_running_stats or first.running_mean is None:
         raise Unmergeable("a BatchNorm without running statistics")
-    norm = nn.BatchNorm2d(first.num_features * GROUPS, first.eps, first.momentum, first.affine)
+    norm = nn.BatchNorm2d(first.num_features * len(norms), first.eps, first.momentum, first.affine)
     norm.running_mean = torch.cat([n.running_mean for n in norms])
     norm.running_var = torch.cat([n.running_var for n in norms])
     if first.affine:
@@ -106,7 +107,7 @@ def _stacked_batchnorm(norms: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
 def _stacked_linear(layers: list[nn.Linear], shared_input: bool) -> nn.Module:
     if not shared_input:
         return StackedLinear(layers)
-    linear = nn.Linear(layers[0].in_features, layers[0].out_features * GROUPS, bias=layers[0].bias is not None)
+    linear = nn.Linear(layers[0].in_features, layers[0].out_features * len(layers), bias=layers[0].bias is not None)
     linear.weight = _joined(layers, "weight")
     if layers[0].bias is not None:
         linear.bias = _joined(layers, "bias")
@@ -114,11 +115,11 @@ def _stacked_linear(layers: list[nn.Linear], shared_input: bool) -> nn.Module:
 
 
 def _stack_module(modules: list[nn.Module], shared_input: bool) -> tuple[nn.Module, bool]:
-    """The merged module for the three models' ``modules`` at one node, and whether it reads the shared
+    """The merged module for the models' ``modules`` at one node, and whether it reads the shared
     input as it is (else the input is stacked first)."""
     first = modules[0]
     if any(type(m) is not type(first) for m in modules):
-        raise Unmergeable("the three models differ in their layers")
+        raise Unmergeable("the models differ in their layers")
     if type(first) is nn.Conv2d:
         return _stacked_conv(modules, shared_input), shared_input
     if type(first) is nn.Linear:
@@ -158,10 +159,11 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return [arg for arg in (*node.args, *node.kwargs.values()) if isinstance(arg, fx.Node)]
 
 
-def merge_three(models: list[nn.Module], taps: list[str] = ()) -> nn.Module | None:
-    """One network computing ``models`` (M, B and M', one architecture, eval mode) in one pass:
-    normalized inputs in, ``(M's logits, B's, M''s, *M's pooled activations at taps)`` out, the taps
-    named as :mod:`defense.features` names them. None where the graph holds something not merged here."""
+def merge_models(models: list[nn.Module], taps: list[str] = ()) -> nn.Module | None:
+    """One network computing ``models`` (two or more of one architecture, eval mode: M, B and M', or M
+    and B) in one pass: normalized inputs in, ``(each model's logits in order, *the first model's
+    pooled activations at taps)`` out, the taps named as :mod:`defense.features` names them. None where
+    the graph holds something not merged here."""
     try:
         return _merge(models, list(taps))
     except (Unmergeable, fx.proxy.TraceError, TypeError, RuntimeError, ValueError, AttributeError,
@@ -170,13 +172,14 @@ def merge_three(models: list[nn.Module], taps: list[str] = ()) -> nn.Module | No
 
 
 def _merge(models: list[nn.Module], taps: list[str]) -> nn.Module:
-    if len(models) != GROUPS:
-        raise ValueError(f"merging needs {GROUPS} models")
+    groups = len(models)
+    if groups < 2:
+        raise ValueError("merging needs two models or more")
     tracer = _HooklessTracer()
     traced = tracer.trace(models[0])
     named = [dict(model.named_modules()) for model in models]
     if any([(k, type(m)) for k, m in n.items()] != [(k, type(m)) for k, m in named[0].items()] for n in named):
-        raise Unmergeable("the three models differ in their layers")
+        raise Unmergeable("the models differ in their layers")
     tapped: dict[str, fx.Node] = {}
     for tap in taps:
         node = tracer.io.get(tap.removesuffix(INPUT_SUFFIX), (None, None))[0 if tap.endswith(INPUT_SUFFIX) else 1]
@@ -187,10 +190,10 @@ def _merge(models: list[nn.Module], taps: list[str]) -> nn.Module:
     made: dict[tuple[str, bool], tuple[str, bool]] = {}  # (M's module, input shared) -> (merged name, reads it as is)
 
     def stacked(node: fx.Node) -> fx.Node:
-        """``node``'s merged value with the three models' channels side by side."""
+        """``node``'s merged value with the models' channels side by side."""
         if layout[node] == STACKED:
             return env[node]
-        return graph.call_function(torch.cat, ([env[node]] * GROUPS, 1))
+        return graph.call_function(torch.cat, ([env[node]] * groups, 1))
 
     for node in traced.nodes:
         if node.op == "placeholder":
@@ -215,14 +218,14 @@ def _merge(models: list[nn.Module], taps: list[str]) -> nn.Module:
         elif node.op == "output":
             logits = node.args[0]
             if not isinstance(logits, fx.Node) or layout[logits] != STACKED:
-                raise Unmergeable("the output is not one tensor of the three models' logits")
-            parts = graph.call_function(torch.chunk, (env[logits], GROUPS, 1))
-            outputs = [graph.call_function(operator.getitem, (parts, k)) for k in range(GROUPS)]
+                raise Unmergeable("the output is not one tensor of the models' logits")
+            parts = graph.call_function(torch.chunk, (env[logits], groups, 1))
+            outputs = [graph.call_function(operator.getitem, (parts, k)) for k in range(groups)]
             for tap in taps:
                 source = tapped[tap]
                 value = env[source]
                 if layout[source] == STACKED:
-                    value = graph.call_function(torch.chunk, (value, GROUPS, 1))
+                    value = graph.call_function(torch.chunk, (value, groups, 1))
                     value = graph.call_function(operator.getitem, (value, 0))
                 outputs.append(graph.call_function(pooled, (value,)))
             graph.output(tuple(outputs))

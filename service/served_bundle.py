@@ -116,7 +116,7 @@ def load_served_bundle(settings: ServiceSettings, folder: Path, device: str, lim
     parallel_up_to = settings.small_batch_size if settings.parallel_forwards and settings.small_batch_threads == 1 \
         and large_batch_threads >= 2 and not on_cuda else 0
     split_ways = large_batch_threads if settings.slice_batches and large_batch_threads >= 2 and not on_cuda else 1
-    merged_up_to = settings.merged_batch_size if not on_cuda else 0
+    merged_up_to = min(settings.merged_batch_size, settings.small_batch_size) if not on_cuda else 0  # small batches only
     # every forward runs off the main thread (defense/allocator.py); 0 where nothing was set (0 asked, not glibc)
     retained_mb = settings.retain_freed_mb if retain_freed_memory(settings.retain_freed_mb) else 0
     engine = build_engine(guard, engine_name, check_batches(guard), on_fallback=log.warning,
@@ -173,6 +173,7 @@ def info_document(settings: ServiceSettings, limits: Limits, guard: Guard, manif
                   "small_batch_size": settings.small_batch_size,
                   "parallel_forwards_up_to": engine.parallel_up_to if engine else 0,
                   "merged_network_up_to": engine.merged_up_to if engine else 0,
+                  "merged_pair_up_to": engine.pair_up_to if engine else 0,
                   "large_batch_slices": engine.split_ways if engine else 1,
                   "concurrent_batches": lanes,
                   "retained_freed_mb": retained_freed_mb,

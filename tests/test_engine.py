@@ -203,12 +203,13 @@ class SpyEngine:
 def test_small_batches_run_on_their_own_thread_count(tiny, sliced, merged, large_batch_threads, monkeypatch):
     import defense.engine
 
-    monkeypatch.setattr(defense.engine, "fastest_seconds", lambda functions, images: [0.0, 0.0])  # merged: no slower
+    monkeypatch.setattr(defense.engine, "fastest_seconds", lambda functions, images: [0.0] * len(functions))  # merged: no slower
     service = loaded_service(tiny.bundle, small_batch_size=2, small_batch_threads=1, torch_threads=2, warmup=False,
                              slice_batches=sliced, merged_batch_size=merged)
     live = service.live
     assert live.engine.name == "jit" and live.info["batching"]["engine"] == "jit"  # the default on CPU
     assert live.engine.merged_up_to == merged == live.info["batching"]["merged_network_up_to"]
+    assert live.engine.pair_up_to == merged == live.info["batching"]["merged_pair_up_to"]
     seen = []
     live.engine = SpyEngine(live.engine, seen)
     images = torch.stack([live.guard.preprocessing.load(path) for path in tiny.files])

@@ -1,6 +1,7 @@
-"""defense/grouped.py: M, B and M' merged into one network compute exactly the three models' logits and
-M's tapped activations; what the merge does not rewrite is refused (None), and the jit engine serves
-small batches with it only once it scores like the eager guard."""
+"""defense/grouped.py: M, B and M' merged into one network (or M and B alone) compute exactly the models'
+logits and M's tapped activations; what the merge does not rewrite is refused (None), and the jit
+engine serves small batches with it (the three merged on one thread, or M and B merged with M' forked
+beside them where the batch has two cores) only once it scores like the eager guard."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from defense.engine import build_engine
 from defense.timing import fastest_seconds, median_seconds
 from defense.features import ActivationTap, find_feature_layers
-from defense.grouped import merge_three
+from defense.grouped import merge_models
 from defense.models import create_model
 from test_engine import random_guard, samples
 
@@ -35,18 +36,18 @@ def separately(models: list[nn.Module], inputs: torch.Tensor, taps: list[str]) -
 
 def test_the_merged_network_computes_each_models_logits_and_ms_activations():
     for arch, size in (("tiny_cnn", 16), ("cifar_resnet_compact", 32), ("cifar_lenet", 32), ("cifar_vgg11_bn_compact", 32)):
-        models = three(arch)
         inputs = torch.randn(3, 3, size, size)
-        taps = find_feature_layers(models[0], inputs)
-        merged = merge_three(models, taps)
-        assert merged is not None, arch
-        with torch.inference_mode():
-            got = merged(inputs)
-        want = separately(models, inputs, taps)
-        assert len(got) == 3 + len(taps)
-        for g, w in zip(got, want):
-            assert g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5), arch
-        assert not torch.allclose(got[0], got[1])  # three models, three different outputs
+        for models in (three(arch), three(arch)[:2]):  # M, B and M'; M and B (the engine's merged pair)
+            taps = find_feature_layers(models[0], inputs)
+            merged = merge_models(models, taps)
+            assert merged is not None, arch
+            with torch.inference_mode():
+                got = merged(inputs)
+            want = separately(models, inputs, taps)
+            assert len(got) == len(models) + len(taps)
+            for g, w in zip(got, want):
+                assert g.shape == w.shape and torch.allclose(g, w, rtol=1e-4, atol=1e-5), arch
+            assert not torch.allclose(got[0], got[1])  # different models, different outputs
 
 
 class TwiceCalledRelu(nn.Module):
@@ -88,31 +89,39 @@ def test_a_module_called_twice_and_a_batch_view_merge():
     torch.manual_seed(0)
     models = [TwiceCalledRelu().eval() for _ in range(3)]
     inputs = torch.randn(2, 3, 8, 8)
-    merged = merge_three(models)
+    merged = merge_models(models)
     with torch.inference_mode():
         for got, model in zip(merged(inputs), models):
             assert torch.allclose(got, model(inputs), atol=1e-6)
 
 
 def test_what_the_merge_does_not_rewrite_is_refused():
-    assert merge_three([Concatenates().eval() for _ in range(3)]) is None
-    assert merge_three([LayerNormed().eval() for _ in range(3)]) is None
-    assert merge_three([create_model("tiny_cnn", 4).eval() for _ in range(2)]) is None  # not three
+    assert merge_models([Concatenates().eval() for _ in range(3)]) is None
+    assert merge_models([LayerNormed().eval() for _ in range(3)]) is None
+    assert merge_models([create_model("tiny_cnn", 4).eval()]) is None  # one model: nothing to merge
     mixed = [create_model("tiny_cnn", 4).eval(), create_model("tiny_cnn", 4).eval(), LayerNormed().eval()]
-    assert merge_three(mixed) is None
-    assert merge_three(three("tiny_cnn"), ["no.such.layer"]) is None
+    assert merge_models(mixed) is None
+    assert merge_models(three("tiny_cnn"), ["no.such.layer"]) is None
 
 
 def test_the_jit_engine_runs_small_batches_on_the_merged_network_and_scores_like_eager():
     guard = random_guard("cifar_resnet_compact", 32)
     fallbacks = []
-    engine = build_engine(guard, "jit", samples(32), on_fallback=fallbacks.append, merged_up_to=2, time_merged=False)
-    assert engine.merged_up_to == 2 and not fallbacks
+    engine = build_engine(guard, "jit", samples(32), on_fallback=fallbacks.append, parallel_up_to=2, merged_up_to=2,
+                          time_merged=False)
+    assert engine.merged_up_to == 2 and engine.pair_up_to == 2 and not fallbacks
+    assert engine._forwards_for(2) is engine._pair_forwards  # two cores: M and B merged, M' beside them
+    assert engine._forwards_for(2, cores=1) is engine._merged_forwards  # one core: the three merged
+    assert engine._forwards_for(3) is engine._forwards
     images = samples(32)[2]
     for batch in (images[:1], images[:2]):
-        got, want = engine(batch), guard.score_batch(batch)
-        assert torch.equal(got.label, want.label) and torch.allclose(got.score, want.score, rtol=1e-5, atol=0)
-    assert build_engine(guard, "jit", samples(32)).merged_up_to == 0  # only when asked for
+        want = guard.score_batch(batch)
+        for got in (engine(batch), engine(batch, cores=1)):
+            assert torch.equal(got.label, want.label) and torch.allclose(got.score, want.score, rtol=1e-5, atol=0)
+    unasked = build_engine(guard, "jit", samples(32))
+    assert unasked.merged_up_to == 0 and unasked.pair_up_to == 0  # only when asked for
+    alone = build_engine(guard, "jit", samples(32), merged_up_to=2, time_merged=False)
+    assert alone.merged_up_to == 2 and alone.pair_up_to == 0  # the pair forks: only beside the parallel graph
 
 
 def test_a_model_the_merge_refuses_keeps_the_other_graphs_and_says_why():
@@ -133,20 +142,25 @@ def test_a_model_the_merge_refuses_keeps_the_other_graphs_and_says_why():
     guard = Guard(Small().eval(), Small().eval(), Small().eval(), preprocessing=PREPROCESSING, rejection_threshold=1.0)
     fallbacks = []
     engine = build_engine(guard, "jit", samples(16), on_fallback=fallbacks.append, merged_up_to=4, time_merged=False)
-    assert engine.name == "jit" and engine.merged_up_to == 0
+    assert engine.name == "jit" and engine.merged_up_to == 0 and engine.pair_up_to == 0
     assert len(fallbacks) == 1 and "merged network not used" in fallbacks[0]
 
 
-def test_the_merged_network_is_kept_only_where_one_image_runs_no_slower_through_it(monkeypatch, caplog):
+def test_each_merged_network_is_kept_only_where_one_image_runs_no_slower_through_it(monkeypatch, caplog):
     import defense.engine
 
     guard = random_guard("tiny_cnn", 16)
-    for merged_s, other_s, kept in ((0.002, 0.001, False), (0.001, 0.002, True), (0.001, 0.001, True)):
+    # seconds for one image: the three merged (one thread), the parallel graph, the merged pair (two threads)
+    for three_s, pair_s, other_s, three_kept, pair_kept in ((0.002, 0.003, 0.001, False, False),
+                                                             (0.001, 0.002, 0.002, True, False),
+                                                             (0.001, 0.001, 0.001, True, True),
+                                                             (0.002, 0.001, 0.0015, False, True),
+                                                             (0.001, 0.0005, 0.002, True, True)):
         timed = []
 
-        def fastest(functions, images, merged_s=merged_s, other_s=other_s):  # the merged network first
+        def fastest(functions, images, seconds=(three_s, other_s, pair_s)):
             timed.append(len(functions))
-            return [merged_s, other_s]
+            return list(seconds)
 
         monkeypatch.setattr(defense.engine, "fastest_seconds", fastest)
         fallbacks = []
@@ -154,10 +168,26 @@ def test_the_merged_network_is_kept_only_where_one_image_runs_no_slower_through_
         with caplog.at_level("INFO", logger="badexpert.engine"):
             engine = build_engine(guard, "jit", samples(16), on_fallback=fallbacks.append, parallel_up_to=8,
                                   merged_up_to=1)
-        assert timed == [2] and engine.merged_up_to == (1 if kept else 0) and engine.parallel_up_to == 8
-        assert not fallbacks
-        said = "jit engine's merged network not used: one image took 2.00 ms against 1.00 ms without it"
-        assert (said in caplog.text) != kept  # a choice, told at info level, not a fallback warning
+        assert timed == [3] and engine.parallel_up_to == 8 and not fallbacks
+        assert engine.merged_up_to == (1 if three_kept else 0) and engine.pair_up_to == (1 if pair_kept else 0)
+        said = f"merged network not used: 1 image(s) took {1000 * three_s:.2f} ms against {1000 * other_s:.2f} ms"
+        assert (said in caplog.text) != three_kept  # a choice, told at info level, not a fallback warning
+        assert ("merged pair (M and B merged, M' beside them) not used" in caplog.text) != pair_kept
+
+
+def test_merged_networks_are_timed_on_one_image_and_on_the_largest_batch_they_would_serve(monkeypatch):
+    import defense.engine
+
+    guard = random_guard("tiny_cnn", 16)
+    sizes = []
+
+    def fastest(functions, images):  # the pair is fastest for one image, slowest for four
+        sizes.append(len(images))
+        return [0.002, 0.003, 0.001] if len(images) == 1 else [0.008, 0.010, 0.012]
+
+    monkeypatch.setattr(defense.engine, "fastest_seconds", fastest)
+    engine = build_engine(guard, "jit", samples(16), parallel_up_to=8, merged_up_to=4)
+    assert sizes == [1, 4] and engine.merged_up_to == 4 and engine.pair_up_to == 0
 
 
 def test_timing_interleaves_the_functions_and_keeps_each_ones_fastest_call():
