@@ -31,7 +31,8 @@ import torch
 from bench.serve import MODELS, RETAIN_FREED_MB, bundle_for, sample_images
 from defense.allocator import retain_freed_memory
 from defense.bundle import load_bundle
-from defense.engine import build_engine, jit_forwards
+from defense.engine import build_engine
+from defense.jit_graphs import jit_forwards
 from defense.timing import median_seconds
 
 

@@ -18,10 +18,14 @@ unit of work, for serving. Each returns exactly what :meth:`Guard.score_batch` r
   wait for each other inside a layer, so a core taken for a while by the server's event loop slows
   one slice rather than stalling the whole team at every layer (compact CIFAR ResNet, batch 64, two
   cores, in process: 59 against 73 ms on two OpenMP threads, ``python -m bench.parallel_forwards``).
-  With ``merged_up_to`` (the server's lone images), another graph runs the three models merged
-  into one network (:mod:`defense.grouped`: each layer's three weights side by side as channel
-  groups): one forward on one thread, 2.3 ms against the parallel graph's 2.5 ms on two; kept
-  where timing one image at load finds it no slower (a large model is faster on two threads).
+  With ``merged_up_to`` (the server's small batches), merged networks (:mod:`defense.grouped`: each
+  layer's weights side by side as channel groups) serve batches up to that size: where the batch
+  has two cores, M and B merged on the calling thread with M' forked beside them (two jobs of
+  about one size; one image 1.78 ms against the parallel graph's 2.38), and on one core the three
+  merged, one forward of wider layers (2.24 ms against 3.27 for the serial graph on one thread);
+  each kept where timing one image and a batch of ``merged_up_to`` at load finds it no slower (a
+  large model loses with grouped convolutions). The graphs themselves are in
+  :mod:`defense.jit_graphs`.
 
 With the feature signal on (``guard.feature_detector``), M's hooked activations come out of the
 same pass: ``jit`` traces them into its graph; ``fused`` keeps M eager (folding would remove the
@@ -36,15 +40,13 @@ with data-dependent control flow, is caught here.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Callable, Literal, TypeVar
 
 import torch
-import torch.nn as nn
 
 from defense.fused_forwards import fused_forwards
-from defense.grouped import merge_models
 from defense.guard import Guard
+from defense.jit_graphs import jit_forwards
 from defense.score import GuardScores, rejects
 from defense.sliced_forwards import SlicedForwards
 from defense.timing import fastest_seconds
@@ -54,83 +56,6 @@ ENGINES: tuple[str, ...] = ("eager", "fused", "jit")
 SCORE_RTOL = 1e-5
 log = logging.getLogger("badexpert.engine")
 T = TypeVar("T")
-
-
-class _ThreeForwards(nn.Module):
-    """normalizer, then M, B and M' on the same input (and M's tapped activations): one module, so
-    one trace."""
-
-    def __init__(self, guard: Guard):
-        super().__init__()
-        self.normalizer, self.model = guard.normalizer, guard.model
-        self.expert, self.auxiliary = guard.backdoor_expert, guard.auxiliary_model
-        self._guard = [guard]  # not a submodule: its activations() reads the tap that M's forward fills
-
-    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inputs = self.normalizer(images_uint8)
-        model_logits = self.model(inputs)
-        activations = self._guard[0].activations()
-        return (model_logits, self.expert(inputs), self.auxiliary(inputs), *activations)
-
-
-class _ThreeForwardsInParallel(_ThreeForwards):
-    """The same three forwards with B in a ``torch.jit.fork`` task (torch's inter-op pool) while this
-    thread runs M and then M': two threads busy rather than one, for batches too small to keep
-    intra-op threads busy. B alone is forked so that two threads, not three, share two cores."""
-
-    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inputs = self.normalizer(images_uint8)
-        expert = torch.jit.fork(self.expert, inputs)
-        model_logits = self.model(inputs)
-        activations = self._guard[0].activations()  # read before M' runs: the tap is M's
-        auxiliary_logits = self.auxiliary(inputs)
-        return (model_logits, torch.jit.wait(expert), auxiliary_logits, *activations)
-
-
-class _MergedForwards(nn.Module):
-    """The same three forwards as one merged network (:func:`defense.grouped.merge_models`): every layer
-    runs M, B and M' side by side as channel groups, M's tapped activations among its outputs."""
-
-    def __init__(self, guard: Guard, merged: nn.Module):
-        super().__init__()
-        self.normalizer, self.merged = guard.normalizer, merged
-
-    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.merged(self.normalizer(images_uint8))
-
-
-class _MergedPairForwards(nn.Module):
-    """The same three forwards as two jobs of about one size on two threads: M and B merged into one
-    network (two channel groups, M's tapped activations among its outputs) on the calling thread, and
-    M' in a ``torch.jit.fork`` task beside it. For a lone image with two cores: the merged network of
-    three on one thread does the work of fewer, wider layers but leaves the second core idle."""
-
-    def __init__(self, guard: Guard, pair: nn.Module):
-        super().__init__()
-        self.normalizer, self.pair, self.auxiliary = guard.normalizer, pair, guard.auxiliary_model
-
-    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inputs = self.normalizer(images_uint8)
-        auxiliary = torch.jit.fork(self.auxiliary, inputs)
-        model_logits, expert_logits, *activations = self.pair(inputs)
-        return (model_logits, expert_logits, torch.jit.wait(auxiliary), *activations)
-
-
-class _ScoredForwards(nn.Module):
-    """``forwards`` (a :class:`_ThreeForwards`), then the guard's scores from its outputs, as the
-    columns of :class:`GuardScores` in field order: the score's few dozen small tensor operations go
-    into the same graph as the forwards rather than through Python one by one (compact CIFAR ResNet,
-    batch 1, one torch thread: about 0.3 ms less per batch, ``python -m bench.parallel_forwards``)."""
-
-    def __init__(self, forwards: _ThreeForwards, guard: Guard):
-        super().__init__()
-        self.forwards = forwards
-        self._guard = [guard]  # not a submodule: its models are already forwards'
-
-    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        model_logits, expert_logits, auxiliary_logits, *activations = self.forwards(images_uint8)
-        scores = self._guard[0].scores_from(model_logits, expert_logits, auxiliary_logits, activations)
-        return tuple(vars(scores).values())
 
 
 class GuardEngine:
@@ -216,39 +141,6 @@ class GuardEngine:
             return GuardScores(*outputs)
         model_logits, expert_logits, auxiliary_logits, *activations = outputs
         return self.guard.scores_from(model_logits, expert_logits, auxiliary_logits, activations)
-
-
-MERGED_GRAPHS = ("three", "pair")  # jit_forwards' merged graphs: M, B and M' as one network; M and B, M' beside
-
-
-def _scored_three(guard: Guard, parallel: bool = False, merged: str | None = None) -> _ScoredForwards:
-    if merged is not None:
-        layers = guard.feature_detector.layers if guard.feature_detector is not None else []
-        models = [guard.model, guard.backdoor_expert] + ([guard.auxiliary_model] if merged == "three" else [])
-        network = merge_models(models, layers)
-        if network is None:
-            raise ValueError("the models cannot be merged into one network (a layer defense.grouped does not "
-                             "rewrite)")
-        network = network.to(guard.device)
-        forwards = _MergedForwards(guard, network) if merged == "three" else _MergedPairForwards(guard, network)
-        return _ScoredForwards(forwards, guard).eval()
-    return _ScoredForwards((_ThreeForwardsInParallel if parallel else _ThreeForwards)(guard), guard).eval()
-
-
-def jit_forwards(guard: Guard, example: torch.Tensor, parallel: bool = False, scored: bool = True,
-                 merged: str | None = None) -> Callable:
-    """The jit graph: uint8 images in, the columns of :class:`GuardScores` out (``scored=False``: the
-    logits and activations, without the score; ``bench.parallel_forwards`` compares the two).
-    ``parallel``: B forked beside M and M'; ``merged``: ``"three"``, the three models as one merged
-    network; ``"pair"``, M and B merged with M' forked beside them."""
-    if merged is not None and merged not in MERGED_GRAPHS:
-        raise ValueError(f"merged: {merged!r}, not one of {MERGED_GRAPHS}")
-    module = _scored_three(guard, parallel, merged)
-    module = module if scored else module.forwards
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer warnings: the check below decides
-        traced = torch.jit.trace(module, example.to(guard.device), check_trace=False)
-        return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
 
 def mismatch(engine: GuardEngine, guard: Guard, samples: list[torch.Tensor]) -> str | None:
