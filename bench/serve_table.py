@@ -9,8 +9,8 @@ import statistics
 IN_PROCESS = (("bare", "bare model in-process"), ("bare_torchscript", "bare TorchScript (frozen, optimized) in-process"),
               ("guard", "guard in-process"), ("guard_fused", "guard in-process, fused engine"),
               ("guard_jit", "guard in-process, jit engine"),
-              ("guard_jit_served", "guard in-process, jit engine as served (merged network for 1 image, "
-                                   "parallel graph up to 8, on 1 thread)"))
+              ("guard_jit_served", "guard in-process, jit engine as served (merged networks up to 8 images, "
+                                   "on 1 thread and M' beside them)"))
 HEADER = ("| model | path | img/s median (range) | vs bare TorchScript b64 (range) | vs bare eager b64 | p50 ms "
           "| p99 ms | p50 / bare TorchScript b1 (range) | p50 / bare eager b1 | server CPU ms/img | mean batch "
           "| statuses |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")

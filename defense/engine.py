@@ -247,20 +247,39 @@ def _with_merged_network(engine: GuardEngine, guard: Guard, samples: list[torch.
             images = torch.cat(samples)
             while len(images) < merged_up_to:
                 images = torch.cat([images, images])
-            for size in sorted({1, merged_up_to}):
-                batch, other = images[:size], engine._forwards_for(size)
-                graphs = [three._forwards, other] + ([pair._forwards] if pair is not None else [])
-                three_s, other_s, *pair_s = _one_torch_thread(lambda: fastest_seconds(graphs, batch))
-                if three_s > other_s and "merged_forwards" in parts:  # a choice, not a fault: info level
-                    log.info("jit engine's merged network not used: %d image(s) took %.2f ms against %.2f ms "
-                             "without it", size, 1000 * three_s, 1000 * other_s)
-                    del parts["merged_forwards"], parts["merged_up_to"]
-                if pair_s and pair_s[0] > min(three_s, other_s) and "pair_forwards" in parts:
-                    log.info("jit engine's merged pair (M and B merged, M' beside them) not used: %d image(s) took "
-                             "%.2f ms against %.2f ms without it", size, 1000 * pair_s[0], 1000 * min(three_s, other_s))
-                    del parts["pair_forwards"], parts["pair_up_to"]
+            for size in sorted({1, merged_up_to}):  # a graph slower for the larger batch still serves one image
+                graphs = {name: graph for name, graph in (("merged", three._forwards),
+                                                          ("pair", pair._forwards if pair else None))
+                          if f"{name}_up_to" in parts}  # those still in the running, and what they would replace
+                if not graphs:
+                    break
+                batch = images[:size]
+                seconds = _one_torch_thread(lambda: fastest_seconds([*graphs.values(), engine._forwards_for(size)],
+                                                                    batch))
+                timed_s, other_s = dict(zip(graphs, seconds)), seconds[-1]
+                if timed_s.get("merged", 0.0) > other_s:  # a choice, not a fault: said at info level
+                    _narrow(parts, "merged", size, "merged network", timed_s["merged"], other_s)
+                without = min(timed_s.get("merged", other_s), other_s)
+                if timed_s.get("pair", 0.0) > without:
+                    _narrow(parts, "pair", size, "merged pair (M and B merged, M' beside them)", timed_s["pair"],
+                            without)
         return parts, None
     return _with_checked(engine, "merged network", "small batches run the other graphs", build, on_fallback)
+
+
+def _narrow(parts: dict, graph: str, size: int, what: str, seconds: float, without: float) -> None:
+    """A merged graph found slower for a batch of ``size`` images: used up to one image where it was no
+    slower for one (``size`` above one), else not at all (logged at info level)."""
+    if f"{graph}_up_to" not in parts or parts[f"{graph}_up_to"] < size:
+        return
+    if size > 1:
+        parts[f"{graph}_up_to"] = 1
+        log.info("jit engine's %s serves one image only: %d images took %.2f ms against %.2f ms without it", what,
+                 size, 1000 * seconds, 1000 * without)
+    else:
+        del parts[f"{graph}_forwards"], parts[f"{graph}_up_to"]
+        log.info("jit engine's %s not used: one image took %.2f ms against %.2f ms without it", what, 1000 * seconds,
+                 1000 * without)
 
 
 def build_engine(guard: Guard, name: str, samples: list[torch.Tensor],

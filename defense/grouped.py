@@ -17,8 +17,10 @@ One forward of the merged network is fewer, wider operations than three forwards
 ResNet, one image, 2.33 ms on one thread against 3.6 ms for the three forwards in a row and 2.5 ms
 for the parallel graph on two threads (``python -m bench.parallel_forwards``). oneDNN's grouped
 convolutions lose at larger batches, and a large model loses more from one thread than it gains, so
-the engine uses the merged graph for lone images, where timing at load finds it no slower
-(:mod:`defense.engine`).
+the engine uses merged graphs for small batches, where timing at load finds them no slower
+(:mod:`defense.engine`). Where a small batch has two cores, it merges M and B alone and runs M'
+beside them on a second thread (one image: 1.78 ms against 2.24 ms for the three merged on one
+thread, :mod:`defense.jit_graphs`).
 
 A graph with anything else (a module or function not listed in this file, a concatenation, a reshape
 other than flattening, a softmax) is not merged: :func:`merge_models` returns None and the engine

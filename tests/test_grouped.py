@@ -150,7 +150,7 @@ def test_each_merged_network_is_kept_only_where_one_image_runs_no_slower_through
     import defense.engine
 
     guard = random_guard("tiny_cnn", 16)
-    # seconds for one image: the three merged (one thread), the parallel graph, the merged pair (two threads)
+    # seconds for one image: the three merged (one thread), the merged pair (two threads), the parallel graph
     for three_s, pair_s, other_s, three_kept, pair_kept in ((0.002, 0.003, 0.001, False, False),
                                                              (0.001, 0.002, 0.002, True, False),
                                                              (0.001, 0.001, 0.001, True, True),
@@ -158,7 +158,7 @@ def test_each_merged_network_is_kept_only_where_one_image_runs_no_slower_through
                                                              (0.001, 0.0005, 0.002, True, True)):
         timed = []
 
-        def fastest(functions, images, seconds=(three_s, other_s, pair_s)):
+        def fastest(functions, images, seconds=(three_s, pair_s, other_s)):
             timed.append(len(functions))
             return list(seconds)
 
@@ -170,24 +170,31 @@ def test_each_merged_network_is_kept_only_where_one_image_runs_no_slower_through
                                   merged_up_to=1)
         assert timed == [3] and engine.parallel_up_to == 8 and not fallbacks
         assert engine.merged_up_to == (1 if three_kept else 0) and engine.pair_up_to == (1 if pair_kept else 0)
-        said = f"merged network not used: 1 image(s) took {1000 * three_s:.2f} ms against {1000 * other_s:.2f} ms"
+        said = f"merged network not used: one image took {1000 * three_s:.2f} ms against {1000 * other_s:.2f} ms"
         assert (said in caplog.text) != three_kept  # a choice, told at info level, not a fallback warning
         assert ("merged pair (M and B merged, M' beside them) not used" in caplog.text) != pair_kept
 
 
 def test_merged_networks_are_timed_on_one_image_and_on_the_largest_batch_they_would_serve(monkeypatch):
+    """Slower for the larger batch only: kept for one image."""
     import defense.engine
 
     guard = random_guard("tiny_cnn", 16)
     sizes = []
 
-    def fastest(functions, images):  # the pair is fastest for one image, slowest for four
-        sizes.append(len(images))
-        return [0.002, 0.003, 0.001] if len(images) == 1 else [0.008, 0.010, 0.012]
+    def fastest(functions, images):  # three merged, pair, parallel graph: the pair fastest for 1, slowest for 4
+        sizes.append((len(images), len(functions)))
+        return [0.002, 0.001, 0.003] if len(images) == 1 else [0.008, 0.012, 0.010]
 
     monkeypatch.setattr(defense.engine, "fastest_seconds", fastest)
     engine = build_engine(guard, "jit", samples(16), parallel_up_to=8, merged_up_to=4)
-    assert sizes == [1, 4] and engine.merged_up_to == 4 and engine.pair_up_to == 0
+    assert sizes == [(1, 3), (4, 3)] and engine.merged_up_to == 4 and engine.pair_up_to == 1  # it still serves one
+    assert engine._forwards_for(1) is engine._pair_forwards and engine._forwards_for(2) is engine._merged_forwards
+    sizes.clear()
+    monkeypatch.setattr(defense.engine, "fastest_seconds", lambda functions, images: (
+        sizes.append((len(images), len(functions))) or [0.003, 0.002, 0.001]))  # both slower for one image
+    engine = build_engine(guard, "jit", samples(16), parallel_up_to=8, merged_up_to=4)
+    assert sizes == [(1, 3)] and engine.merged_up_to == 0 and engine.pair_up_to == 0  # the batch of 4 is not timed
 
 
 def test_timing_interleaves_the_functions_and_keeps_each_ones_fastest_call():
