@@ -167,6 +167,31 @@ def test_the_engines_compute_the_feature_signal_in_the_same_pass(trained_guard, 
     assert torch.isfinite(got.feature_score).all()
 
 
+def test_the_merged_networks_compute_the_feature_signal_from_ms_share(trained_guard):
+    """M and B merged beside M' (two cores) and the three merged (one core) read M's activations from M's
+    channel group: the feature score is the eager guard's, outliers included. B and M' are moved off
+    M's weights here, so that reading another model's group would show."""
+    models = [create_model("tiny_cnn", NUM_CLASSES) for _ in range(3)]
+    torch.manual_seed(1)
+    for index, model in enumerate(models):
+        model.load_state_dict(trained_guard.model.state_dict())
+        with torch.no_grad():
+            for parameter in model.parameters() if index else ():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    guard = Guard(*(model.eval() for model in models), preprocessing=PREPROCESSING, rejection_threshold=1.0,
+                  feature_detector=trained_guard.feature_detector)
+    batches = [make_images(n, seed=n)[0] for n in (2, 1, 5)]
+    fallbacks = []
+    engine = build_engine(guard, "jit", batches, on_fallback=fallbacks.append, parallel_up_to=8, merged_up_to=8,
+                          time_merged=False)
+    assert engine.pair_up_to == 8 and engine.merged_up_to == 8 and not fallbacks, fallbacks
+    images = torch.cat([make_images(4, seed=5)[0], planted_outliers(4)])
+    want = guard.score_batch(images)
+    for got in (engine(images), engine(images, cores=1)):
+        assert torch.allclose(got.score, want.score, rtol=1e-5)
+        assert torch.allclose(got.feature_score, want.feature_score, rtol=1e-5)
+
+
 def test_the_statistics_are_saved_and_covered_by_the_digest(trained_guard, tmp_path):
     guard = trained_guard
     guard.rejection_threshold = 0.5
