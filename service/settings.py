@@ -51,12 +51,13 @@ class ServiceSettings(BaseSettings):
                                     "(torch.jit.fork, on torch's inter-op threads): about two forwards' time on two "
                                     "cores instead of three")
     merged_batch_size: int = Field(8, ge=0, description="with the jit engine on CPU, batches of up to this many "
-                                   "images run merged networks (each layer the models' weights side by side as "
-                                   "channel groups): where the batch has two cores, M and B merged on one thread "
-                                   "and M' beside them on another; on one core, the three merged, one forward of "
-                                   "wider operations instead of three. Each kept where a batch of one image and "
-                                   "one of this many run no slower through it, timed at load (0: off; a model with "
-                                   "a layer the merge does not rewrite keeps the other graphs)")
+                                   "images (at most small_batch_size) run merged networks (each layer the models' "
+                                   "weights side by side as channel groups): where the batch has two cores, M and "
+                                   "B merged on one thread and M' beside them on another; on one core, the three "
+                                   "merged, one forward of wider operations instead of three. Each kept where a "
+                                   "batch of one image and one of this many run no slower through it (for one "
+                                   "image only where just the batch is slower), timed at load (0: off; a model "
+                                   "with a layer the merge does not rewrite keeps the other graphs)")
     slice_batches: bool = Field(True, description="with the jit engine on CPU and two or more torch threads for "
                                 "large batches, a batch over small_batch_size images that has the cores to itself "
                                 "(a lone request, with concurrent_batches) is cut into one slice per "
