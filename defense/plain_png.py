@@ -11,7 +11,8 @@ gives, bit for bit.
 Anything else gives None and the caller decodes through ``Image.open``, which then decides, error
 messages included: another format, a palette, 16 bits, greyscale with alpha, interlacing, a
 transparency chunk, any text or EXIF chunk (either may carry an EXIF orientation), an unknown
-chunk, a bad CRC, damaged or short image data, bytes after the end chunk, more pixels than allowed.
+chunk, a bad CRC, damaged or short image data, bytes after the end chunk, more pixels than allowed,
+more chunks than such a file needs.
 Not libpng: torchvision's ``decode_png`` is faster still, but it kills the process on some damaged
 image data, which on a server's request path would let one upload take the server down.
 """
@@ -27,6 +28,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Chunks that change nothing Pillow decodes: it records them in ``info`` at most.
 PIXEL_NEUTRAL_CHUNKS = frozenset({b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT", b"pHYs", b"tIME"})
+
+# At most this many chunks, and one more per 4 KiB of file (encoders write image data in chunks of
+# 8 KiB or more), so that a file of tiny chunks costs no more here than Image.open's own reading.
+MAX_CHUNKS, BYTES_PER_EXTRA_CHUNK = 16, 4096
 
 # IHDR colour type at bit depth 8 -> the mode (and raw mode) Pillow's PNG plugin decodes it to.
 PLAIN_MODES = {0: "L", 2: "RGB", 6: "RGBA"}
@@ -46,9 +51,13 @@ def plain_png_chunks(data: bytes) -> tuple[str, tuple[int, int], bytes] | None:
     if png_size(data) is None:
         return None
     position, state = len(PNG_SIGNATURE), "header"  # header -> before data -> data -> after data -> ended
+    chunks_left = MAX_CHUNKS + end // BYTES_PER_EXTRA_CHUNK
     while position < end:
         if state == "ended" or position + 12 > end:
             return None  # bytes after the end chunk, or a chunk cut short
+        chunks_left -= 1
+        if chunks_left < 0:  # thousands of tiny chunks: not read twice (Image.open reads them anyway)
+            return None
         length, kind = struct.unpack_from(">I4s", data, position)
         body_end = position + 8 + length
         if body_end + 4 > end or zlib.crc32(view[position + 4:body_end]) != struct.unpack_from(">I", data, body_end)[0]:

@@ -158,6 +158,7 @@ def other_pngs() -> dict[str, bytes]:
         "too little image data": handmade_png(rgb, 2, data=compressed[:len(compressed) // 2]),
         "row filter 5": handmade_png(rgb, 2, data=zlib.compress(b"\x05" + bytes(12) + (b"\x00" + bytes(12)) * 3)),
         "data split by another chunk": handmade_png(rgb, 2, idat_pieces=2, between=chunk(b"gAMA", bytes(4))),
+        "thousands of empty image data chunks": plain[:33] + chunk(b"IDAT", b"") * 2000 + plain[33:],
         "no image data": b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0))
         + chunk(b"IEND", b""),
         "zero width": handmade_png(np.zeros((4, 0, 3), np.uint8), 2),
@@ -170,6 +171,16 @@ def other_pngs() -> dict[str, bytes]:
 @pytest.mark.parametrize("name", list(other_pngs()))
 def test_other_and_damaged_pngs_go_to_image_open(name):
     assert decode_plain_png(other_pngs()[name], 10 ** 8) is None
+
+
+def test_many_chunks_are_refused_early_and_image_open_still_decodes_them():
+    picture = pixels(4, 4, 2)
+    data = handmade_png(picture, 2)
+    many = data[:33] + chunk(b"IDAT", b"") * 2000 + data[33:]
+    assert decode_plain_png(many, 10 ** 8) is None
+    np.testing.assert_array_equal(np.asarray(decode_image(many)), picture)  # through Image.open, as before
+    libpng_like = handmade_png(pixels(64, 64, 2), 2, idat_pieces=6)  # image data in several chunks
+    assert decode_plain_png(libpng_like, 10 ** 8) is not None
 
 
 def test_pixel_limits_send_the_image_to_image_open(monkeypatch):
