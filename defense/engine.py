@@ -236,21 +236,20 @@ def _with_merged_network(engine: GuardEngine, guard: Guard, samples: list[torch.
         if problem is not None:
             return None, problem
         parts = {"merged_forwards": three._forwards, "merged_up_to": merged_up_to}
-        pair = None
+        candidates = {"merged": three._forwards}  # name in parts -> its graph
         if engine.parallel_up_to > 0:
             pair = _one_torch_thread(lambda: GuardEngine("jit", guard, jit_forwards(guard, samples[0], merged="pair")))
             problem = _one_torch_thread(lambda: mismatch(pair, guard, checked))
             if problem is not None:
                 return None, f"the merged pair: {problem}"
             parts.update(pair_forwards=pair._forwards, pair_up_to=merged_up_to)
+            candidates["pair"] = pair._forwards
         if timed:
             images = torch.cat(samples)
             while len(images) < merged_up_to:
                 images = torch.cat([images, images])
             for size in sorted({1, merged_up_to}):  # a graph slower for the larger batch still serves one image
-                graphs = {name: graph for name, graph in (("merged", three._forwards),
-                                                          ("pair", pair._forwards if pair else None))
-                          if f"{name}_up_to" in parts}  # those still in the running, and what they would replace
+                graphs = {name: graph for name, graph in candidates.items() if f"{name}_up_to" in parts}  # still kept
                 if not graphs:
                     break
                 batch = images[:size]
@@ -270,8 +269,6 @@ def _with_merged_network(engine: GuardEngine, guard: Guard, samples: list[torch.
 def _narrow(parts: dict, graph: str, size: int, what: str, seconds: float, without: float) -> None:
     """A merged graph found slower for a batch of ``size`` images: used up to one image where it was no
     slower for one (``size`` above one), else not at all (logged at info level)."""
-    if f"{graph}_up_to" not in parts or parts[f"{graph}_up_to"] < size:
-        return
     if size > 1:
         parts[f"{graph}_up_to"] = 1
         log.info("jit engine's %s serves one image only: %d images took %.2f ms against %.2f ms without it", what,

@@ -48,7 +48,7 @@ def png_size(data: bytes) -> tuple[int, int] | None:
 def plain_png_chunks(data: bytes) -> tuple[str, tuple[int, int], bytes] | None:
     """(mode, (width, height), the joined image data) of a plain PNG (see the module), or None."""
     view, end, pieces = memoryview(data), len(data), []
-    if png_size(data) is None:
+    if not data.startswith(PNG_SIGNATURE):
         return None
     position, state = len(PNG_SIGNATURE), "header"  # header -> before data -> data -> after data -> ended
     chunks_left = MAX_CHUNKS + end // BYTES_PER_EXTRA_CHUNK

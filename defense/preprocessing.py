@@ -138,11 +138,12 @@ def decode_image(source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
     ``formats``, only those Pillow plugins are tried (others never see the bytes). A plain PNG given
     as bytes goes to Pillow's decoder without its plugin machinery (:mod:`defense.plain_png`: the
     same pixels in half the time)."""
-    if isinstance(source, (bytes, bytearray)) and (formats is None or "PNG" in formats):
+    in_memory = isinstance(source, (bytes, bytearray))
+    if in_memory and (formats is None or "PNG" in formats):
         image = decode_plain_png(source, max_pixels)
         if image is not None:
             return image
-    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    stream = io.BytesIO(source) if in_memory else open(source, "rb")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -163,7 +164,7 @@ def decode_image(source: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
                 raise ImageDecodeError(f"cannot decode image ({type(error).__name__}: {error}{allowed})")
         return image
     finally:
-        if not isinstance(source, (bytes, bytearray)):
+        if not in_memory:
             stream.close()
 
 
